@@ -1,0 +1,259 @@
+"""Batch: the model input (TorchRec ``Pipelineable``), and the builder that turns a SampleBlock into one.
+
+The builder runs the parameter-free GSU (MUSE's SCL cosine, or SIM-hard's category match) on the
+host, before the sparse lookup, so only the selected top-K and the recent behaviors reach the
+sharded item table (DESIGN.md, "Where the GSU runs"). Id 0 (padding/unknown) is dropped from every
+feature, so row 0 of a table is never read nor trained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
+
+from muse_torchrec import features as F
+from muse_torchrec.data.block import SampleBlock
+from muse_torchrec.model import gsu as gsu_ops
+
+GSU_KINDS = ("scl_cosine", "category", "recent_only", "whole_history")
+
+
+@dataclass
+class Batch(Pipelineable):
+    """One training/eval batch of B samples.
+
+    Attributes:
+        sequence: KJT for the item/category EmbeddingCollection; keys among
+            ``features.SEQUENCE_FEATURES`` (+ ``HISTORY_FEATURES``): target (0/1 id per sample),
+            top-K (<= K ids), recent (<= R ids), optional whole history (<= L ids).
+        pooled: KJT for the side-feature EmbeddingBagCollection (0/1 id per sample and feature).
+        topk_scores: [B, K] float32 GSU similarity of each selected behavior (0 on padding slots).
+        recent_scores: [B, R] float32 SCL cosine of each recent behavior with the target.
+        labels: [B] float32 click labels.
+        weights: [B] float32, 1 for real samples, 0 for padding rows (eval pads the last batch).
+        user_key: [B] int64 raw user id (exact GAUC grouping).
+        true_prob: [B] float32 true click probability (synthetic data), -1 where unknown.
+    """
+
+    sequence: KeyedJaggedTensor
+    pooled: KeyedJaggedTensor
+    topk_scores: torch.Tensor
+    recent_scores: torch.Tensor
+    labels: torch.Tensor
+    weights: torch.Tensor
+    user_key: torch.Tensor
+    true_prob: torch.Tensor
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+        return Batch(
+            **{f.name: getattr(self, f.name).to(device=device, non_blocking=non_blocking) for f in fields(self)}
+        )
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        for f in fields(self):
+            getattr(self, f.name).record_stream(stream)
+
+    def pin_memory(self) -> "Batch":
+        return Batch(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def _padded_rows(offsets: np.ndarray, values: np.ndarray, width: int, from_end: bool) -> Tuple[np.ndarray, np.ndarray]:
+    """Jagged rows -> [R, width] matrix of values and validity mask.
+
+    ``from_end`` keeps the last ``width`` entries of each row (right-aligned to position width-1);
+    otherwise the first ``width`` entries, left-aligned.
+    """
+    lengths = np.diff(offsets)
+    cols = np.arange(width)
+    if from_end:
+        start = offsets[1:, None] - width
+        index = start + cols
+        mask = index >= offsets[:-1, None]
+    else:
+        index = offsets[:-1, None] + cols
+        mask = cols < lengths[:, None]
+    safe = np.where(mask, index, 0)
+    out = values[safe] if values.size else np.zeros(safe.shape, dtype=values.dtype)
+    return np.where(mask, out, 0), mask
+
+
+def _compact(mask: np.ndarray, *arrays: np.ndarray) -> Tuple[np.ndarray, List[np.ndarray]]:
+    """Move the valid entries of each row to the front (stable) and zero the rest.
+
+    Returns (lengths [R], arrays reordered the same way).
+    """
+    order = np.argsort(~mask, axis=1, kind="stable")
+    kept = np.take_along_axis(mask, order, axis=1)
+    return kept.sum(axis=1), [np.where(kept, np.take_along_axis(a, order, axis=1), 0) for a in arrays]
+
+
+def _jagged(ids: np.ndarray, lengths: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Left-aligned [B, W] ids with per-row lengths -> (flat values, lengths)."""
+    mask = np.arange(ids.shape[1]) < lengths[:, None]
+    return ids[mask], lengths
+
+
+def _single(ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """One id per sample, id 0 dropped -> (values, lengths)."""
+    present = ids != 0
+    return ids[present], present.astype(np.int64)
+
+
+def _kjt(parts: Dict[str, Tuple[np.ndarray, np.ndarray]]) -> KeyedJaggedTensor:
+    keys = list(parts)
+    values = np.concatenate([parts[k][0].astype(np.int64, copy=False) for k in keys])
+    lengths = np.concatenate([parts[k][1].astype(np.int32, copy=False) for k in keys])
+    return KeyedJaggedTensor(
+        keys=keys, values=torch.from_numpy(values), lengths=torch.from_numpy(lengths)
+    )
+
+
+class BatchBuilder:
+    """SampleBlock -> Batch: runs the host-side GSU and assembles the KJTs.
+
+    Args:
+        scl_vectors: [S + 1, 128] int8 SCL table (row 0 zeros), may be a memmap.
+        item_scl_row: [V_item] int32 item row -> SCL row (0 = no vector), may be a memmap.
+        gsu: one of ``GSU_KINDS``: "scl_cosine" (MUSE), "category" (SIM-hard), "recent_only" (DIN:
+            no top-K), "whole_history" (GSUs with trainable parameters: the model selects from the
+            whole history, so the builder emits it as ``item_hist``/``cate_hist``).
+        k: top-K size; recent: number of recent behaviors; max_history: L.
+        pad_to: pad every batch to this many samples with weight-0 rows (eval), or None.
+    """
+
+    def __init__(
+        self,
+        scl_vectors: np.ndarray,
+        item_scl_row: np.ndarray,
+        gsu: str = "scl_cosine",
+        k: int = 50,
+        recent: int = 50,
+        max_history: int = 1000,
+        pad_to: Optional[int] = None,
+    ) -> None:
+        if gsu not in GSU_KINDS:
+            raise ValueError(f"unknown GSU kind {gsu!r}; expected one of {GSU_KINDS}")
+        self.scl_vectors = scl_vectors
+        self.item_scl_row = item_scl_row
+        self.gsu = gsu
+        self.k = k
+        self.recent = recent
+        self.max_history = max_history
+        self.pad_to = pad_to
+
+    def sequence_features(self) -> Sequence[str]:
+        """The sequence features batches from this builder carry."""
+        names = ["item_target", "cate_target", "item_recent", "cate_recent"]
+        if self.gsu in ("scl_cosine", "category"):
+            names += ["item_topk", "cate_topk"]
+        if self.gsu == "whole_history":
+            names += list(F.HISTORY_FEATURES)
+        return names
+
+    def _scl(self, item_rows: np.ndarray) -> torch.Tensor:
+        """Item rows (any shape) -> int8 SCL vectors (shape + [128])."""
+        rows = np.asarray(self.item_scl_row[item_rows.reshape(-1)])
+        return torch.from_numpy(np.asarray(self.scl_vectors[rows])).view(*item_rows.shape, F.SCL_DIM)
+
+    def __call__(self, block: SampleBlock) -> Batch:
+        if self.pad_to is not None:
+            block, weights = pad_block(block, self.pad_to)
+        else:
+            weights = np.ones(block.batch_size, dtype=np.float32)
+        su = block.sample_user
+        hist_items, hist_valid = _padded_rows(block.hist_offsets, block.hist_items, self.max_history, from_end=False)
+        hist_cates, _ = _padded_rows(block.hist_offsets, block.hist_cates, self.max_history, from_end=False)
+        hist_valid &= hist_items != 0
+
+        target_scl = gsu_ops.normalize_scl(self._scl(block.target[F.ITEM.name]))
+
+        recent_items, recent_mask = _padded_rows(block.hist_offsets, block.hist_items, self.recent, from_end=True)
+        recent_cates, _ = _padded_rows(block.hist_offsets, block.hist_cates, self.recent, from_end=True)
+        recent_scl = gsu_ops.normalize_scl(self._scl(recent_items))
+        recent_cos = gsu_ops.grouped_cosine(recent_scl, target_scl, torch.from_numpy(su)).numpy()
+        recent_len, (r_items, r_cates, r_cos) = _compact(
+            (recent_mask & (recent_items != 0))[su], recent_items[su], recent_cates[su], recent_cos
+        )
+
+        seq: Dict[str, Tuple[np.ndarray, np.ndarray]] = {
+            "item_target": _single(block.target[F.ITEM.name]),
+            "cate_target": _single(block.target[F.CATE.name]),
+            "item_recent": _jagged(r_items, recent_len),
+            "cate_recent": _jagged(r_cates, recent_len),
+        }
+        topk_scores = np.zeros((block.batch_size, self.k), dtype=np.float32)
+        if self.gsu in ("scl_cosine", "category"):
+            topk = self._select(block, hist_items, hist_cates, hist_valid, target_scl)
+            idx = topk.indices.numpy()
+            lengths = topk.lengths.numpy()
+            seq["item_topk"] = _jagged(hist_items[su[:, None], idx], lengths)
+            seq["cate_topk"] = _jagged(hist_cates[su[:, None], idx], lengths)
+            topk_scores = topk.scores.numpy().astype(np.float32)
+        if self.gsu == "whole_history":
+            lengths, (h_items, h_cates) = _compact(hist_valid[su], hist_items[su], hist_cates[su])
+            seq["item_hist"] = _jagged(h_items, lengths)
+            seq["cate_hist"] = _jagged(h_cates, lengths)
+
+        pooled = {name: _single(block.user_features[name][su]) for name in F.USER_FEATURES}
+        pooled.update({name: _single(block.target[name]) for name in F.TARGET_SIDE_FEATURES})
+        true_prob = block.true_prob if block.true_prob is not None else np.full(block.batch_size, -1.0)
+        return Batch(
+            sequence=_kjt(seq),
+            pooled=_kjt(pooled),
+            topk_scores=torch.from_numpy(topk_scores),
+            recent_scores=torch.from_numpy(np.ascontiguousarray(r_cos, dtype=np.float32)),
+            labels=torch.from_numpy(block.labels.astype(np.float32)),
+            weights=torch.from_numpy(weights),
+            user_key=torch.from_numpy(block.user_key.astype(np.int64)),
+            true_prob=torch.from_numpy(np.asarray(true_prob, dtype=np.float32)),
+        )
+
+    def _select(
+        self,
+        block: SampleBlock,
+        hist_items: np.ndarray,
+        hist_cates: np.ndarray,
+        hist_valid: np.ndarray,
+        target_scl: torch.Tensor,
+    ) -> gsu_ops.TopK:
+        su = torch.from_numpy(block.sample_user)
+        if self.gsu == "category":
+            valid = torch.from_numpy(hist_valid)[su]
+            cates = torch.from_numpy(np.where(hist_valid, hist_cates, 0))[su]
+            return gsu_ops.category_match_topk(
+                cates, valid.sum(1), torch.from_numpy(block.target[F.CATE.name]), self.k
+            )
+        hist_scl = self._scl(hist_items)
+        has_scl = gsu_ops.scl_present(hist_scl)
+        scores = gsu_ops.grouped_cosine(gsu_ops.normalize_scl(hist_scl), target_scl, su)
+        valid = torch.from_numpy(hist_valid)[su]
+        return gsu_ops.select_topk(scores, valid, has_scl[su] & valid, self.k)
+
+
+def pad_block(block: SampleBlock, size: int) -> Tuple[SampleBlock, np.ndarray]:
+    """Pad a block to ``size`` samples by repeating its last sample; returns (block, weights [size])."""
+    n = block.batch_size
+    if n > size:
+        raise ValueError(f"block of {n} samples is larger than the batch size {size}")
+    weights = np.zeros(size, dtype=np.float32)
+    weights[:n] = 1.0
+    if n == size:
+        return block, weights
+    take = np.minimum(np.arange(size), n - 1)
+    per_sample = {
+        "labels": block.labels[take],
+        "user_key": block.user_key[take],
+        "sample_user": block.sample_user[take],
+        "target": {name: ids[take] for name, ids in block.target.items()},
+        "true_prob": None if block.true_prob is None else block.true_prob[take],
+    }
+    return replace(block, **per_sample), weights

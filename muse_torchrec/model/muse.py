@@ -1,0 +1,127 @@
+"""The MUSE model (MUSE_SPEC section 6) and its training wrapper, in the layout of torchrec's DLRM.
+
+- ``SparseArch``: the sharded embedding collections -> padded sequence tensors + pooled side features.
+- ``MuseModel``: ESU blocks (injected) + target and user features -> MLP (Dice) -> one click logit.
+- ``MuseTrain``: owns the binary cross-entropy loss; returns ``(loss, (loss, logits, labels))``.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as nnf
+from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.sparse.jagged_tensor import JaggedTensor
+
+from muse_torchrec import features as F
+from muse_torchrec.data.batch import Batch
+from muse_torchrec.model.esu import SequenceInputs
+from muse_torchrec.model.mlp import MLP
+
+
+def padded(jt: JaggedTensor, length: int) -> torch.Tensor:
+    """Jagged embeddings (values [N, D]) -> [B, length, D], zero beyond each row's length."""
+    values = jt.values()
+    return torch.ops.fbgemm.jagged_to_padded_dense(values, [jt.offsets()], [length], 0.0)
+
+
+class SparseArch(nn.Module):
+    """Embedding lookups of a batch.
+
+    Args:
+        sequence: EmbeddingCollection of the shared item and category tables (dimension D).
+        pooled: EmbeddingBagCollection of the side features.
+        pooled_dims: pooled feature -> width, in the order the tower reads them.
+        k, recent, max_history: padded lengths of top-K, recent and whole-history sequences.
+    """
+
+    def __init__(
+        self,
+        sequence: EmbeddingCollection,
+        pooled: EmbeddingBagCollection,
+        sequence_dim: int,
+        pooled_dims: Dict[str, int],
+        k: int,
+        recent: int,
+        max_history: int,
+    ) -> None:
+        super().__init__()
+        self.sequence = sequence
+        self.pooled = pooled
+        self.pooled_dims = dict(pooled_dims)
+        self.item_dim = 2 * sequence_dim
+        self.k = k
+        self.recent = recent
+        self.max_history = max_history
+
+    @property
+    def pooled_dim(self) -> int:
+        return sum(self.pooled_dims.values())
+
+    def _pair(self, seq: Dict[str, JaggedTensor], name: str, length: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Item and category embeddings of one sequence -> ([B, length, 2D], lengths [B])."""
+        items, cates = seq[f"item_{name}"], seq[f"cate_{name}"]
+        return torch.cat([padded(items, length), padded(cates, length)], dim=-1), items.lengths()
+
+    def forward(self, batch: Batch) -> Tuple[SequenceInputs, torch.Tensor]:
+        """Returns (sequence inputs, pooled side features [B, pooled_dim])."""
+        seq = self.sequence(batch.sequence)
+        target, _ = self._pair(seq, "target", 1)
+        recent, recent_lengths = self._pair(seq, "recent", self.recent)
+        inputs = SequenceInputs(
+            target=target.squeeze(1),
+            topk=target.new_zeros(0),
+            topk_lengths=recent_lengths.new_zeros(0),
+            topk_scores=batch.topk_scores,
+            recent=recent,
+            recent_lengths=recent_lengths,
+            recent_scores=batch.recent_scores,
+        )
+        if "item_topk" in seq:
+            inputs.topk, inputs.topk_lengths = self._pair(seq, "topk", self.k)
+        if "item_hist" in seq:
+            inputs.history, inputs.history_lengths = self._pair(seq, "hist", self.max_history)
+        pooled = self.pooled(batch.pooled).to_dict()
+        side = torch.cat([pooled[name] for name in self.pooled_dims], dim=1)
+        return inputs, side
+
+
+class MuseModel(nn.Module):
+    """Sparse lookups -> interest blocks + target + side features -> MLP -> click logit.
+
+    Args:
+        sparse_arch: the embedding lookups.
+        blocks: ESU / interest modules, each with ``output_dim`` and ``forward(SequenceInputs)``.
+        mlp_hidden: widths of the Dice MLP (the paper: 256-128-64).
+    """
+
+    def __init__(self, sparse_arch: SparseArch, blocks: Sequence[nn.Module], mlp_hidden: Sequence[int]) -> None:
+        super().__init__()
+        self.sparse_arch = sparse_arch
+        self.blocks = nn.ModuleList(blocks)
+        tower_in = sparse_arch.item_dim + sparse_arch.pooled_dim + sum(b.output_dim for b in self.blocks)
+        self.mlp = MLP(tower_in, list(mlp_hidden))
+        self.logit = nn.Linear(self.mlp.output_dim, 1)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Returns click logits [B]."""
+        inputs, side = self.sparse_arch(batch)
+        parts: List[torch.Tensor] = [block(inputs) for block in self.blocks]
+        tower = torch.cat(parts + [inputs.target, side], dim=1)
+        return self.logit(self.mlp(tower)).squeeze(1)
+
+
+class MuseTrain(nn.Module):
+    """Owns the loss: weighted binary cross-entropy (weight-0 rows are eval padding)."""
+
+    def __init__(self, model: MuseModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        logits = self.model(batch)
+        per_sample = nnf.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")
+        loss = (per_sample * batch.weights).sum() / batch.weights.sum().clamp(min=1.0)
+        return loss, (loss.detach(), logits.detach(), batch.labels)

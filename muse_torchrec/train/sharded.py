@@ -1,0 +1,89 @@
+"""Wrap a model built on ``meta`` in DistributedModelParallel with fused sparse + dense optimizers.
+
+The sparse optimizer is attached with ``apply_optimizer_in_backward`` *before* planning, so the
+planner's memory estimate includes optimizer state and DMP fuses it into the embedding kernels.
+
+Gradient semantics (TorchRec): dense gradients are averaged over ranks by DDP, embedding-row
+gradients are summed over ranks by the backward all-to-all. Adam and (row-wise) Adagrad are
+invariant to that scale; plain SGD on the tables sees a world-size-times larger step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Type
+
+import torch
+from torch import nn
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+from muse_torchrec.config import ExperimentConfig
+from muse_torchrec.sharding import PlanReport, make_sharders, plan_model
+from muse_torchrec.train.distributed import DistContext
+
+SPARSE_OPTIMIZERS: Dict[str, Type[torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam,
+    "rowwise_adagrad": RowWiseAdagrad,
+    "adagrad": torch.optim.Adagrad,
+    "sgd": torch.optim.SGD,
+}
+# fbgemm has no fused Adam kernel for CPU tables.
+CPU_SPARSE_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
+
+
+def embedding_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
+    """Parameters of the embedding collections (the sparse part)."""
+    return {
+        name: p
+        for name, p in model.named_parameters()
+        if ".sequence.embeddings." in name or ".pooled.embedding_bags." in name
+    }
+
+
+def attach_sparse_optimizer(model: nn.Module, name: str, lr: float, device_type: str) -> None:
+    """Fuse ``name`` into the embedding tables' backward (also tells the planner the state size)."""
+    if name not in SPARSE_OPTIMIZERS:
+        raise ValueError(f"train.sparse_optimizer: unknown {name!r}; choose one of {sorted(SPARSE_OPTIMIZERS)}")
+    if device_type == "cpu" and name not in CPU_SPARSE_OPTIMIZERS:
+        raise ValueError(
+            f"train.sparse_optimizer={name!r} has no fused CPU kernel in fbgemm; "
+            f"on CPU use one of {CPU_SPARSE_OPTIMIZERS} (e.g. --set train.sparse_optimizer=rowwise_adagrad)"
+        )
+    params = list(embedding_parameters(model).values())
+    if not params:
+        raise ValueError("model has no embedding parameters to attach the sparse optimizer to")
+    apply_optimizer_in_backward(SPARSE_OPTIMIZERS[name], params, {"lr": lr})
+
+
+@dataclass
+class ShardedModel:
+    model: DistributedModelParallel
+    optimizer: CombinedOptimizer
+    plan: PlanReport
+
+
+def shard_model(model: nn.Module, cfg: ExperimentConfig, ctx: DistContext) -> ShardedModel:
+    """Plan collectively, shard with DMP, and build the combined (fused sparse + dense Adam) optimizer."""
+    device_type = ctx.device.type
+    attach_sparse_optimizer(model, cfg.train.sparse_optimizer, cfg.train.sparse_lr, device_type)
+    sharders = make_sharders()
+    report = plan_model(
+        model,
+        cfg.sharding,
+        world_size=ctx.world_size,
+        compute_device=device_type,
+        batch_size=cfg.train.batch_size,
+        local_world_size=ctx.local_world_size,
+        sharders=sharders,
+        process_group=torch.distributed.GroupMember.WORLD,
+    )
+    dmp = DistributedModelParallel(module=model, device=ctx.device, plan=report.plan, sharders=sharders)
+    dense = KeyedOptimizerWrapper(
+        dict(in_backward_optimizer_filter(dmp.named_parameters())),
+        lambda params: torch.optim.Adam(params, lr=cfg.train.dense_lr),
+    )
+    return ShardedModel(model=dmp, optimizer=CombinedOptimizer([dmp.fused_optimizer, dense]), plan=report)
