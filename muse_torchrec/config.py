@@ -92,6 +92,8 @@ class ShardingConfig:
     # Per-device memory the planner may use (None: the device's own / the host's RAM).
     hbm_gb: Optional[float] = None
     ddr_gb: Optional[float] = None
+    # Vocabulary sizes (rows incl. row 0) that `plan` uses when no prepared data exists yet.
+    plan_vocab_sizes: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

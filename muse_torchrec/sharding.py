@@ -111,7 +111,7 @@ class PlanReport:
 
     def format(self) -> str:
         """Human-readable plan: table -> sharding type, kernel, ranks; then memory per rank."""
-        lines = [f"{'table':<16} {'sharding':<12} {'kernel':<20} {'rows x dim':>18}  ranks"]
+        lines = [f"{'table':<16} {'sharding':<14} {'kernel':<20} {'rows x dim':>18}  ranks"]
         by_table: Dict[str, List[PlannedShard]] = {}
         for s in self.shards:
             by_table.setdefault(s.table, []).append(s)
@@ -120,7 +120,7 @@ class PlanReport:
             rows = sum(s.rows for s in shards) if first.sharding_type in ("row_wise", "table_row_wise") else first.rows
             ranks = sorted({s.rank for s in shards})
             lines.append(
-                f"{table:<16} {first.sharding_type:<12} {first.compute_kernel:<20} "
+                f"{table:<16} {first.sharding_type:<14} {first.compute_kernel:<20} "
                 f"{rows:>11,} x {first.cols:<4}  {_ranks_text(ranks)}"
             )
         lines.append("")

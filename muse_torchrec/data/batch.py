@@ -117,6 +117,16 @@ def _kjt(parts: Dict[str, Tuple[np.ndarray, np.ndarray]]) -> KeyedJaggedTensor:
     )
 
 
+def sequence_features(gsu: str) -> List[str]:
+    """The sequence features that batches built for GSU kind ``gsu`` carry."""
+    names = ["item_target", "cate_target", "item_recent", "cate_recent"]
+    if gsu in ("scl_cosine", "category"):
+        names += ["item_topk", "cate_topk"]
+    if gsu == "whole_history":
+        names += list(F.HISTORY_FEATURES)
+    return names
+
+
 class BatchBuilder:
     """SampleBlock -> Batch: runs the host-side GSU and assembles the KJTs.
 
@@ -149,15 +159,6 @@ class BatchBuilder:
         self.recent = recent
         self.max_history = max_history
         self.pad_to = pad_to
-
-    def sequence_features(self) -> Sequence[str]:
-        """The sequence features batches from this builder carry."""
-        names = ["item_target", "cate_target", "item_recent", "cate_recent"]
-        if self.gsu in ("scl_cosine", "category"):
-            names += ["item_topk", "cate_topk"]
-        if self.gsu == "whole_history":
-            names += list(F.HISTORY_FEATURES)
-        return names
 
     def _scl(self, item_rows: np.ndarray) -> torch.Tensor:
         """Item rows (any shape) -> int8 SCL vectors (shape + [128])."""

@@ -43,7 +43,7 @@ class RecentTargetAttention(nn.Module):
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.attention = TargetAttention(dim)
+        self.attention = TargetAttention(dim, dim)
         self.output_dim = self.attention.output_dim
 
     def forward(self, x: SequenceInputs) -> torch.Tensor:
@@ -55,7 +55,7 @@ class TopKTargetAttention(nn.Module):
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.attention = TargetAttention(dim)
+        self.attention = TargetAttention(dim, dim)
         self.output_dim = self.attention.output_dim
 
     def forward(self, x: SequenceInputs) -> torch.Tensor:
@@ -67,7 +67,7 @@ class TopKSemanticAttention(nn.Module):
 
     def __init__(self, dim: int, mode: str) -> None:
         super().__init__()
-        self.attention = SemanticAwareTargetAttention(dim, mode=mode)
+        self.attention = SemanticAwareTargetAttention(dim, dim, mode=mode)
         self.output_dim = self.attention.output_dim
 
     def forward(self, x: SequenceInputs) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from muse_torchrec.config import ExperimentConfig, save_config
-from muse_torchrec.data.batch import Batch, BatchBuilder
+from muse_torchrec.data.batch import Batch, BatchBuilder, sequence_features
 from muse_torchrec.data.block import SampleBlock
 from muse_torchrec.data.loader import PreparedData, count_batches, make_loader
 from muse_torchrec.metrics import EvalAccumulator, EvalMetrics
@@ -53,7 +53,7 @@ def build_sharded(cfg: ExperimentConfig, data: PreparedData, ctx: DistContext) -
     model = build_model(
         cfg.model,
         vocab,
-        list(make_builder(cfg, data).sequence_features()),
+        sequence_features(get_method(cfg.model.method).gsu),
         recent=cfg.data.recent,
         max_history=cfg.data.max_history,
     )
