@@ -15,7 +15,7 @@ from torch import nn
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
-from torchrec.distributed.planner.types import ParameterConstraints, ShardingOption
+from torchrec.distributed.planner.types import ParameterConstraints, PlannerError, ShardingOption
 from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
 
 from muse_torchrec.config import ShardingConfig
@@ -174,10 +174,13 @@ def plan_model(
         constraints=make_constraints(cfg),
     )
     sharders = sharders or make_sharders()
-    if process_group is not None:
-        plan = planner.collective_plan(model, sharders, process_group)
-    else:
-        plan = planner.plan(model, sharders)
+    try:
+        if process_group is not None:
+            plan = planner.collective_plan(model, sharders, process_group)
+        else:
+            plan = planner.plan(model, sharders)
+    except PlannerError as err:
+        raise ValueError(f"no sharding plan fits {world_size} {compute_device} ranks: {err}") from err
     return _report(planner, plan, world_size)
 
 
