@@ -1,0 +1,269 @@
+"""General Search Units: choose the top-K behaviors of each sample's history (MUSE_SPEC section 5).
+
+Conventions shared by every GSU here and by whatever reads a :class:`TopK`:
+
+- Histories are oldest first, so a higher position is a more recent behavior.
+- Position ``p`` of a history is a real behavior iff ``p < length``; padding is never selected.
+- The result has exactly ``k`` slots per sample, best first. Slots ``>= lengths`` are padding
+  (index 0, score 0.0) and must be masked downstream with :func:`length_mask`.
+- Ties in score are broken by recency: the more recent behavior ranks first. This is exact (no
+  tolerance): MUSE cosines of identical int8 vectors (the same item seen twice) are bit-identical.
+
+The functions are plain torch (CPU and CUDA). Those that produce shapes from data (``muse_gsu``,
+``grouped_cosine``) read one scalar back from the device, so call them outside an fx-traced model
+(in the loader, or as an input transform before the sparse lookup).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from muse_torchrec.features import SCL_DIM
+
+# Composite ranking key (see select_topk), from the most to the least significant bits:
+# tier (2 bits) | order-preserving float32 bits of the score (32 bits) | position; int64 holds 63.
+_SCORE_BITS = 32
+_MAX_POSITION_BITS = 63 - _SCORE_BITS - 2
+
+
+class TopK(NamedTuple):
+    """The behaviors a GSU selected for each of B samples, best first.
+
+    Attributes:
+        indices: B x K long, positions into the sample's history (0 in padding slots).
+        scores: B x K float, the GSU relevance of each selected behavior (0.0 in padding slots and
+            for behaviors that have no similarity, e.g. an item without SCL vector).
+        lengths: B long, number of real slots (``min(K, selectable behaviors)``).
+        scored_lengths: B long, number of leading slots whose score is a real similarity; slots in
+            ``[scored_lengths, lengths)`` are selected behaviors without one (ranked after all
+            scored behaviors), so a consumer can leave them out of, e.g., a similarity histogram.
+    """
+
+    indices: Tensor
+    scores: Tensor
+    lengths: Tensor
+    scored_lengths: Tensor
+
+
+def length_mask(lengths: Tensor, max_len: int) -> Tensor:
+    """True at real positions: B x max_len bool, ``mask[b, p] = p < lengths[b]``."""
+    positions = torch.arange(max_len, device=lengths.device)
+    return positions.unsqueeze(0) < lengths.unsqueeze(-1)
+
+
+def scl_present(vectors_int8: Tensor) -> Tensor:
+    """Whether an item has an SCL vector: [...] bool for [..., 128] int8 (missing = all zero)."""
+    return vectors_int8.ne(0).any(dim=-1)
+
+
+def _squared_norm(vectors_int8: Tensor) -> Tensor:
+    """Squared L2 norm of raw int8 SCL vectors: [...] float64 for [..., 128] int8 (0 if missing).
+
+    The value is an integer below 2**21 (128 * 127**2): exact in float32 whatever the summation
+    order; float64 only for the products and square roots made from it.
+    """
+    return vectors_int8.float().square().sum(dim=-1).double()
+
+
+def normalize_scl(vectors_int8: Tensor) -> Tensor:
+    """Dequantise and L2-normalise SCL vectors: [..., 128] int8 -> [..., 128] float32.
+
+    The /127 dequantisation scale cancels in the normalisation, so it is not applied. A missing
+    vector (all zero) stays all zero; see :func:`scl_present`.
+    """
+    if vectors_int8.shape[-1] != SCL_DIM:
+        raise ValueError(f"SCL vectors have {SCL_DIM} dims, got shape {tuple(vectors_int8.shape)}")
+    # A nonzero int8 vector has norm >= 1, so the clamp only touches missing (zero) vectors.
+    norm = _squared_norm(vectors_int8).sqrt().clamp_min(1.0).float()
+    return vectors_int8.float() / norm.unsqueeze(-1)
+
+
+def _rank_within_user(sample_user: Tensor, num_users: int) -> Tuple[Tensor, int]:
+    """Slot of each sample among its user's samples: ([B] long, max samples per user)."""
+    if sample_user.numel() == 0:
+        return torch.zeros_like(sample_user), 0
+    counts = torch.bincount(sample_user, minlength=num_users)
+    order = torch.argsort(sample_user, stable=True)
+    first_of_user = torch.cumsum(counts, dim=0) - counts
+    rank = torch.empty_like(sample_user)
+    rank[order] = torch.arange(sample_user.numel(), device=sample_user.device) - first_of_user[
+        sample_user[order]
+    ]
+    return rank, int(counts.max())
+
+
+def grouped_cosine(history: Tensor, target: Tensor, sample_user: Tensor) -> Tensor:
+    """Dot product of each sample's target with every behavior of its user.
+
+    With unit vectors (:func:`normalize_scl`) this is the cosine. Samples are grouped per user and
+    scored with one batched matmul, so the B x L x D tensor ``history[sample_user]`` (11x the
+    history bytes at ~11 samples per user) is never built; the cost is U x M x L with M the largest
+    number of samples of one user in the block.
+
+    Args:
+        history: U x L x D float, each user's behavior vectors.
+        target: B x D float, each sample's target vector.
+        sample_user: B long, index of each sample's user in ``0..U-1``.
+
+    Returns:
+        B x L, ``out[b, l] = <history[sample_user[b], l], target[b]>``.
+    """
+    num_users, _, dim = history.shape
+    rank, max_samples = _rank_within_user(sample_user, num_users)
+    targets_per_user = history.new_zeros(num_users, max_samples, dim)
+    targets_per_user[sample_user, rank] = target.to(history.dtype)
+    scores = torch.bmm(targets_per_user, history.transpose(1, 2))  # U x M x L
+    return scores[sample_user, rank]
+
+
+def _order_preserving_bits(scores: Tensor) -> Tensor:
+    """Map float32 scores to int64 keys in [0, 2**32) with the same order; equal floats, equal keys.
+
+    NaN scores are not supported (they would rank above +inf or below -inf).
+    """
+    # Adding +0.0 turns -0.0 into +0.0, which compares equal and must get the same key.
+    bits = (scores.float() + 0.0).view(torch.int32).long()
+    # Non-negative floats order like their bit patterns; negative ones in reverse.
+    return torch.where(bits >= 0, bits + 2**31, -1 - bits)
+
+
+def select_topk(
+    scores: Tensor, valid: Tensor, secondary_valid: Optional[Tensor], k: int
+) -> TopK:
+    """The K best positions of each row by score, with the conventions of this module.
+
+    Ranking: valid positions with ``secondary_valid`` (e.g. "has an SCL vector") by score, then
+    valid positions without it ("no similarity: treat as lowest", score 0.0 in the output), each
+    group ties broken by recency (higher position first). Invalid positions are never selected.
+
+    One ``torch.topk`` over a unique int64 key per position (tier, exact order-preserving bits of
+    the float32 score, position) makes the order total, so ties are exact and deterministic on every
+    device. Scores are ranked at float32 precision.
+
+    Args:
+        scores: B x L float relevance (higher is better).
+        valid: B x L bool, False for padding (beyond the history length, or id 0).
+        secondary_valid: B x L bool or None (None = every valid position has a score).
+        k: number of slots per sample.
+
+    Returns:
+        TopK with B x k indices and scores, B lengths and scored lengths.
+    """
+    num_rows, max_len = scores.shape
+    position_bits = max(1, (max_len - 1).bit_length())
+    if position_bits > _MAX_POSITION_BITS:
+        raise ValueError(f"histories longer than 2**{_MAX_POSITION_BITS} are not supported")
+    scored = valid if secondary_valid is None else valid & secondary_valid
+    # Tier 2: scored; 1: selectable without a score; 0: padding (only picked when k exceeds the
+    # selectable count, then blanked below).
+    tier = valid.long() + scored.long()
+    # Unscored positions rank by recency alone: their score bits are a constant.
+    score_bits = torch.where(scored, _order_preserving_bits(scores), torch.zeros_like(tier))
+    positions = torch.arange(max_len, device=scores.device).expand(num_rows, max_len)
+    key = (tier << (_SCORE_BITS + position_bits)) | (score_bits << position_bits) | positions
+
+    _, indices = torch.topk(key, min(k, max_len), dim=1)
+    picked_scores = torch.where(scored, scores, torch.zeros_like(scores)).gather(1, indices)
+    missing = k - indices.shape[1]
+    indices = F.pad(indices, (0, missing))
+    picked_scores = F.pad(picked_scores, (0, missing))
+
+    lengths = valid.sum(dim=1).clamp(max=k)
+    real = length_mask(lengths, k)
+    return TopK(
+        indices=torch.where(real, indices, torch.zeros_like(indices)),
+        scores=torch.where(real, picked_scores, torch.zeros_like(picked_scores)),
+        lengths=lengths,
+        scored_lengths=scored.sum(dim=1).clamp(max=k),
+    )
+
+
+@torch.no_grad()
+def category_match_topk(
+    hist_cates: Tensor, hist_lengths: Tensor, target_cate: Tensor, k: int
+) -> TopK:
+    """SIM-hard GSU: the K most recent behaviors whose category equals the target's.
+
+    Category 0 (unknown) never matches. Selected behaviors get score 1.0.
+
+    Args:
+        hist_cates: B x L long, behavior categories, oldest first.
+        hist_lengths: B long, history lengths.
+        target_cate: B long, target categories.
+        k: number of slots per sample.
+    """
+    same = hist_cates.eq(target_cate.unsqueeze(1)) & target_cate.ne(0).unsqueeze(1)
+    match = same & length_mask(hist_lengths, hist_cates.shape[1])
+    # Equal scores everywhere: the recency tie-break gives "most recent first".
+    return select_topk(match.float(), match, None, k)
+
+
+@torch.no_grad()
+def muse_gsu(
+    hist_scl_int8: Tensor,
+    hist_lengths: Tensor,
+    target_scl_int8: Tensor,
+    sample_user: Tensor,
+    k: int,
+) -> TopK:
+    """MUSE GSU: the K behaviors with the highest SCL cosine to the target, for a block of samples.
+
+    Behaviors without SCL vector have no similarity: they rank after every behavior that has one
+    (most recent first) with score 0.0. A target without SCL vector therefore gets its K most recent
+    behaviors, all with score 0.0 (``scored_lengths`` 0).
+
+    The cosine is computed from exact integer dot products of the raw int8 vectors (the /127
+    dequantisation cancels) and exact squared norms, in float64, then rounded once to float32. Equal
+    vectors therefore get bit-identical scores (the recency tie-break is exact), and the scores do
+    not depend on the device (float32 sqrt is not correctly rounded on every CPU kernel).
+
+    Args:
+        hist_scl_int8: U x L x 128 int8, SCL vectors of each user's behaviors (zero = missing).
+        hist_lengths: U long, history lengths (positions < length are real behaviors).
+        target_scl_int8: B x 128 int8, SCL vector of each sample's target (zero = missing).
+        sample_user: B long, index of each sample's user in ``0..U-1``.
+        k: number of slots per sample.
+
+    Returns:
+        TopK over positions of the sample's user history; scores are cosines in [-1, 1].
+    """
+    # Integer dot products stay exact in float32 (|dot| <= 128 * 127**2 < 2**24) and in TF32,
+    # but not if autocast rounded the matmul output to 16 bits.
+    with torch.autocast(device_type=hist_scl_int8.device.type, enabled=False):
+        dots = grouped_cosine(hist_scl_int8.float(), target_scl_int8.float(), sample_user)
+    # |a|^2 |h|^2 < 2**42 is exact in float64: one sqrt and one division, then one rounding.
+    squared_norms = _squared_norm(target_scl_int8).unsqueeze(1) * _squared_norm(hist_scl_int8)[
+        sample_user
+    ]
+    norms = squared_norms.sqrt()
+    # Nonzero int8 vectors have norm >= 1; missing ones have dot 0, so the clamp only avoids 0 / 0.
+    # No clamp to [-1, 1] is needed: parallel vectors give exactly +-1 (exact sqrt of a square),
+    # others stay more than 1e-13 inside, far beyond float64 rounding.
+    cosine = (dots.double() / norms.clamp_min(1.0)).float()
+    has_similarity = scl_present(target_scl_int8).unsqueeze(1) & scl_present(hist_scl_int8)[
+        sample_user
+    ]
+    valid = length_mask(hist_lengths, hist_scl_int8.shape[1])[sample_user]
+    return select_topk(cosine, valid, has_similarity, k)
+
+
+def gather_selected(per_user: Tensor, sample_user: Tensor, topk: TopK) -> Tensor:
+    """Values of the selected behaviors, zero in padding slots.
+
+    Args:
+        per_user: U x L x ... per-behavior values (item ids, categories, vectors).
+        sample_user: B long, index of each sample's user.
+        topk: selection over the users' histories.
+
+    Returns:
+        B x K x ..., ``per_user[sample_user[b], topk.indices[b, j]]`` for real slots, else 0
+        (id 0 = padding for id tensors).
+    """
+    picked = per_user[sample_user.unsqueeze(1), topk.indices]
+    real = length_mask(topk.lengths, topk.indices.shape[1])
+    real = real.reshape(real.shape + (1,) * (picked.dim() - 2))
+    return torch.where(real, picked, torch.zeros_like(picked))
