@@ -9,7 +9,7 @@ feature, so row 0 of a table is never read nor trained.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -66,21 +66,11 @@ class Batch(Pipelineable):
         return int(self.labels.shape[0])
 
 
-def _padded_rows(offsets: np.ndarray, values: np.ndarray, width: int, from_end: bool) -> Tuple[np.ndarray, np.ndarray]:
-    """Jagged rows -> [R, width] matrix of values and validity mask.
-
-    ``from_end`` keeps the last ``width`` entries of each row (right-aligned to position width-1);
-    otherwise the first ``width`` entries, left-aligned.
-    """
-    lengths = np.diff(offsets)
-    cols = np.arange(width)
-    if from_end:
-        start = offsets[1:, None] - width
-        index = start + cols
-        mask = index >= offsets[:-1, None]
-    else:
-        index = offsets[:-1, None] + cols
-        mask = cols < lengths[:, None]
+def _padded_rows(offsets: np.ndarray, values: np.ndarray, width: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Jagged rows -> ([R, width] values, validity mask), keeping the last ``width`` entries, left-aligned."""
+    start = np.maximum(offsets[:-1], offsets[1:] - width)
+    index = start[:, None] + np.arange(width)
+    mask = index < offsets[1:, None]
     safe = np.where(mask, index, 0)
     out = values[safe] if values.size else np.zeros(safe.shape, dtype=values.dtype)
     return np.where(mask, out, 0), mask
@@ -171,38 +161,36 @@ class BatchBuilder:
         else:
             weights = np.ones(block.batch_size, dtype=np.float32)
         su = block.sample_user
-        hist_items, hist_valid = _padded_rows(block.hist_offsets, block.hist_items, self.max_history, from_end=False)
-        hist_cates, _ = _padded_rows(block.hist_offsets, block.hist_cates, self.max_history, from_end=False)
-        hist_valid &= hist_items != 0
+        su_t = torch.from_numpy(su)
+        # Each user's history as [U, L], id-0 entries (padding / out-of-vocabulary) removed.
+        items, valid = _padded_rows(block.hist_offsets, block.hist_items, self.max_history)
+        cates, _ = _padded_rows(block.hist_offsets, block.hist_cates, self.max_history)
+        hist_len, (items, cates) = _compact(valid & (items != 0), items, cates)
+        target_scl = self._scl(block.target[F.ITEM.name])
+        target_unit = gsu_ops.normalize_scl(target_scl)
 
-        target_scl = gsu_ops.normalize_scl(self._scl(block.target[F.ITEM.name]))
-
-        recent_items, recent_mask = _padded_rows(block.hist_offsets, block.hist_items, self.recent, from_end=True)
-        recent_cates, _ = _padded_rows(block.hist_offsets, block.hist_cates, self.recent, from_end=True)
-        recent_scl = gsu_ops.normalize_scl(self._scl(recent_items))
-        recent_cos = gsu_ops.grouped_cosine(recent_scl, target_scl, torch.from_numpy(su)).numpy()
-        recent_len, (r_items, r_cates, r_cos) = _compact(
-            (recent_mask & (recent_items != 0))[su], recent_items[su], recent_cates[su], recent_cos
-        )
-
+        recent_items, recent_cates, recent_len = _last(items, cates, hist_len, self.recent)
+        recent_cos = gsu_ops.grouped_cosine(gsu_ops.normalize_scl(self._scl(recent_items)), target_unit, su_t)
+        recent_len = recent_len[su]
         seq: Dict[str, Tuple[np.ndarray, np.ndarray]] = {
             "item_target": _single(block.target[F.ITEM.name]),
             "cate_target": _single(block.target[F.CATE.name]),
-            "item_recent": _jagged(r_items, recent_len),
-            "cate_recent": _jagged(r_cates, recent_len),
+            "item_recent": _jagged(recent_items[su], recent_len),
+            "cate_recent": _jagged(recent_cates[su], recent_len),
         }
-        topk_scores = np.zeros((block.batch_size, self.k), dtype=np.float32)
+        topk_scores = torch.zeros(block.batch_size, self.k)
         if self.gsu in ("scl_cosine", "category"):
-            topk = self._select(block, hist_items, hist_cates, hist_valid, target_scl)
-            idx = topk.indices.numpy()
+            hist_scl = self._scl(items)
+            topk = self._select(block, hist_scl, cates, hist_len, target_scl)
+            selected_unit = gsu_ops.gather_selected(gsu_ops.normalize_scl(hist_scl), su_t, topk)
+            # The ESU's similarity is the SCL cosine of each selected behavior, whatever selected it.
+            topk_scores = torch.einsum("bkd,bd->bk", selected_unit, target_unit)
             lengths = topk.lengths.numpy()
-            seq["item_topk"] = _jagged(hist_items[su[:, None], idx], lengths)
-            seq["cate_topk"] = _jagged(hist_cates[su[:, None], idx], lengths)
-            topk_scores = topk.scores.numpy().astype(np.float32)
+            seq["item_topk"] = _jagged(gsu_ops.gather_selected(torch.from_numpy(items), su_t, topk).numpy(), lengths)
+            seq["cate_topk"] = _jagged(gsu_ops.gather_selected(torch.from_numpy(cates), su_t, topk).numpy(), lengths)
         if self.gsu == "whole_history":
-            lengths, (h_items, h_cates) = _compact(hist_valid[su], hist_items[su], hist_cates[su])
-            seq["item_hist"] = _jagged(h_items, lengths)
-            seq["cate_hist"] = _jagged(h_cates, lengths)
+            seq["item_hist"] = _jagged(items[su], hist_len[su])
+            seq["cate_hist"] = _jagged(cates[su], hist_len[su])
 
         pooled = {name: _single(block.user_features[name][su]) for name in F.USER_FEATURES}
         pooled.update({name: _single(block.target[name]) for name in F.TARGET_SIDE_FEATURES})
@@ -210,8 +198,8 @@ class BatchBuilder:
         return Batch(
             sequence=_kjt(seq),
             pooled=_kjt(pooled),
-            topk_scores=torch.from_numpy(topk_scores),
-            recent_scores=torch.from_numpy(np.ascontiguousarray(r_cos, dtype=np.float32)),
+            topk_scores=topk_scores.float().contiguous(),
+            recent_scores=recent_cos.float().contiguous(),
             labels=torch.from_numpy(block.labels.astype(np.float32)),
             weights=torch.from_numpy(weights),
             user_key=torch.from_numpy(block.user_key.astype(np.int64)),
@@ -221,23 +209,28 @@ class BatchBuilder:
     def _select(
         self,
         block: SampleBlock,
-        hist_items: np.ndarray,
+        hist_scl: torch.Tensor,
         hist_cates: np.ndarray,
-        hist_valid: np.ndarray,
+        hist_len: np.ndarray,
         target_scl: torch.Tensor,
     ) -> gsu_ops.TopK:
+        """Top-K positions into each sample's user history (MUSE: SCL cosine; SIM-hard: category)."""
         su = torch.from_numpy(block.sample_user)
+        lengths = torch.from_numpy(hist_len)
         if self.gsu == "category":
-            valid = torch.from_numpy(hist_valid)[su]
-            cates = torch.from_numpy(np.where(hist_valid, hist_cates, 0))[su]
-            return gsu_ops.category_match_topk(
-                cates, valid.sum(1), torch.from_numpy(block.target[F.CATE.name]), self.k
-            )
-        hist_scl = self._scl(hist_items)
-        has_scl = gsu_ops.scl_present(hist_scl)
-        scores = gsu_ops.grouped_cosine(gsu_ops.normalize_scl(hist_scl), target_scl, su)
-        valid = torch.from_numpy(hist_valid)[su]
-        return gsu_ops.select_topk(scores, valid, has_scl[su] & valid, self.k)
+            target_cate = torch.from_numpy(block.target[F.CATE.name])
+            return gsu_ops.category_match_topk(torch.from_numpy(hist_cates)[su], lengths[su], target_cate, self.k)
+        return gsu_ops.muse_gsu(hist_scl, lengths, target_scl, su, self.k)
+
+
+def _last(items: np.ndarray, cates: np.ndarray, lengths: np.ndarray, width: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The last ``width`` entries of left-aligned rows, oldest first: ([R, width] x 2, lengths [R])."""
+    count = np.minimum(lengths, width)
+    index = (lengths - count)[:, None] + np.arange(width)
+    keep = np.arange(width) < count[:, None]
+    index = np.where(keep, index, 0)
+    picked = [np.where(keep, np.take_along_axis(a, index, axis=1), 0) for a in (items, cates)]
+    return picked[0], picked[1], count
 
 
 def pad_block(block: SampleBlock, size: int) -> Tuple[SampleBlock, np.ndarray]:
