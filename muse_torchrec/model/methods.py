@@ -77,6 +77,7 @@ def build_model(
         pooled=build_pooled_collection(vocab_sizes, cfg.embeddings, device),
         sequence_dim=dim,
         pooled_dims=pooled_dims(cfg.embeddings),
+        sequence_features=sequence_features,
         k=cfg.k,
         recent=recent,
         max_history=max_history,

@@ -34,6 +34,8 @@ class SparseArch(nn.Module):
         sequence: EmbeddingCollection of the shared item and category tables (dimension D).
         pooled: EmbeddingBagCollection of the side features.
         pooled_dims: pooled feature -> width, in the order the tower reads them.
+        sequence_features: the sequence features batches carry (decides which sequences are read;
+            fixed at construction because TrainPipelineSparseDist traces ``forward`` with torch.fx).
         k, recent, max_history: padded lengths of top-K, recent and whole-history sequences.
     """
 
@@ -43,6 +45,7 @@ class SparseArch(nn.Module):
         pooled: EmbeddingBagCollection,
         sequence_dim: int,
         pooled_dims: Dict[str, int],
+        sequence_features: Sequence[str],
         k: int,
         recent: int,
         max_history: int,
@@ -55,6 +58,8 @@ class SparseArch(nn.Module):
         self.k = k
         self.recent = recent
         self.max_history = max_history
+        self.reads_topk = "item_topk" in sequence_features
+        self.reads_history = "item_hist" in sequence_features
 
     @property
     def pooled_dim(self) -> int:
@@ -79,9 +84,9 @@ class SparseArch(nn.Module):
             recent_lengths=recent_lengths,
             recent_scores=batch.recent_scores,
         )
-        if "item_topk" in seq:
+        if self.reads_topk:
             inputs.topk, inputs.topk_lengths = self._pair(seq, "topk", self.k)
-        if "item_hist" in seq:
+        if self.reads_history:
             inputs.history, inputs.history_lengths = self._pair(seq, "hist", self.max_history)
         pooled = self.pooled(batch.pooled).to_dict()
         side = torch.cat([pooled[name] for name in self.pooled_dims], dim=1)

@@ -15,6 +15,7 @@ from typing import Dict, Type
 
 import torch
 from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
@@ -87,3 +88,25 @@ def shard_model(model: nn.Module, cfg: ExperimentConfig, ctx: DistContext) -> Sh
         lambda params: torch.optim.Adam(params, lr=cfg.train.dense_lr),
     )
     return ShardedModel(model=dmp, optimizer=CombinedOptimizer([dmp.fused_optimizer, dense]), plan=report)
+
+
+@torch.no_grad()
+def load_unsharded_state(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
+    """Copy a plain (unsharded, full-size) state dict into a sharded model, each rank its own shards.
+
+    Used to start a sharded run from the same weights as an unsharded one, and to import exported
+    weights. Every key of the sharded model must be present with the full shape.
+    """
+    for key, target in model.state_dict().items():
+        if key not in state:
+            raise KeyError(f"state has no entry for {key}")
+        source = state[key]
+        if isinstance(target, ShardedTensor):
+            if tuple(source.shape) != tuple(target.size()):
+                raise ValueError(f"{key}: shape {tuple(source.shape)} != sharded {tuple(target.size())}")
+            for shard in target.local_shards():
+                rows, cols = shard.metadata.shard_offsets
+                n_rows, n_cols = shard.metadata.shard_sizes
+                shard.tensor.copy_(source[rows:rows + n_rows, cols:cols + n_cols])
+        else:
+            target.copy_(source)

@@ -108,7 +108,7 @@ def train(cfg: ExperimentConfig, data: PreparedData, sharded: ShardedModel, ctx:
         )
         while True:
             try:
-                loss, _ = pipeline.progress(batches)
+                loss, _, _ = pipeline.progress(batches)
             except StopIteration:
                 break
             steps += 1
