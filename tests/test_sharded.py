@@ -1,10 +1,10 @@
 """Sharded (2 gloo ranks, row-wise tables) versus unsharded training: same losses step by step.
 
-TorchRec semantics the reference reproduces: each rank's loss is the mean over its own samples; DDP
-averages dense gradients over ranks; the backward all-to-all *sums* embedding-row gradients over
-ranks. So the unsharded reference takes the mean of the two half-batch losses and steps its
-embedding tables with SGD at twice the learning rate. Dice's batch norm sees each half separately
-in both runs, as it does per GPU.
+Semantics the reference reproduces: each rank's loss is the mean over its own samples; DDP averages
+dense gradients over ranks, and TorchRec's backward all-to-all divides embedding-row gradients by the
+world size (its default gradient division), so both are gradients of the mean of the per-rank
+losses. The unsharded reference takes that mean over the two half batches. Dice's batch norm sees
+each half separately in both runs, as it does per GPU.
 """
 
 import json
@@ -76,7 +76,36 @@ def sharded_worker(rank: int, method: str, tmp: str) -> None:
         loss, _, _ = pipeline.progress(batches)
         losses.append(float(loss))
     Path(tmp, f"losses{rank}.json").write_text(json.dumps(losses))
+    torch.save(local_state(sharded.model), Path(tmp, f"state{rank}.pt"))
     shutdown()
+
+
+def local_state(model):
+    """{key: [(row offset, col offset, tensor)]} of this rank's shards, or the full dense tensor."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    out = {}
+    for key, value in model.state_dict().items():
+        if isinstance(value, ShardedTensor):
+            out[key] = [(*s.metadata.shard_offsets, s.tensor.clone()) for s in value.local_shards()]
+        else:
+            out[key] = value.clone()
+    return out
+
+
+def assemble(states, reference):
+    """Full tensors from every rank's shards (dense tensors from rank 0)."""
+    full = {}
+    for key, ref in reference.items():
+        if isinstance(states[0][key], list):
+            t = torch.full_like(ref, float("nan"))
+            for state in states:
+                for row, col, shard in state[key]:
+                    t[row:row + shard.shape[0], col:col + shard.shape[1]] = shard
+            full[key] = t
+        else:
+            full[key] = states[0][key]
+    return full
 
 
 def reference_losses(method: str):
@@ -84,7 +113,7 @@ def reference_losses(method: str):
     model = reference_model(cfg)
     sparse = [p for n, p in model.named_parameters() if ".embeddings." in n or ".embedding_bags." in n]
     dense = [p for n, p in model.named_parameters() if not (".embeddings." in n or ".embedding_bags." in n)]
-    opt_sparse = torch.optim.SGD(sparse, lr=WORLD * SPARSE_LR)
+    opt_sparse = torch.optim.SGD(sparse, lr=SPARSE_LR)
     opt_dense = torch.optim.Adam(dense, lr=DENSE_LR)
     losses = []
     for step in half_batches(method):
@@ -96,7 +125,7 @@ def reference_losses(method: str):
         opt_sparse.step()
         opt_dense.step()
         losses.append([float(x) for x in per_rank])
-    return losses
+    return losses, model.state_dict()
 
 
 @pytest.mark.parametrize("method", ["muse", "din"])
@@ -108,9 +137,19 @@ def test_sharded_matches_unsharded(tmp_path, method):
         (tmp_path / "port").write_text(str(s.getsockname()[1]))
     mp.start_processes(sharded_worker, args=(method, str(tmp_path)), nprocs=WORLD, start_method="spawn")
     sharded = [json.loads((tmp_path / f"losses{r}.json").read_text()) for r in range(WORLD)]
-    reference = reference_losses(method)
+    reference, reference_state = reference_losses(method)
     for step in range(STEPS):
         for rank in range(WORLD):
             assert sharded[rank][step] == pytest.approx(reference[step][rank], rel=1e-4, abs=1e-5), (step, rank)
     # The losses move: the test would notice a run that does not train.
     assert reference[0] != reference[-1]
+    # Every parameter after training, embedding rows included, equals the unsharded run's. (Batch-norm
+    # running statistics are per rank, as with any DDP model, and are not compared.)
+    trained = assemble([torch.load(tmp_path / f"state{r}.pt") for r in range(WORLD)], reference_state)
+    start = reference_model(config(method)).state_dict()
+    for key, ref in reference_state.items():
+        if ".norm." in key:
+            continue
+        torch.testing.assert_close(trained[key], ref, rtol=1e-4, atol=1e-6, msg=lambda m: f"{key}: {m}")
+    assert not torch.equal(start["model.sparse_arch.sequence.embeddings.item.weight"],
+                           reference_state["model.sparse_arch.sequence.embeddings.item.weight"])
