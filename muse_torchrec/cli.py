@@ -173,7 +173,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Synthetic data -> prepare -> torchx 2-rank CPU training -> evaluation -> results table."""
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     cfg = load_config(DEFAULT_CONFIG, [f"data.raw_dir={out}/raw", f"data.prepared_dir={out}/prepared",
                                        f"train.run_dir={out}/run"])
     ensure_prepared(cfg)

@@ -126,6 +126,8 @@ def train(cfg: ExperimentConfig, data: PreparedData, sharded: ShardedModel, ctx:
                         with log_file.open("a") as f:
                             f.write(json.dumps(record) + "\n")
                 loss_sum, loss_n = 0.0, 0
+    # The pipeline rewrote the sharded modules' forwards; give evaluation the plain model back.
+    pipeline.detach()
     return TrainStats(steps=steps, samples=samples, seconds=time.perf_counter() - start, final_loss=last_loss)
 
 
