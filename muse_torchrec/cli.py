@@ -185,7 +185,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "--overrides", overrides,
     ]
     log.info("launching: %s", " ".join(command))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # torchx's local scheduler starts `torchrun` from PATH: use the one next to this interpreter.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": path}
     subprocess.run(command, check=True, cwd=REPO_ROOT, env=env)
     metrics = json.loads((out / "run" / "metrics.json").read_text())
     print("\nMUSE on synthetic Taobao-MM, 2 CPU ranks (torchx local_cwd)\n")
