@@ -1,0 +1,232 @@
+"""Training throughput of sharded MUSE against a replicated baseline, measured side by side.
+
+Modes (one process per GPU; launch with torchrun for several GPUs):
+- ``model``: batches pre-built and pre-staged on the device, cycled: the model step alone
+  (TrainPipelineSparseDist over DistributedModelParallel).
+- ``e2e``: the real data path: prepared shards on local disk -> loader workers (host GSU, KJTs)
+  -> TrainPipelineSparseDist. The shards are written by this script (``--work``) with the
+  realistic vocabulary sizes of the config; they are generated, never carried.
+- ``baseline`` (with ``--baseline``): the same model with plain unsharded embedding tables copied on
+  every GPU and DDP over everything, dense Adam on the tables (how the reference implementation
+  trains), on the same pre-staged batches.
+
+Reports samples/s per GPU, peak GPU memory per rank and the planner's estimate for that rank.
+
+    torchrun --nproc_per_node 1 benchmarks/bench_train.py --config configs/taobao_mm_p90.yaml --modes model e2e --baseline --out bench.json
+    python benchmarks/bench_train.py --device cpu --config configs/demo_cpu.yaml --steps 5 --warmup 2   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from itertools import cycle, islice
+from pathlib import Path
+from typing import Dict, Iterable, Iterator, List, Mapping, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+from muse_torchrec import features as F
+from muse_torchrec.config import ExperimentConfig, load_config
+from muse_torchrec.data.batch import Batch, BatchBuilder, sequence_features
+from muse_torchrec.data.block import SampleBlock
+from muse_torchrec.model.methods import build_model, get_method
+from muse_torchrec.train.distributed import DistContext, init_distributed, shutdown
+from muse_torchrec.train.sharded import embedding_parameters, shard_model
+
+GIB = 1024**3
+
+
+@dataclass
+class Shapes:
+    """Batch shapes of the benchmark (MUSE_SPEC: 1,000-long histories, ~11 samples per user)."""
+
+    batch_size: int
+    history: int
+    samples_per_user: int
+    num_scl_rows: int
+
+
+def zipf_rows(rng: np.random.Generator, vocab: int, size: int, exponent: float = 1.1) -> np.ndarray:
+    """Rows in [1, vocab) with a Zipf-like popularity, spread over the whole table."""
+    rank = np.minimum(rng.zipf(exponent, size=size), vocab - 1)
+    # Scatter popular ranks over the table with a fixed odd multiplier (a bijection mod vocab-1).
+    return (rank * 2654435761 % (vocab - 1) + 1).astype(np.int64)
+
+
+def random_block(rng: np.random.Generator, vocab: Mapping[str, int], shapes: Shapes) -> SampleBlock:
+    """One block of ``batch_size`` samples over batch_size / samples_per_user users with full histories."""
+    num_users = -(-shapes.batch_size // shapes.samples_per_user)
+    sample_user = np.minimum(np.arange(shapes.batch_size) // shapes.samples_per_user, num_users - 1)
+    n = num_users * shapes.history
+    return SampleBlock(
+        labels=(rng.random(shapes.batch_size) < 0.137).astype(np.float32),
+        user_key=sample_user.astype(np.int64),
+        sample_user=sample_user.astype(np.int64),
+        target={t: zipf_rows(rng, vocab[t], shapes.batch_size) for t in ("item", "cate", "item_city", "item_province")},
+        user_features={t: zipf_rows(rng, vocab[t], num_users) for t in F.USER_FEATURES},
+        hist_offsets=np.arange(num_users + 1, dtype=np.int64) * shapes.history,
+        hist_items=zipf_rows(rng, vocab["item"], n),
+        hist_cates=zipf_rows(rng, vocab["cate"], n),
+    )
+
+
+def random_scl(rng: np.random.Generator, num_items: int, num_rows: int) -> tuple:
+    """A random int8 SCL table of ``num_rows`` vectors and an item -> SCL row map covering every item."""
+    scl = rng.integers(-127, 128, size=(num_rows + 1, F.SCL_DIM), dtype=np.int8)
+    scl[0] = 0
+    item_scl_row = (np.arange(num_items, dtype=np.int64) % num_rows + 1).astype(np.int32)
+    item_scl_row[0] = 0
+    return scl, item_scl_row
+
+
+def staged_batches(cfg: ExperimentConfig, vocab: Mapping[str, int], shapes: Shapes, count: int,
+                   seed: int, device: torch.device) -> List[Batch]:
+    rng = np.random.default_rng(seed)
+    scl, item_scl_row = random_scl(rng, vocab["item"], shapes.num_scl_rows)
+    builder = BatchBuilder(scl, item_scl_row, gsu=get_method(cfg.model.method).gsu, k=cfg.model.k,
+                           recent=cfg.data.recent, max_history=shapes.history)
+    return [builder(random_block(rng, vocab, shapes)).to(device) for _ in range(count)]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_steps(step, batches: Iterator[Batch], warmup: int, steps: int, device: torch.device) -> float:
+    """Seconds for ``steps`` calls of ``step(batches)`` after ``warmup`` calls."""
+    for _ in range(warmup):
+        step(batches)
+    _sync(device)
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step(batches)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_gib(device: torch.device) -> Optional[float]:
+    return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
+
+
+def bench_sharded(cfg: ExperimentConfig, vocab: Mapping[str, int], batches: Iterable[Batch], ctx: DistContext,
+                  warmup: int, steps: int) -> Dict[str, object]:
+    """Samples/s of DMP + TrainPipelineSparseDist over ``batches`` (cycled if a list)."""
+    _reset_peak(ctx.device)
+    model = build_model(cfg.model, vocab, sequence_features(get_method(cfg.model.method).gsu),
+                        cfg.data.recent, cfg.data.max_history)
+    sharded = shard_model(model, cfg, ctx)
+    pipeline = TrainPipelineSparseDist(sharded.model, sharded.optimizer, ctx.device)
+    seconds = timed_steps(pipeline.progress, iter(batches), warmup, steps, ctx.device)
+    planned = sharded.plan.per_rank_bytes()[ctx.rank]
+    result = {
+        "samples_per_s_per_gpu": steps * cfg.train.batch_size / seconds,
+        "step_ms": 1000 * seconds / steps,
+        "peak_gib": _peak_gib(ctx.device),
+        "planned_gib": (planned["hbm"] if ctx.device.type == "cuda" else planned["ddr"]) / GIB,
+        "plan": sharded.plan.format(),
+    }
+    del pipeline, sharded, model
+    return result
+
+
+def bench_replicated(cfg: ExperimentConfig, vocab: Mapping[str, int], batches: List[Batch], ctx: DistContext,
+                     warmup: int, steps: int) -> Dict[str, object]:
+    """The reference implementation's way: full tables on every GPU, DDP, dense Adam on everything."""
+    _reset_peak(ctx.device)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, vocab, sequence_features(get_method(cfg.model.method).gsu),
+                        cfg.data.recent, cfg.data.max_history, device=ctx.device).to(ctx.device)
+    tables = set(embedding_parameters(model).values())
+    optimizer = torch.optim.Adam([
+        {"params": [p for p in model.parameters() if p in tables], "lr": cfg.train.sparse_lr},
+        {"params": [p for p in model.parameters() if p not in tables], "lr": cfg.train.dense_lr},
+    ])
+    ddp = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+
+    def step(it: Iterator[Batch]) -> None:
+        loss, _ = ddp(next(it))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    seconds = timed_steps(step, cycle(batches), warmup, steps, ctx.device)
+    result = {
+        "samples_per_s_per_gpu": steps * cfg.train.batch_size / seconds,
+        "step_ms": 1000 * seconds / steps,
+        "peak_gib": _peak_gib(ctx.device),
+    }
+    del ddp, model, optimizer
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="configs/taobao_mm_p90.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--modes", nargs="+", default=["model"], choices=["model", "e2e"])
+    parser.add_argument("--baseline", action="store_true", help="also run the replicated baseline")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--distinct-batches", type=int, default=8, help="pre-staged batches cycled in model mode")
+    parser.add_argument("--samples-per-user", type=int, default=11)
+    parser.add_argument("--scl-rows", type=int, default=1_000_000, help="SCL table rows for pre-staged batches")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    cfg = load_config(args.config, args.set)
+    ctx = init_distributed(args.device)
+    vocab = dict(cfg.sharding.plan_vocab_sizes) or {t.name: 1000 for t in F.TABLES}
+    shapes = Shapes(cfg.train.batch_size, cfg.data.max_history, args.samples_per_user, args.scl_rows)
+    results: Dict[str, object] = {
+        "config": args.config, "overrides": args.set, "world_size": ctx.world_size,
+        "device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
+        "batch_size_per_gpu": cfg.train.batch_size, "history": cfg.data.max_history,
+        "k": cfg.model.k, "vocab_sizes": vocab, "sparse_optimizer": cfg.train.sparse_optimizer,
+    }
+    batches = staged_batches(cfg, vocab, shapes, args.distinct_batches, seed=1000 + ctx.rank, device=ctx.device)
+    if "model" in args.modes:
+        results["model"] = bench_sharded(cfg, vocab, cycle(batches), ctx, args.warmup, args.steps)
+    if args.baseline:
+        results["baseline"] = bench_replicated(cfg, vocab, batches, ctx, args.warmup, args.steps)
+    if ctx.is_main:
+        print(format_results(results))
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=2))
+    shutdown()
+
+
+def format_results(results: Mapping[str, object]) -> str:
+    lines = [f"device {results['device']} x {results['world_size']}, batch {results['batch_size_per_gpu']}/GPU, "
+             f"history {results['history']}, K {results['k']}, item rows {results['vocab_sizes']['item']:,}", "",
+             f"{'run':<10} {'samples/s/GPU':>14} {'step ms':>9} {'peak GiB':>9} {'planned GiB':>12}"]
+    for name in ("model", "e2e", "baseline"):
+        r = results.get(name)
+        if not isinstance(r, dict):
+            continue
+        peak = "-" if r.get("peak_gib") is None else f"{r['peak_gib']:.2f}"
+        planned = "-" if r.get("planned_gib") is None else f"{r['planned_gib']:.2f}"
+        lines.append(f"{name:<10} {r['samples_per_s_per_gpu']:>14,.0f} {r['step_ms']:>9.1f} {peak:>9} {planned:>12}")
+    base, model = results.get("baseline"), results.get("model")
+    if isinstance(base, dict) and isinstance(model, dict):
+        lines.append(f"\nsharded / replicated (model mode): {model['samples_per_s_per_gpu'] / base['samples_per_s_per_gpu']:.2f}x")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
