@@ -75,7 +75,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from muse_torchrec.data.prepare import prepare
 
     meta = prepare(Path(args.raw), Path(args.out), vocab=args.vocab, max_history=args.max_history)
-    print(json.dumps({k: meta[k] for k in ("counts", "vocab_sizes") if k in meta}, indent=2))
+    print(json.dumps({"vocab_sizes": meta["vocab_sizes"], "splits": {s: {k: v for k, v in info.items() if k != "shards"} for s, info in meta["splits"].items()}}, indent=2))
     return 0
 
 
