@@ -180,13 +180,17 @@ class BatchBuilder:
         }
         topk_scores = torch.zeros(block.batch_size, self.k)
         if self.gsu in ("scl_cosine", "category"):
-            hist_scl = self._scl(items)
-            topk = self._select(block, hist_scl, cates, hist_len, target_scl)
-            selected_unit = gsu_ops.gather_selected(gsu_ops.normalize_scl(hist_scl), su_t, topk)
-            # The ESU's similarity is the SCL cosine of each selected behavior, whatever selected it.
-            topk_scores = torch.einsum("bkd,bd->bk", selected_unit, target_unit)
+            topk = self._select(block, items, cates, hist_len, target_scl)
+            selected_items = gsu_ops.gather_selected(torch.from_numpy(items), su_t, topk).numpy()
             lengths = topk.lengths.numpy()
-            seq["item_topk"] = _jagged(gsu_ops.gather_selected(torch.from_numpy(items), su_t, topk).numpy(), lengths)
+            if self.gsu == "scl_cosine":
+                topk_scores = topk.scores
+            else:
+                # The ESU's similarity is the SCL cosine of each selected behavior, whatever selected it.
+                selected_unit = gsu_ops.normalize_scl(self._scl(selected_items))
+                mask = torch.from_numpy(np.arange(self.k) < lengths[:, None])
+                topk_scores = torch.einsum("bkd,bd->bk", selected_unit, target_unit) * mask
+            seq["item_topk"] = _jagged(selected_items, lengths)
             seq["cate_topk"] = _jagged(gsu_ops.gather_selected(torch.from_numpy(cates), su_t, topk).numpy(), lengths)
         if self.gsu == "whole_history":
             seq["item_hist"] = _jagged(items[su], hist_len[su])
@@ -209,7 +213,7 @@ class BatchBuilder:
     def _select(
         self,
         block: SampleBlock,
-        hist_scl: torch.Tensor,
+        hist_items: np.ndarray,
         hist_cates: np.ndarray,
         hist_len: np.ndarray,
         target_scl: torch.Tensor,
@@ -220,7 +224,7 @@ class BatchBuilder:
         if self.gsu == "category":
             target_cate = torch.from_numpy(block.target[F.CATE.name])
             return gsu_ops.category_match_topk(torch.from_numpy(hist_cates)[su], lengths[su], target_cate, self.k)
-        return gsu_ops.muse_gsu(hist_scl, lengths, target_scl, su, self.k)
+        return gsu_ops.muse_gsu(self._scl(hist_items), lengths, target_scl, su, self.k)
 
 
 def _last(items: np.ndarray, cates: np.ndarray, lengths: np.ndarray, width: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:

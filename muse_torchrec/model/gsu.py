@@ -232,21 +232,22 @@ def muse_gsu(
         TopK over positions of the sample's user history; scores are cosines in [-1, 1].
     """
     # Integer dot products stay exact in float32 (|dot| <= 128 * 127**2 < 2**24) and in TF32,
-    # but not if autocast rounded the matmul output to 16 bits.
+    # but not if autocast rounded the matmul output to 16 bits. Convert once: the history is the
+    # large operand (U x L x 128).
+    history = hist_scl_int8.float()
+    target = target_scl_int8.float()
     with torch.autocast(device_type=hist_scl_int8.device.type, enabled=False):
-        dots = grouped_cosine(hist_scl_int8.float(), target_scl_int8.float(), sample_user)
+        dots = grouped_cosine(history, target, sample_user)
+    # Squared norms are integers below 2**21: exact in float32 whatever the summation order.
+    hist_sq = history.square().sum(dim=-1)
+    target_sq = target.square().sum(dim=-1)
     # |a|^2 |h|^2 < 2**42 is exact in float64: one sqrt and one division, then one rounding.
-    squared_norms = _squared_norm(target_scl_int8).unsqueeze(1) * _squared_norm(hist_scl_int8)[
-        sample_user
-    ]
-    norms = squared_norms.sqrt()
+    norms = (target_sq.double().unsqueeze(1) * hist_sq.double()[sample_user]).sqrt()
     # Nonzero int8 vectors have norm >= 1; missing ones have dot 0, so the clamp only avoids 0 / 0.
     # No clamp to [-1, 1] is needed: parallel vectors give exactly +-1 (exact sqrt of a square),
     # others stay more than 1e-13 inside, far beyond float64 rounding.
     cosine = (dots.double() / norms.clamp_min(1.0)).float()
-    has_similarity = scl_present(target_scl_int8).unsqueeze(1) & scl_present(hist_scl_int8)[
-        sample_user
-    ]
+    has_similarity = target_sq.gt(0).unsqueeze(1) & hist_sq.gt(0)[sample_user]
     valid = length_mask(hist_lengths, hist_scl_int8.shape[1])[sample_user]
     return select_topk(cosine, valid, has_similarity, k)
 
