@@ -38,7 +38,9 @@ from muse_torchrec.data.batch import Batch, BatchBuilder, sequence_features
 from muse_torchrec.data.block import SampleBlock
 from muse_torchrec.model.methods import build_model, get_method
 from muse_torchrec.train.distributed import DistContext, init_distributed, shutdown
+from muse_torchrec.data.loader import PreparedData, count_batches, make_loader
 from muse_torchrec.train.sharded import embedding_parameters, shard_model
+from make_prepared import make_prepared, zipf_rows
 
 GIB = 1024**3
 
@@ -51,13 +53,6 @@ class Shapes:
     history: int
     samples_per_user: int
     num_scl_rows: int
-
-
-def zipf_rows(rng: np.random.Generator, vocab: int, size: int, exponent: float = 1.1) -> np.ndarray:
-    """Rows in [1, vocab) with a Zipf-like popularity, spread over the whole table."""
-    rank = np.minimum(rng.zipf(exponent, size=size), vocab - 1)
-    # Scatter popular ranks over the table with a fixed odd multiplier (a bijection mod vocab-1).
-    return (rank * 2654435761 % (vocab - 1) + 1).astype(np.int64)
 
 
 def random_block(rng: np.random.Generator, vocab: Mapping[str, int], shapes: Shapes) -> SampleBlock:
@@ -123,15 +118,29 @@ def _peak_gib(device: torch.device) -> Optional[float]:
     return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
 
 
+def profile_table(step, batches: Iterator[Batch], steps: int, device: torch.device) -> str:
+    """torch.profiler table of ``steps`` steps: where the time of a step goes, top ops first."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            step(batches)
+        _sync(device)
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=60)
+
+
 def bench_sharded(cfg: ExperimentConfig, vocab: Mapping[str, int], batches: Iterable[Batch], ctx: DistContext,
-                  warmup: int, steps: int) -> Dict[str, object]:
+                  warmup: int, steps: int, profile_steps: int = 0) -> Dict[str, object]:
     """Samples/s of DMP + TrainPipelineSparseDist over ``batches`` (cycled if a list)."""
     _reset_peak(ctx.device)
     model = build_model(cfg.model, vocab, sequence_features(get_method(cfg.model.method).gsu),
                         cfg.data.recent, cfg.data.max_history)
     sharded = shard_model(model, cfg, ctx)
     pipeline = TrainPipelineSparseDist(sharded.model, sharded.optimizer, ctx.device)
-    seconds = timed_steps(pipeline.progress, iter(batches), warmup, steps, ctx.device)
+    batch_iter = iter(batches)
+    seconds = timed_steps(pipeline.progress, batch_iter, warmup, steps, ctx.device)
     planned = sharded.plan.per_rank_bytes()[ctx.rank]
     result = {
         "samples_per_s_per_gpu": steps * cfg.train.batch_size / seconds,
@@ -140,8 +149,24 @@ def bench_sharded(cfg: ExperimentConfig, vocab: Mapping[str, int], batches: Iter
         "planned_gib": (planned["hbm"] if ctx.device.type == "cuda" else planned["ddr"]) / GIB,
         "plan": sharded.plan.format(),
     }
+    if profile_steps:
+        result["profile"] = profile_table(pipeline.progress, batch_iter, profile_steps, ctx.device)
     del pipeline, sharded, model
     return result
+
+
+def e2e_batches(cfg: ExperimentConfig, work: Path, ctx: DistContext, num_workers: int, needed: int) -> Iterable[Batch]:
+    """Ready batches from prepared shards on local disk through the real loader (host GSU in workers)."""
+    data = PreparedData(work)
+    available = count_batches(data, "train", cfg.train.batch_size, rank=ctx.rank, world_size=ctx.world_size,
+                              num_workers=max(num_workers, 1), drop_last=True)
+    if available < needed:
+        raise ValueError(f"{work} holds {available} batches for rank {ctx.rank}, the run needs {needed}")
+    builder = BatchBuilder(data.scl_vectors(), data.item_scl_row(), gsu=get_method(cfg.model.method).gsu,
+                           k=cfg.model.k, recent=cfg.data.recent, max_history=cfg.data.max_history)
+    return make_loader(data, "train", cfg.train.batch_size, builder, rank=ctx.rank, world_size=ctx.world_size,
+                       num_workers=num_workers, seed=cfg.data.seed, shuffle=True, drop_last=True,
+                       pin_memory=ctx.device.type == "cuda")
 
 
 def bench_replicated(cfg: ExperimentConfig, vocab: Mapping[str, int], batches: List[Batch], ctx: DistContext,
@@ -186,6 +211,10 @@ def main() -> None:
     parser.add_argument("--samples-per-user", type=int, default=11)
     parser.add_argument("--scl-rows", type=int, default=1_000_000, help="SCL table rows for pre-staged batches")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--work", default="/tmp/muse_bench_prepared", help="prepared shards for e2e mode")
+    parser.add_argument("--e2e-samples", type=int, default=400_000, help="train samples written for e2e mode")
+    parser.add_argument("--workers", type=int, default=8, help="loader worker processes per rank (e2e)")
+    parser.add_argument("--profile-steps", type=int, default=0, help="profile this many extra model-mode steps")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -201,11 +230,22 @@ def main() -> None:
     }
     batches = staged_batches(cfg, vocab, shapes, args.distinct_batches, seed=1000 + ctx.rank, device=ctx.device)
     if "model" in args.modes:
-        results["model"] = bench_sharded(cfg, vocab, cycle(batches), ctx, args.warmup, args.steps)
+        results["model"] = bench_sharded(cfg, vocab, cycle(batches), ctx, args.warmup, args.steps, args.profile_steps)
+    if "e2e" in args.modes:
+        work = Path(args.work)
+        if ctx.is_main and not (work / "meta.json").exists():
+            results["e2e_data"] = make_prepared(work, vocab, args.e2e_samples, args.samples_per_user,
+                                                cfg.data.max_history, args.scl_rows, shards=16, chunk_users=256, seed=0)
+        dist.barrier()
+        loader = e2e_batches(cfg, work, ctx, args.workers, args.warmup + args.steps)
+        results["e2e"] = bench_sharded(cfg, vocab, loader, ctx, args.warmup, args.steps)
+        results["e2e"]["loader_workers"] = args.workers
     if args.baseline:
         results["baseline"] = bench_replicated(cfg, vocab, batches, ctx, args.warmup, args.steps)
     if ctx.is_main:
         print(format_results(results))
+        if "profile" in results.get("model", {}):
+            print(results["model"]["profile"])
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=2))
     shutdown()
