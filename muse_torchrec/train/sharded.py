@@ -11,7 +11,7 @@ concatenated batch (tests/test_sharded.py checks this against an unsharded model
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, Type
 
 import torch
@@ -23,8 +23,8 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-from muse_torchrec.config import ExperimentConfig
-from muse_torchrec.sharding import PlanReport, make_sharders, plan_model
+from muse_torchrec.config import ExperimentConfig, ShardingConfig
+from muse_torchrec.sharding import GIB, PlanReport, make_sharders, plan_model
 from muse_torchrec.train.distributed import DistContext
 
 SPARSE_OPTIMIZERS: Dict[str, Type[torch.optim.Optimizer]] = {
@@ -61,6 +61,14 @@ def attach_sparse_optimizer(model: nn.Module, name: str, lr: float, device_type:
     apply_optimizer_in_backward(SPARSE_OPTIMIZERS[name], params, {"lr": lr})
 
 
+def with_device_memory(cfg: ShardingConfig, device: torch.device) -> ShardingConfig:
+    """Give the planner the GPU's real memory when the config leaves it open (its default is 32 GiB,
+    which sends a large table to UVM caching on an 80-141 GiB GPU)."""
+    if device.type != "cuda" or cfg.hbm_gb is not None:
+        return cfg
+    return replace(cfg, hbm_gb=torch.cuda.get_device_properties(device).total_memory / GIB)
+
+
 @dataclass
 class ShardedModel:
     model: DistributedModelParallel
@@ -75,7 +83,7 @@ def shard_model(model: nn.Module, cfg: ExperimentConfig, ctx: DistContext) -> Sh
     sharders = make_sharders()
     report = plan_model(
         model,
-        cfg.sharding,
+        with_device_memory(cfg.sharding, ctx.device),
         world_size=ctx.world_size,
         compute_device=device_type,
         batch_size=cfg.train.batch_size,
