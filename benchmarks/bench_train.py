@@ -19,6 +19,7 @@ Reports samples/s per GPU, peak GPU memory per rank and the planner's estimate f
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 from dataclasses import dataclass
@@ -109,6 +110,7 @@ def timed_steps(step, batches: Iterator[Batch], warmup: int, steps: int, device:
 
 
 def _reset_peak(device: torch.device) -> None:
+    gc.collect()  # free the previous run's model before measuring this one's peak
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
