@@ -3,8 +3,9 @@
 - training: a batch of ``--batch`` samples over ~batch/11 users, each user's history of length L;
 - serving: one user, ``--candidates`` candidates scored against the user's cached history.
 
-Times ``muse_gsu`` (exact: integer dot products, exact norms, recency tie-break) and checks it
-against a plain PyTorch reference (float cosine + full sort) on the same inputs.
+Times ``muse_gsu`` (exact: integer dot products, exact norms, recency tie-break), and in the
+serving shape also ``serving_topk`` (int8 GEMM, float32 cosines, one topk), and checks both against a
+plain PyTorch reference (float cosine + full sort) on the same inputs.
 
     python benchmarks/bench_gsu.py --lengths 1000 10000 100000 --out gsu.json
 """
@@ -21,7 +22,7 @@ from typing import Callable, Dict, List
 import torch
 
 from muse_torchrec.features import SCL_DIM
-from muse_torchrec.model.gsu import TopK, muse_gsu, normalize_scl
+from muse_torchrec.model.gsu import TopK, muse_gsu, normalize_scl, serving_topk
 
 
 def reference_topk(hist: torch.Tensor, target: torch.Tensor, sample_user: torch.Tensor, k: int) -> torch.Tensor:
@@ -56,8 +57,14 @@ def case(name: str, users: int, samples: int, length: int, k: int, device: torch
     reference = reference_topk(hist, target, sample_user, k)
     max_error = float((result.scores - reference).abs().max())
     ms = timed(lambda: muse_gsu(hist, lengths, target, sample_user, k), device, repeats)
-    return {"shape": name, "users": users, "samples": samples, "history": length, "k": k, "ms": ms,
-            "max_abs_diff_vs_reference": max_error, "correct": max_error < 1e-5}
+    row = {"shape": name, "users": users, "samples": samples, "history": length, "k": k, "ms": ms,
+           "max_abs_diff_vs_reference": max_error, "correct": max_error < 1e-5}
+    if users == 1:
+        fast = serving_topk(hist[0], length, target, k)
+        fast_error = float((fast.scores - reference).abs().max())
+        row["serving_topk_ms"] = timed(lambda: serving_topk(hist[0], length, target, k), device, repeats)
+        row["serving_topk_correct"] = fast_error < 1e-5
+    return row
 
 
 def main() -> None:
@@ -76,9 +83,12 @@ def main() -> None:
         rows.append(case("training", max(1, args.batch // 11), args.batch, length, args.k, device, args.repeats))
         rows.append(case("serving", 1, args.candidates, length, args.k, device, args.repeats))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"GSU top-{args.k} on {name}\n\n{'shape':<9} {'users':>6} {'samples':>8} {'history':>8} {'ms':>9}  correct")
+    print(f"GSU top-{args.k} on {name}\n\n{'shape':<9} {'users':>6} {'samples':>8} {'history':>8} "
+          f"{'muse_gsu ms':>12} {'serving_topk ms':>16}  correct")
     for r in rows:
-        print(f"{r['shape']:<9} {r['users']:>6} {r['samples']:>8} {r['history']:>8,} {r['ms']:>9.3f}  {r['correct']}")
+        fast = f"{r['serving_topk_ms']:.3f}" if "serving_topk_ms" in r else "-"
+        ok = r["correct"] and r.get("serving_topk_correct", True)
+        print(f"{r['shape']:<9} {r['users']:>6} {r['samples']:>8} {r['history']:>8,} {r['ms']:>12.3f} {fast:>16}  {ok}")
     if args.out:
         Path(args.out).write_text(json.dumps({"device": name, "rows": rows}, indent=2))
 

@@ -231,3 +231,27 @@ def test_select_topk_short_rows_pad_to_k() -> None:
     assert got.scores[0].tolist() == pytest.approx([0.3, 0, 0, 0])
     assert got.scores[1].tolist() == [0, 0, 0, 0]
     assert got.lengths.tolist() == [1, 0]
+
+
+def _serving_case(length: int, history_length: int, candidates: int, k: int, missing: float, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    history = torch.randint(-127, 128, (length, 128), dtype=torch.int8, generator=g)
+    history[torch.rand(length, generator=g) < missing] = 0
+    cands = torch.randint(-127, 128, (candidates, 128), dtype=torch.int8, generator=g)
+    cands[0] = 0  # a candidate without SCL vector: recency order, scores 0
+    return history, cands
+
+
+@pytest.mark.parametrize("length,history_length,k", [(300, 300, 50), (300, 120, 50), (40, 30, 50), (64, 0, 8)])
+def test_serving_topk_matches_muse_gsu(length, history_length, k):
+    from muse_torchrec.model.gsu import serving_topk
+
+    history, cands = _serving_case(length, history_length, 37, k, missing=0.1, seed=length + k)
+    fast = serving_topk(history, history_length, cands, k)
+    exact = muse_gsu(history.unsqueeze(0), torch.tensor([history_length]), cands,
+                     torch.zeros(cands.shape[0], dtype=torch.long), k)
+    assert torch.equal(fast.lengths, exact.lengths)
+    assert torch.equal(fast.scored_lengths, exact.scored_lengths)
+    torch.testing.assert_close(fast.scores, exact.scores, rtol=0, atol=1e-6)
+    # Random vectors have no equal cosines: the positions agree too, padding slots included.
+    assert torch.equal(fast.indices, exact.indices)

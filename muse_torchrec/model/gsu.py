@@ -268,3 +268,64 @@ def gather_selected(per_user: Tensor, sample_user: Tensor, topk: TopK) -> Tensor
     real = length_mask(topk.lengths, topk.indices.shape[1])
     real = real.reshape(real.shape + (1,) * (picked.dim() - 2))
     return torch.where(real, picked, torch.zeros_like(picked))
+
+
+def _int8_dots(candidates: Tensor, history: Tensor) -> Tensor:
+    """Exact int8 dot products [C, 128] x [L, 128] -> [C, L] float32.
+
+    On CUDA the int8 tensor-core GEMM (``torch._int_mm``, int32 accumulation) does it; elsewhere a
+    float32 matmul, which is exact too (|dot| < 2**24).
+    """
+    num_candidates, length = candidates.shape[0], history.shape[0]
+    if candidates.is_cuda and num_candidates > 16:
+        # _int_mm wants the shared and output widths in multiples of 8.
+        pad = (-length) % 8
+        padded = F.pad(history, (0, 0, 0, pad))
+        return torch._int_mm(candidates, padded.t().contiguous())[:, :length].float()
+    return candidates.float() @ history.float().t()
+
+
+@torch.no_grad()
+def serving_topk(history_int8: Tensor, history_length: int, candidates_int8: Tensor, k: int) -> TopK:
+    """MUSE GSU for serving: one user's cached history against C candidates.
+
+    Same selection rules as :func:`muse_gsu` (behaviors without SCL vector after every scored one,
+    most recent first, score 0; positions >= ``history_length`` never chosen), computed for speed:
+    int8 GEMM dot products, float32 cosines, one ``torch.topk``. Equal cosines may come out in any
+    order: the ESU reads items and scores, not positions, and equal cosines at float32 precision
+    practically only come from the same item seen twice, so the ESU input is the same.
+
+    Args:
+        history_int8: L x 128 int8 SCL vectors of the user's behaviors, oldest first (zero = missing).
+        history_length: number of real behaviors (a prefix of the L rows).
+        candidates_int8: C x 128 int8 SCL vectors of the candidates (zero = missing).
+        k: number of slots per candidate.
+
+    Returns:
+        TopK over history positions, C rows.
+    """
+    length = history_int8.shape[0]
+    device = history_int8.device
+    hist_norm = history_int8.float().square().sum(dim=1).sqrt()
+    cand_norm = candidates_int8.float().square().sum(dim=1).sqrt()
+    cosine = _int8_dots(candidates_int8, history_int8) / (
+        cand_norm.clamp_min(1.0).unsqueeze(1) * hist_norm.clamp_min(1.0).unsqueeze(0)
+    )
+    positions = torch.arange(length, device=device)
+    valid = positions < history_length
+    scored = valid.unsqueeze(0) & (hist_norm > 0).unsqueeze(0) & (cand_norm > 0).unsqueeze(1)
+    # Unscored behaviors rank below every cosine (>= -1) by recency: -3 + position / L in [-3, -2);
+    # padding below them all.
+    by_recency = -3.0 + positions.float() / max(length, 1)
+    key = torch.where(scored, cosine, by_recency.unsqueeze(0))
+    key = torch.where(valid.unsqueeze(0), key, torch.full_like(key, -float("inf")))
+    take = min(k, length)
+    _, indices = torch.topk(key, take, dim=1)
+    picked = torch.where(scored, cosine, torch.zeros_like(cosine)).gather(1, indices)
+    selectable = min(k, history_length)
+    lengths = torch.full((candidates_int8.shape[0],), selectable, device=device, dtype=torch.long)
+    real = length_mask(lengths, k)
+    indices = torch.where(real, F.pad(indices, (0, k - take)), torch.zeros((), dtype=torch.long, device=device))
+    picked = torch.where(real, F.pad(picked, (0, k - take)), torch.zeros((), device=device))
+    return TopK(indices=indices, scores=picked, lengths=lengths,
+                scored_lengths=scored.sum(dim=1).clamp(max=k))
