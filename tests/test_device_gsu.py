@@ -1,0 +1,36 @@
+"""GSU on the training device (DeferredGsuBuilder + DeviceGsu) equals the host GSU (BatchBuilder)."""
+
+import numpy as np
+import pytest
+import torch
+
+from muse_torchrec.data.batch import BatchBuilder
+from muse_torchrec.data.device_gsu import DeferredGsuBuilder, DeviceGsu
+from random_data import random_block, random_scl
+
+K, RECENT, MAX_HISTORY = 6, 5, 40
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["scl_cosine", "category"])
+@pytest.mark.parametrize("pad_to", [None, 60])
+def test_device_gsu_equals_host_gsu(kind, pad_to, device):
+    rng = np.random.default_rng(3)
+    scl, item_scl_row = random_scl(rng)
+    block = random_block(rng, num_users=15, max_len=70)
+    host = BatchBuilder(scl, item_scl_row, gsu=kind, k=K, recent=RECENT, max_history=MAX_HISTORY, pad_to=pad_to)(block)
+    raw = DeferredGsuBuilder(scl, item_scl_row, recent=RECENT, max_history=MAX_HISTORY, pad_to=pad_to)(block)
+    moved = DeviceGsu(scl, item_scl_row, torch.device(device), k=K, kind=kind)(raw).to(torch.device("cpu"))
+    assert moved.sequence.keys() == host.sequence.keys()
+    assert torch.equal(moved.sequence.values(), host.sequence.values())
+    assert torch.equal(moved.sequence.lengths().long(), host.sequence.lengths().long())
+    torch.testing.assert_close(moved.topk_scores, host.topk_scores, rtol=0, atol=1e-6)
+    for name in ("recent_scores", "labels", "weights", "user_key", "true_prob"):
+        assert torch.equal(getattr(moved, name), getattr(host, name)), name
+    assert torch.equal(moved.pooled.values(), host.pooled.values())
+
+
+def test_device_gsu_rejects_gsus_with_parameters():
+    with pytest.raises(ValueError, match="device GSU runs"):
+        DeviceGsu(np.zeros((1, 128), np.int8), np.zeros(1, np.int32), torch.device("cpu"), kind="whole_history")
