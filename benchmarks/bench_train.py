@@ -37,6 +37,7 @@ from muse_torchrec import features as F
 from muse_torchrec.config import ExperimentConfig, load_config
 from muse_torchrec.data.batch import Batch, BatchBuilder, sequence_features
 from muse_torchrec.data.block import SampleBlock
+from muse_torchrec.data.device_gsu import DeferredGsuBuilder, DeviceGsu
 from muse_torchrec.model.methods import build_model, get_method
 from muse_torchrec.train.distributed import DistContext, init_distributed, shutdown
 from muse_torchrec.data.loader import PreparedData, count_batches, make_loader
@@ -157,18 +158,28 @@ def bench_sharded(cfg: ExperimentConfig, vocab: Mapping[str, int], batches: Iter
     return result
 
 
-def e2e_batches(cfg: ExperimentConfig, work: Path, ctx: DistContext, num_workers: int, needed: int) -> Iterable[Batch]:
-    """Ready batches from prepared shards on local disk through the real loader (host GSU in workers)."""
+def e2e_batches(cfg: ExperimentConfig, work: Path, ctx: DistContext, num_workers: int, needed: int,
+                device_gsu: bool) -> Iterable[Batch]:
+    """Ready batches from prepared shards on local disk through the real loader: the GSU in the loader
+    workers (host), or on the training device after the workers built the rest (``device_gsu``)."""
     data = PreparedData(work)
     available = count_batches(data, "train", cfg.train.batch_size, rank=ctx.rank, world_size=ctx.world_size,
                               num_workers=max(num_workers, 1), drop_last=True)
     if available < needed:
         raise ValueError(f"{work} holds {available} batches for rank {ctx.rank}, the run needs {needed}")
-    builder = BatchBuilder(data.scl_vectors(), data.item_scl_row(), gsu=get_method(cfg.model.method).gsu,
-                           k=cfg.model.k, recent=cfg.data.recent, max_history=cfg.data.max_history)
-    return make_loader(data, "train", cfg.train.batch_size, builder, rank=ctx.rank, world_size=ctx.world_size,
-                       num_workers=num_workers, seed=cfg.data.seed, shuffle=True, drop_last=True,
-                       pin_memory=ctx.device.type == "cuda")
+    gsu = get_method(cfg.model.method).gsu
+    if device_gsu:
+        builder = DeferredGsuBuilder(data.scl_vectors(), data.item_scl_row(), recent=cfg.data.recent,
+                                     max_history=cfg.data.max_history)
+    else:
+        builder = BatchBuilder(data.scl_vectors(), data.item_scl_row(), gsu=gsu, k=cfg.model.k,
+                               recent=cfg.data.recent, max_history=cfg.data.max_history)
+    loader = make_loader(data, "train", cfg.train.batch_size, builder, rank=ctx.rank, world_size=ctx.world_size,
+                         num_workers=num_workers, seed=cfg.data.seed, shuffle=True, drop_last=True,
+                         pin_memory=ctx.device.type == "cuda")
+    if not device_gsu:
+        return loader
+    return DeviceGsu(data.scl_vectors(), data.item_scl_row(), ctx.device, k=cfg.model.k, kind=gsu).over(loader)
 
 
 def bench_replicated(cfg: ExperimentConfig, vocab: Mapping[str, int], batches: List[Batch], ctx: DistContext,
@@ -216,6 +227,8 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/muse_bench_prepared", help="prepared shards for e2e mode")
     parser.add_argument("--e2e-samples", type=int, default=400_000, help="train samples written for e2e mode")
     parser.add_argument("--workers", type=int, default=8, help="loader worker processes per rank (e2e)")
+    parser.add_argument("--gsu-places", nargs="+", default=["device"], choices=["host", "device"],
+                        help="e2e: run the GSU in the loader workers (host) and/or on the GPU (device)")
     parser.add_argument("--profile-steps", type=int, default=0, help="profile this many extra model-mode steps")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -239,9 +252,11 @@ def main() -> None:
             results["e2e_data"] = make_prepared(work, vocab, args.e2e_samples, args.samples_per_user,
                                                 cfg.data.max_history, args.scl_rows, shards=16, chunk_users=256, seed=0)
         dist.barrier()
-        loader = e2e_batches(cfg, work, ctx, args.workers, args.warmup + args.steps)
-        results["e2e"] = bench_sharded(cfg, vocab, loader, ctx, args.warmup, args.steps)
-        results["e2e"]["loader_workers"] = args.workers
+        for device_gsu in args.gsu_places:
+            name = "e2e_device_gsu" if device_gsu == "device" else "e2e"
+            loader = e2e_batches(cfg, work, ctx, args.workers, args.warmup + args.steps, device_gsu == "device")
+            results[name] = bench_sharded(cfg, vocab, loader, ctx, args.warmup, args.steps)
+            results[name]["loader_workers"] = args.workers
     if args.baseline:
         results["baseline"] = bench_replicated(cfg, vocab, batches, ctx, args.warmup, args.steps)
     if ctx.is_main:
@@ -257,7 +272,7 @@ def format_results(results: Mapping[str, object]) -> str:
     lines = [f"device {results['device']} x {results['world_size']}, batch {results['batch_size_per_gpu']}/GPU, "
              f"history {results['history']}, K {results['k']}, item rows {results['vocab_sizes']['item']:,}", "",
              f"{'run':<10} {'samples/s/GPU':>14} {'step ms':>9} {'peak GiB':>9} {'planned GiB':>12}"]
-    for name in ("model", "e2e", "baseline"):
+    for name in ("model", "e2e", "e2e_device_gsu", "baseline"):
         r = results.get(name)
         if not isinstance(r, dict):
             continue
