@@ -6,7 +6,9 @@ samples/s, interactions/s and the peak resident memory of each stage. On the sma
 split it then times, on one worker (in-process, one thread):
 
 - blocks: ``iter_blocks`` at ``--batch-size`` (SampleBlocks, users' lists deduplicated per block);
-- ready batches: blocks + ``BatchBuilder`` (host-side MUSE GSU, KJTs), when batch.py is present;
+- ready batches: blocks + ``BatchBuilder`` (host-side MUSE GSU, KJTs), and blocks +
+  ``DeferredGsuBuilder`` (KJTs and dense tensors of everything but the top-K, which the training
+  device selects);
 - baseline: the reference layout (one wide snappy Parquet row per sample with both 1,000-long int64
   lists copied in), read row by row into Python lists, then tensors, as the reference loader does.
 
@@ -119,15 +121,21 @@ def bench_blocks(data: PreparedData, batch_size: int, min_seconds: float) -> Dic
     return result
 
 
-def bench_ready_batches(data: PreparedData, batch_size: int, min_seconds: float) -> Dict[str, float]:
+def bench_ready_batches(data: PreparedData, batch_size: int, min_seconds: float, device_gsu: bool) -> Dict[str, float]:
+    """Blocks -> Batches: with the host GSU (the loader workers select the top-K), or with everything
+    but the top-K (``device_gsu``: the training device selects it, see data/device_gsu.py)."""
     from muse_torchrec.data.batch import BatchBuilder
+    from muse_torchrec.data.device_gsu import DeferredGsuBuilder
 
-    build = BatchBuilder(
-        data.scl_vectors(), data.item_scl_row(), gsu="scl_cosine", max_history=data.meta["max_history"]
-    )
+    max_history = data.meta["max_history"]
+    if device_gsu:
+        build = DeferredGsuBuilder(data.scl_vectors(), data.item_scl_row(), max_history=max_history)
+    else:
+        build = BatchBuilder(data.scl_vectors(), data.item_scl_row(), gsu="scl_cosine", max_history=max_history)
 
     def run() -> Iterable[int]:
-        return (build(b).batch_size for b in iter_blocks(data, "train", batch_size, shuffle=True))
+        return (build(b).batch.batch_size if device_gsu else build(b).batch_size
+                for b in iter_blocks(data, "train", batch_size, shuffle=True))
 
     return _timed(run(), min_seconds, run)
 
@@ -194,14 +202,6 @@ def bench_reference(
     }
 
 
-def _has_batch_builder() -> bool:
-    try:
-        from muse_torchrec.data.batch import BatchBuilder  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _gib(n: float) -> str:
     return f"{n / 2**30:.2f}"
 
@@ -261,8 +261,8 @@ def main() -> None:
     prepared = [bench_prepare(args.work, scale, args.vocab, args.chunk_samples) for scale in args.scales]
     data = PreparedData(prepared[0]["prepared"])
     loader = {"blocks": bench_blocks(data, args.batch_size, args.min_seconds)}
-    if _has_batch_builder():
-        loader["ready_batches"] = bench_ready_batches(data, args.batch_size, args.min_seconds)
+    loader["ready_batches_host_gsu"] = bench_ready_batches(data, args.batch_size, args.min_seconds, False)
+    loader["ready_batches_gsu_deferred"] = bench_ready_batches(data, args.batch_size, args.min_seconds, True)
     loader.update(
         bench_reference(
             Path(prepared[0]["raw"]), args.work, args.batch_size, args.baseline_rows, args.min_seconds
