@@ -7,6 +7,17 @@
 The same ``train`` component serves every scheduler (local_cwd, slurm, kubernetes...): it launches
 ``python -m muse_torchrec.cli train`` through torch.distributed.run (torchelastic) on every node.
 The application itself never imports torchx.
+
+Fault tolerance: ``--max_restarts N`` lets torchelastic restart the whole worker group up to N times
+when a rank fails; the restarted ranks resume from the run_dir's latest checkpoint
+(``train.resume``, on by default), so nothing else is needed. torchx's ``dist.ddp`` maps its
+``max_retries`` only to scheduler-level retries of a replica (what replaces a lost node on Slurm or
+Kubernetes; the local scheduler ignores it) and passes no ``--max-restarts`` to torchrun, so the
+component also sets torchrun's own setting through its environment variable ``PET_MAX_RESTARTS``.
+It also sets ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``: by default torchrun's c10d rendezvous lends
+its store to the workers and keeps it across restarts, so a restarted rank can read the process
+group addresses of the attempt that failed and fail to connect (pytorch/pytorch#135712); with the
+variable every attempt's rank 0 hosts a fresh store. Set both when launching torchrun by hand.
 """
 
 from typing import Dict, Optional
@@ -51,7 +62,8 @@ def train(
         cpu: CPUs per node
         memMB: host memory per node in MB
         image: container image (local_cwd: unused, runs in the current directory)
-        max_restarts: torchelastic restarts of the whole job when a rank fails
+        max_restarts: restarts of the whole job when a rank fails (torchelastic) or a node is lost
+            (scheduler retries); each restart resumes from the latest checkpoint
         env: extra environment variables, e.g. NCCL_DEBUG=INFO
         name: job name
     """
@@ -59,7 +71,12 @@ def train(
         raise ValueError("nnodes and nproc_per_node must be >= 1")
     if gpu and gpu < nproc_per_node:
         raise ValueError(f"nproc_per_node={nproc_per_node} needs as many GPUs per node (gpu={gpu})")
-    run_env = {"OMP_NUM_THREADS": "1", **(env or {})}
+    run_env = {
+        "OMP_NUM_THREADS": "1",
+        "PET_MAX_RESTARTS": str(max_restarts),
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+        **(env or {}),
+    }
     return dist.ddp(
         "train", "--config", config, *_override_args(overrides),
         m=MODULE,

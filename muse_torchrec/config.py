@@ -110,6 +110,12 @@ class TrainConfig:
     limit_eval_batches: Optional[int] = None
     log_every: int = 20
     seed: int = 0
+    # Checkpoints in <run_dir>/checkpoints: every this many steps (None: only at the end of training).
+    checkpoint_every: Optional[int] = None
+    # Complete checkpoints kept, oldest deleted first; 0 writes none.
+    keep_checkpoints: int = 2
+    # Continue from the latest checkpoint in run_dir, if any (how a torchelastic restart resumes).
+    resume: bool = True
 
 
 @dataclass(frozen=True)
@@ -249,6 +255,8 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
     raw: Any = {}
     if path is not None:
         text = Path(path).read_text()
+        if not text.strip():
+            raise ConfigError(f"{path}: the config file is empty")
         try:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as err:

@@ -23,14 +23,25 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar
+from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from muse_torchrec import features as F
 from muse_torchrec.data.block import SampleBlock
+from muse_torchrec.data.integrity import (
+    FLOAT,
+    INTEGER,
+    INTEGER_LIST,
+    ChunkChecker,
+    ColumnKind,
+    PreparedDataError,
+    check_columns,
+    read_row_group,
+)
 from muse_torchrec.data.prepare import (
     FORMAT_VERSION,
     HIST_CATES,
@@ -50,10 +61,6 @@ from muse_torchrec.data.prepare import (
 )
 
 T = TypeVar("T")
-
-
-class PreparedDataError(ValueError):
-    """The directory is not a complete prepared dir of the supported format."""
 
 
 @dataclass(frozen=True)
@@ -188,11 +195,36 @@ def count_batches(
 
     ``num_workers=0`` (in-process loading) counts as one worker, as ``make_loader`` does.
     """
+    return sum(_worker_blocks(data, split, batch_size, rank, world_size, num_workers, drop_last))
+
+
+def _worker_blocks(data: PreparedData, split: str, batch_size: int, rank: int, world_size: int,
+                   num_workers: int, drop_last: bool) -> List[int]:
+    """Blocks of each of ``rank``'s workers, from metadata only."""
     per_worker = [
         sum(u.num_samples for u in units)
         for units in _rank_units(data, split, rank, world_size, max(num_workers, 1))
     ]
-    return sum(n // batch_size if drop_last else math.ceil(n / batch_size) for n in per_worker)
+    return [n // batch_size if drop_last else math.ceil(n / batch_size) for n in per_worker]
+
+
+def worker_skips(counts: Sequence[int], skip: int) -> List[int]:
+    """How many of each worker's blocks are among the first ``skip`` that a DataLoader yields.
+
+    The DataLoader takes its workers' outputs in turn and passes over exhausted workers, so round r
+    holds block r of every worker that has more than r blocks.
+    """
+    taken = [0] * len(counts)
+    left, round_ = skip, 0
+    while left > 0:
+        active = [w for w, count in enumerate(counts) if count > round_][:left]
+        if not active:
+            break
+        for w in active:
+            taken[w] += 1
+        left -= len(active)
+        round_ += 1
+    return taken
 
 
 @dataclass
@@ -260,13 +292,30 @@ def _column(table: pa.Table, name: str, dtype: type) -> np.ndarray:
     return table.column(name).to_numpy().astype(dtype)
 
 
-def _read_chunk(shard: Shard, chunk: int, with_prob: bool) -> _Chunk:
-    """Read row group ``chunk`` of the shard's two files into numpy (prepared order)."""
-    samples = pq.ParquetFile(shard.samples_file).read_row_group(chunk, use_threads=False)
-    users = pq.ParquetFile(shard.users_file).read_row_group(chunk, use_threads=False)
+def _sample_kinds(with_prob: bool) -> Dict[str, ColumnKind]:
+    kinds = {LABEL: INTEGER, USER_KEY: INTEGER, USER_INDEX: INTEGER, **{t.name: INTEGER for t in TARGET_TABLES}}
+    return {**kinds, PROB: FLOAT} if with_prob else kinds
+
+
+_USER_KINDS: Dict[str, ColumnKind] = {
+    **{t.name: INTEGER for t in USER_TABLES}, HIST_ITEMS: INTEGER_LIST, HIST_CATES: INTEGER_LIST
+}
+
+
+def _read_chunk(shard: Shard, chunk: int, with_prob: bool, vocab_sizes: Mapping[str, int], max_history: int) -> _Chunk:
+    """Read row group ``chunk`` of the shard's two files into numpy (prepared order), checked."""
+    samples = read_row_group(shard.samples_file, chunk)
+    users = read_row_group(shard.users_file, chunk)
+    check_columns(shard.samples_file, samples, _sample_kinds(with_prob))
+    check_columns(shard.users_file, users, _USER_KINDS)
     offsets, items = list_parts(users.column(HIST_ITEMS).combine_chunks())
+    cate_offsets, cates = list_parts(users.column(HIST_CATES).combine_chunks())
     first_user = sum(shard.chunk_users[:chunk])
-    return _Chunk(
+    user_check = ChunkChecker(shard.users_file, first_user)
+    num_items, num_cates = np.diff(offsets), np.diff(cate_offsets)
+    user_check.where(HIST_CATES, num_cates != num_items,
+                     lambda r: f"{num_cates[r]} categories for {num_items[r]} behaviors ({HIST_ITEMS})")
+    result = _Chunk(
         labels=_column(samples, LABEL, np.float32),
         user_key=_column(samples, USER_KEY, np.int64),
         sample_user=_column(samples, USER_INDEX, np.int64) - first_user,
@@ -275,8 +324,33 @@ def _read_chunk(shard: Shard, chunk: int, with_prob: bool) -> _Chunk:
         user_features={t.name: _column(users, t.name, np.int64) for t in USER_TABLES},
         hist_offsets=offsets,
         hist_items=items.astype(np.int64),
-        hist_cates=list_parts(users.column(HIST_CATES).combine_chunks())[1].astype(np.int64),
+        hist_cates=cates.astype(np.int64),
     )
+    _check_values(result, ChunkChecker(shard.samples_file, sum(shard.chunk_samples[:chunk])), user_check,
+                  vocab_sizes, max_history)
+    return result
+
+
+def _check_values(chunk: _Chunk, samples: ChunkChecker, users: ChunkChecker,
+                  vocab_sizes: Mapping[str, int], max_history: int) -> None:
+    """Labels 0/1, probabilities in [0, 1] (NaN fails), users of the chunk in ascending order (the
+    shuffle relies on it), ids inside their tables, histories at most ``max_history`` long."""
+    samples.where(LABEL, (chunk.labels != 0) & (chunk.labels != 1), lambda r: f"label {chunk.labels[r]}, expected 0 or 1")
+    if chunk.prob is not None:
+        prob = chunk.prob
+        samples.where(PROB, ~((prob >= 0) & (prob <= 1)), lambda r: f"probability {prob[r]} outside [0, 1]")
+    su, num_users = chunk.sample_user, chunk.hist_offsets.shape[0] - 1
+    samples.where(USER_INDEX, (su < 0) | (su >= num_users),
+                  lambda r: f"user {su[r] + users.first_row} is not among the {num_users} users of this row group")
+    samples.where(USER_INDEX, np.concatenate([[False], su[1:] < su[:-1]]),
+                  lambda r: "samples are not grouped by ascending user")
+    for name, ids in chunk.target.items():
+        samples.ids(name, ids, vocab_sizes[name])
+    for name, ids in chunk.user_features.items():
+        users.ids(name, ids, vocab_sizes[name])
+    row_of = users.lists(HIST_ITEMS, chunk.hist_offsets, max_history)
+    users.ids(HIST_ITEMS, chunk.hist_items, vocab_sizes[F.ITEM.name], row_of)
+    users.ids(HIST_CATES, chunk.hist_cates, vocab_sizes[F.CATE.name], row_of)
 
 
 def _shuffle_users(chunk: _Chunk, rng: np.random.Generator) -> _Chunk:
@@ -312,12 +386,13 @@ def concat_blocks(blocks: Sequence[SampleBlock]) -> SampleBlock:
     )
 
 
-def _rebatch(chunks: Iterable[_Chunk], batch_size: int, drop_last: bool) -> Iterator[SampleBlock]:
-    """Cut a stream of chunks into blocks of ``batch_size`` samples (a block may span chunks)."""
+def _rebatch(chunks: Iterable[_Chunk], batch_size: int, drop_last: bool, start: int = 0) -> Iterator[SampleBlock]:
+    """Cut a stream of chunks into blocks of ``batch_size`` samples (a block may span chunks),
+    beginning at sample ``start`` of the first chunk."""
     pieces: List[SampleBlock] = []
     filled = 0
     for chunk in chunks:
-        pos = 0
+        pos, start = start, 0
         while pos < chunk.num_samples:
             take = min(batch_size - filled, chunk.num_samples - pos)
             pieces.append(chunk.block(pos, pos + take))
@@ -342,25 +417,36 @@ def iter_blocks(
     seed: int = 0,
     shuffle: bool = False,
     drop_last: bool = False,
+    skip: int = 0,
 ) -> Iterator[SampleBlock]:
-    """Blocks of ``batch_size`` samples of consumer (rank, worker_id); see the module docstring."""
+    """Blocks of ``batch_size`` samples of consumer (rank, worker_id); see the module docstring.
+
+    ``skip``: leave out the first ``skip`` blocks (a resumed run's position); units wholly before
+    the first kept block are not read.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     _check_consumer(rank, world_size, worker_id, num_workers)
     units = _rank_units(data, split, rank, world_size, num_workers)[worker_id]
     if shuffle:
         units = [units[i] for i in np.random.default_rng([seed, rank, worker_id]).permutation(len(units))]
+    # Every block but the last is full, so the first ``skip`` blocks are the first samples.
+    start = skip * batch_size
+    while units and start >= units[0].num_samples:
+        start -= units[0].num_samples
+        units = units[1:]
     shards = data.shards(split)
     with_prob = data.has_truth(split)
+    vocab_sizes, max_history = data.meta["vocab_sizes"], int(data.meta["max_history"])
 
     def chunks() -> Iterator[_Chunk]:
         for unit in units:
-            chunk = _read_chunk(shards[unit.shard], unit.chunk, with_prob)
+            chunk = _read_chunk(shards[unit.shard], unit.chunk, with_prob, vocab_sizes, max_history)
             if shuffle:
                 chunk = _shuffle_users(chunk, np.random.default_rng([seed, unit.shard, unit.chunk]))
             yield chunk
 
-    return _rebatch(chunks(), batch_size, drop_last)
+    return _rebatch(chunks(), batch_size, drop_last, start)
 
 
 class BlockDataset(IterableDataset):
@@ -379,6 +465,7 @@ class BlockDataset(IterableDataset):
         seed: int,
         shuffle: bool,
         drop_last: bool,
+        skips: Sequence[int],
     ) -> None:
         super().__init__()
         self.data = data
@@ -391,20 +478,24 @@ class BlockDataset(IterableDataset):
         self.seed = seed
         self.shuffle = shuffle
         self.drop_last = drop_last
+        # Blocks each worker leaves out (``make_loader``'s ``skip``), one entry per worker.
+        self.skips = tuple(skips)
 
     def __iter__(self) -> Iterator[T]:
         info = get_worker_info()
+        worker_id = 0 if info is None else info.id
         blocks = iter_blocks(
             self.data,
             self.split,
             self.batch_size,
             rank=self.rank,
             world_size=self.world_size,
-            worker_id=0 if info is None else info.id,
+            worker_id=worker_id,
             num_workers=self.num_workers,
             seed=self.seed,
             shuffle=self.shuffle,
             drop_last=self.drop_last,
+            skip=self.skips[worker_id],
         )
         return map(self.transform, blocks)
 
@@ -427,13 +518,16 @@ def make_loader(
     shuffle: bool = False,
     drop_last: bool = False,
     pin_memory: bool = False,
+    skip: int = 0,
 ) -> Iterable[T]:
     """A DataLoader yielding ``transform(block)`` for rank ``rank``'s blocks.
 
     The transform runs in the worker processes (in-process when ``num_workers=0``, which reads the
     rank's units as one consumer, like ``count_batches(num_workers=0)``). The DataLoader takes the
-    workers' outputs in turn, so the order is deterministic for a seed.
+    workers' outputs in turn, so the order is deterministic for a seed. ``skip``: start after the
+    first ``skip`` outputs (a resumed run's position) without reading or transforming them.
     """
+    counts = _worker_blocks(data, split, batch_size, rank, world_size, num_workers, drop_last)
     dataset = BlockDataset(
         data,
         split,
@@ -445,7 +539,11 @@ def make_loader(
         seed=seed,
         shuffle=shuffle,
         drop_last=drop_last,
+        skips=worker_skips(counts, skip),
     )
+    # Its own generator: each iterator draws a seed for its workers, which must not move the global
+    # RNG (a resumed run creates its iterators at other points of the RNG stream).
     return DataLoader(
-        dataset, batch_size=None, num_workers=num_workers, collate_fn=_unchanged, pin_memory=pin_memory
+        dataset, batch_size=None, num_workers=num_workers, collate_fn=_unchanged, pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(seed),
     )

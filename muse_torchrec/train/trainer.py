@@ -4,18 +4,24 @@ Invariants:
 - every rank runs the same number of training steps (the minimum over ranks of their batch counts,
   known from metadata before the first step), otherwise collectives would hang;
 - evaluation scores every test sample exactly once for any world size: ranks with fewer batches
-  run padding batches (weight 0) so that every rank makes the same number of forward passes.
+  run padding batches (weight 0) so that every rank makes the same number of forward passes;
+- a run resumes from the latest checkpoint of its run_dir (``train.resume``) and then ends with the
+  same parameters and metrics as an uninterrupted run (bit-identical on CPU with the same world
+  size): checkpoints hold the data position, and epoch e's order depends only on (seed, e).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import itertools
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, Optional
+from typing import Callable, Dict, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -25,9 +31,21 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from muse_torchrec.config import ExperimentConfig, save_config
 from muse_torchrec.data.batch import Batch, BatchBuilder, sequence_features
 from muse_torchrec.data.block import SampleBlock
+from muse_torchrec.data.integrity import check_prepared_config
 from muse_torchrec.data.loader import PreparedData, count_batches, make_loader
 from muse_torchrec.metrics import EvalAccumulator, EvalMetrics
 from muse_torchrec.model.methods import build_model, get_method
+from muse_torchrec.train.checkpoint import (
+    CheckpointInfo,
+    TrainProgress,
+    check_checkpoint_settings,
+    check_model_config,
+    check_vocab_sizes,
+    checkpoints_dir,
+    load_checkpoint,
+    resume_point,
+    save_checkpoint,
+)
 from muse_torchrec.train.distributed import DistContext, all_reduce_int
 from muse_torchrec.train.sharded import ShardedModel, shard_model
 
@@ -46,13 +64,23 @@ def make_builder(cfg: ExperimentConfig, data: PreparedData, pad_to: Optional[int
     )
 
 
+def open_prepared(cfg: ExperimentConfig) -> PreparedData:
+    """The prepared data of ``cfg``, checked to be prepared the way the config says."""
+    data = PreparedData(cfg.data.prepared_dir)
+    check_prepared_config(data.path, data.meta, cfg.data.max_history, cfg.data.vocab)
+    return data
+
+
+def vocab_sizes(data: PreparedData) -> Dict[str, int]:
+    return {name: data.vocab_size(name) for name in data.meta["vocab_sizes"]}
+
+
 def build_sharded(cfg: ExperimentConfig, data: PreparedData, ctx: DistContext) -> ShardedModel:
     """The method's model on ``meta``, planned and sharded over the process group."""
     torch.manual_seed(cfg.train.seed)
-    vocab = {name: data.vocab_size(name) for name in data.meta["vocab_sizes"]}
     model = build_model(
         cfg.model,
-        vocab,
+        vocab_sizes(data),
         sequence_features(get_method(cfg.model.method).gsu),
         recent=cfg.data.recent,
         max_history=cfg.data.max_history,
@@ -72,63 +100,116 @@ class TrainStats:
         return self.samples / self.seconds if self.seconds > 0 else 0.0
 
 
+class NonFiniteLossError(ValueError):
+    """The training loss became NaN or infinite; the checkpoints written before stay valid."""
+
+
 def _loader(cfg: ExperimentConfig, data: PreparedData, split: str, ctx: DistContext, builder: BatchBuilder,
-            batch_size: int, shuffle: bool, drop_last: bool) -> Iterable[Batch]:
+            batch_size: int, shuffle: bool, drop_last: bool, seed: int, skip: int = 0) -> Iterable[Batch]:
     return make_loader(
         data, split, batch_size, builder,
         rank=ctx.rank, world_size=ctx.world_size, num_workers=cfg.data.num_workers,
-        seed=cfg.data.seed, shuffle=shuffle, drop_last=drop_last,
+        seed=seed, shuffle=shuffle, drop_last=drop_last, skip=skip,
     )
 
 
-def train(cfg: ExperimentConfig, data: PreparedData, sharded: ShardedModel, ctx: DistContext,
-          log_file: Optional[Path] = None) -> TrainStats:
-    """One pass (``cfg.train.epochs`` passes) over the train split, same number of steps on every rank."""
+def steps_per_epoch(cfg: ExperimentConfig, data: PreparedData, ctx: DistContext) -> int:
+    """Training steps of one epoch: the same on every rank (the minimum of their full batches)."""
     batch_size = cfg.train.batch_size
     own = count_batches(data, "train", batch_size, rank=ctx.rank, world_size=ctx.world_size,
                         num_workers=max(cfg.data.num_workers, 1), drop_last=True)
-    steps_per_epoch = all_reduce_int(own, dist.ReduceOp.MIN, ctx.device)
+    steps = all_reduce_int(own, dist.ReduceOp.MIN, ctx.device)
     if cfg.train.limit_train_batches is not None:
-        steps_per_epoch = min(steps_per_epoch, cfg.train.limit_train_batches)
-    if steps_per_epoch == 0:
+        steps = min(steps, cfg.train.limit_train_batches)
+    if steps == 0:
         raise ValueError(
             f"no full training batch of {batch_size} samples on some rank: lower train.batch_size "
             f"or use fewer ranks ({ctx.world_size})"
         )
+    return steps
+
+
+# Called with the progress at a checkpoint step (collective: every rank calls it).
+Checkpointer = Callable[[TrainProgress], None]
+
+
+def train(cfg: ExperimentConfig, data: PreparedData, sharded: ShardedModel, ctx: DistContext,
+          progress: Optional[TrainProgress] = None, log_file: Optional[Path] = None,
+          checkpoint: Optional[Checkpointer] = None) -> TrainStats:
+    """Train ``cfg.train.epochs`` passes over the train split from ``progress`` (a resumed run's).
+
+    Same number of steps on every rank. Epoch e reads the data in the order of seed
+    ``data.seed + e``; a resumed epoch skips the batches already trained. ``checkpoint`` is called
+    every ``train.checkpoint_every`` steps and after the last step, with the pipeline drained: the
+    pipeline prefetches batches, and stopping it at the checkpoint step keeps the saved data
+    position equal to the trained one (TrainPipelineSparseDist computes the same as a plain loop,
+    so draining it changes no number).
+    """
+    progress = progress or TrainProgress()
+    per_epoch = steps_per_epoch(cfg, data, ctx)
+    total = per_epoch * cfg.train.epochs
+    every = cfg.train.checkpoint_every if checkpoint is not None else None
     builder = make_builder(cfg, data)
     pipeline = TrainPipelineSparseDist(sharded.model, sharded.optimizer, ctx.device, execute_all_batches=True)
     sharded.model.train()
-    steps, samples, loss_sum, loss_n = 0, 0, 0.0, 0
-    last_loss = float("nan")
-    start = time.perf_counter()
-    for epoch in range(cfg.train.epochs):
-        batches = itertools.islice(
-            iter(_loader(cfg, data, "train", ctx, builder, batch_size, shuffle=True, drop_last=True)),
-            steps_per_epoch,
-        )
-        while True:
-            try:
-                loss, _, _ = pipeline.progress(batches)
-            except StopIteration:
-                break
-            steps += 1
-            samples += batch_size * ctx.world_size
-            last_loss = float(loss.detach())
-            loss_sum, loss_n = loss_sum + last_loss, loss_n + 1
-            if steps % cfg.train.log_every == 0 or steps == steps_per_epoch * cfg.train.epochs:
-                elapsed = time.perf_counter() - start
-                record = {"epoch": epoch, "step": steps, "loss": loss_sum / loss_n,
-                          "samples_per_s": samples / elapsed}
-                if ctx.is_main:
-                    log.info("step %d/%d  loss %.4f  %.0f samples/s", steps,
-                             steps_per_epoch * cfg.train.epochs, record["loss"], record["samples_per_s"])
-                    if log_file is not None:
-                        with log_file.open("a") as f:
-                            f.write(json.dumps(record) + "\n")
-                loss_sum, loss_n = 0.0, 0
+    saved_step = progress.step
+    start = time.perf_counter() - progress.seconds
+    batches: Optional[Iterator[Batch]] = None
+    while progress.epoch < cfg.train.epochs:
+        if batches is None:
+            batches = iter(_loader(cfg, data, "train", ctx, builder, cfg.train.batch_size, shuffle=True,
+                                   drop_last=True, seed=cfg.data.seed + progress.epoch, skip=progress.epoch_step))
+        # (A checkpoint of another world size may stand past this run's epoch end.)
+        segment = max(per_epoch - progress.epoch_step, 0)
+        if every is not None:
+            segment = min(segment, every - progress.step % every)
+        for loss in _losses(pipeline, itertools.islice(batches, segment), progress):
+            progress.record(loss, cfg.train.batch_size * ctx.world_size)
+            progress.seconds = time.perf_counter() - start
+            if progress.step % cfg.train.log_every == 0 or progress.step == total:
+                _log_window(progress, total, ctx, log_file)
+        if progress.epoch_step >= per_epoch:
+            progress.next_epoch()
+            batches = None
+        if every is not None and progress.step % every == 0 and progress.step != saved_step:
+            checkpoint(progress)
+            saved_step = progress.step
+    if checkpoint is not None and progress.step != saved_step:
+        checkpoint(progress)
     # The pipeline rewrote the sharded modules' forwards; give evaluation the plain model back.
     pipeline.detach()
-    return TrainStats(steps=steps, samples=samples, seconds=time.perf_counter() - start, final_loss=last_loss)
+    return TrainStats(steps=progress.step, samples=progress.samples, seconds=progress.seconds,
+                      final_loss=progress.last_loss)
+
+
+def _losses(pipeline: TrainPipelineSparseDist, batches: Iterator[Batch], progress: TrainProgress) -> Iterator[float]:
+    """The loss of each step until ``batches`` is exhausted and the pipeline drained; stops the run on
+    a non-finite loss, before any checkpoint could save its parameters."""
+    while True:
+        try:
+            loss, _, _ = pipeline.progress(batches)
+        except StopIteration:
+            return
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise NonFiniteLossError(
+                f"step {progress.step + 1} (epoch {progress.epoch}): the training loss is {value}; "
+                "lower train.sparse_lr / train.dense_lr or check the inputs (the run stops here; "
+                "its checkpoints hold only earlier steps)"
+            )
+        yield value
+
+
+def _log_window(progress: TrainProgress, total: int, ctx: DistContext, log_file: Optional[Path]) -> None:
+    """Log the mean loss since the last log line (rank 0: console and train_log.jsonl)."""
+    record = {"epoch": progress.epoch, "step": progress.step, "loss": progress.window_loss / progress.window_steps,
+              "samples_per_s": progress.samples / max(progress.seconds, 1e-9)}
+    if ctx.is_main:
+        log.info("step %d/%d  loss %.4f  %.0f samples/s", progress.step, total, record["loss"], record["samples_per_s"])
+        if log_file is not None:
+            with log_file.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+    progress.window_loss, progress.window_steps = 0.0, 0
 
 
 def _padded_stream(batches: Iterator[Batch], total: int, filler: Batch) -> Iterator[Batch]:
@@ -152,7 +233,8 @@ def evaluate(cfg: ExperimentConfig, data: PreparedData, sharded: ShardedModel, c
     filler = builder(empty_block())
     sharded.model.eval()
     acc = EvalAccumulator()
-    batches = iter(_loader(cfg, data, split, ctx, builder, batch_size, shuffle=False, drop_last=False))
+    batches = iter(_loader(cfg, data, split, ctx, builder, batch_size, shuffle=False, drop_last=False,
+                           seed=cfg.data.seed))
     for batch in _padded_stream(batches, total, filler):
         batch = batch.to(ctx.device)
         _, (_, logits, labels) = sharded.model(batch)
@@ -177,18 +259,64 @@ def empty_block() -> SampleBlock:
     )
 
 
+def resumed_progress(info: CheckpointInfo, world_size: int) -> TrainProgress:
+    """The checkpoint's progress for a run of ``world_size`` ranks.
+
+    With another world size each rank reads other samples, so the epoch continues after as many
+    samples as were consumed (the model and optimizer state still load exactly, re-sharded).
+    """
+    progress = dataclasses.replace(info.progress)
+    if info.world_size != world_size:
+        progress.epoch_step = progress.epoch_step * info.world_size // world_size
+        log.warning("resuming a %d-rank checkpoint on %d ranks: the rest of epoch %d reads the data in another "
+                    "order than an uninterrupted run", info.world_size, world_size, progress.epoch)
+    return progress
+
+
+def _open_run_dir(run_dir: Path, cfg: ExperimentConfig, resumed_step: int) -> Path:
+    """Create run_dir, save the config, and cut the loss log back to the resumed step (rank 0)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    log_file = run_dir / "train_log.jsonl"
+    if log_file.exists():
+        kept = [line for line in log_file.read_text().splitlines() if _logged_step(line) <= resumed_step]
+        log_file.write_text("".join(line + "\n" for line in kept))
+    return log_file
+
+
+def _logged_step(line: str) -> float:
+    """The step of a train_log.jsonl line; infinite for a line cut short by a crash (dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError):
+        return math.inf
+
+
 def run(cfg: ExperimentConfig, ctx: DistContext) -> Dict[str, float]:
-    """Train, evaluate, write ``<run_dir>/metrics.json`` (rank 0); returns the metrics."""
+    """Train (resuming from run_dir's latest checkpoint), evaluate, write ``<run_dir>/metrics.json``.
+
+    Everything that can be checked before training (config, prepared data, a checkpoint to resume,
+    the sharding plan) is checked before run_dir is touched. Returns the metrics.
+    """
+    check_checkpoint_settings(cfg)
     run_dir = Path(cfg.train.run_dir)
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        (run_dir / "train_log.jsonl").unlink(missing_ok=True)
-    data = PreparedData(cfg.data.prepared_dir)
+    data = open_prepared(cfg)
+    resume = resume_point(cfg, vocab_sizes(data), ctx)
     sharded = build_sharded(cfg, data, ctx)
     if ctx.is_main:
         log.info("sharding plan (%d ranks):\n%s", ctx.world_size, sharded.plan.format())
-    stats = train(cfg, data, sharded, ctx, run_dir / "train_log.jsonl" if ctx.is_main else None)
+    progress = TrainProgress()
+    if resume is not None:
+        load_checkpoint(resume, sharded, ctx, with_optimizer=True)
+        progress = resumed_progress(resume, ctx.world_size)
+        if ctx.is_main:
+            log.info("resumed from %s (step %d, epoch %d)", resume.path, progress.step, progress.epoch)
+    log_file = _open_run_dir(run_dir, cfg, progress.step) if ctx.is_main else None
+    saver = None
+    if cfg.train.keep_checkpoints > 0:
+        saver = functools.partial(save_checkpoint, checkpoints_dir(run_dir), sharded, cfg=cfg,
+                                  vocab_sizes=vocab_sizes(data), ctx=ctx, keep=cfg.train.keep_checkpoints)
+    stats = train(cfg, data, sharded, ctx, progress, log_file, saver)
     metrics = evaluate(cfg, data, sharded, ctx).to_dict()
     metrics.update(
         train_samples_per_s=stats.samples_per_s,
@@ -200,4 +328,17 @@ def run(cfg: ExperimentConfig, ctx: DistContext) -> Dict[str, float]:
     )
     if ctx.is_main:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def evaluate_checkpoint(info: CheckpointInfo, cfg: ExperimentConfig, ctx: DistContext) -> Dict[str, object]:
+    """Evaluate a checkpoint's model on ``cfg``'s test split, on any world size; writes nothing."""
+    check_model_config(info, cfg)
+    data = open_prepared(cfg)
+    check_vocab_sizes(info, vocab_sizes(data), f"data.prepared_dir {cfg.data.prepared_dir}")
+    sharded = build_sharded(cfg, data, ctx)
+    load_checkpoint(info, sharded, ctx, with_optimizer=False)
+    metrics: Dict[str, object] = dict(evaluate(cfg, data, sharded, ctx).to_dict())
+    metrics.update(checkpoint=str(info.path), train_steps=info.step, world_size=ctx.world_size,
+                   method=cfg.model.method)
     return metrics
