@@ -1,4 +1,4 @@
-"""``muse-torchrec``: synth | prepare | train | eval | plan | demo.
+"""``muse-torchrec``: synth | prepare | train | eval | export | plan | demo.
 
 Every subcommand exits non-zero with a one-line message on a bad config, bad data or bad arguments.
 """
@@ -13,9 +13,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from muse_torchrec.config import ConfigError, ExperimentConfig, SynthConfig, load_config
+
+if TYPE_CHECKING:  # the training stack (torch, torchrec) is imported only by the commands that use it
+    from muse_torchrec.train.checkpoint import CheckpointInfo
 
 log = logging.getLogger("muse_torchrec")
 
@@ -100,6 +103,44 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(format_metrics(metrics))
     finally:
         shutdown()
+    return 0
+
+
+def _checkpoint_config(args: argparse.Namespace) -> Tuple[CheckpointInfo, ExperimentConfig]:
+    """(checkpoint info, config): ``--config`` or else the checkpoint's own, with ``--set`` overrides."""
+    from muse_torchrec.train.checkpoint import CONFIG_FILE, read_info, resolve_checkpoint
+
+    info = read_info(resolve_checkpoint(args.checkpoint))
+    return info, load_config(args.config or info.path / CONFIG_FILE, args.set or ())
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate a checkpoint on the test split, on any number of ranks; writes only ``--out``."""
+    from muse_torchrec.train.distributed import init_distributed, shutdown
+    from muse_torchrec.train.trainer import evaluate_checkpoint
+
+    info, cfg = _checkpoint_config(args)
+    ctx = init_distributed(args.device)
+    try:
+        metrics = evaluate_checkpoint(info, cfg, ctx)
+        if ctx.is_main:
+            print(f"checkpoint {info.path} (step {info.step})\n{format_metrics(metrics)}")
+            if args.out:
+                Path(args.out).write_text(json.dumps(metrics, indent=2))
+    finally:
+        shutdown()
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a checkpoint's weights for serving (format: muse_torchrec/train/export.py)."""
+    from muse_torchrec.train.checkpoint import check_model_config
+    from muse_torchrec.train.export import export_checkpoint
+
+    info, cfg = _checkpoint_config(args)
+    check_model_config(info, cfg)
+    out = export_checkpoint(info, cfg, Path(args.out))
+    print(f"exported {info.path} (step {info.step}) to {out}")
     return 0
 
 
@@ -195,6 +236,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Train and evaluate each method over seeds on the same prepared data; write the study's report."""
+    from muse_torchrec.compare import CompareOptions, run_compare
+
+    ensure_prepared(_config(args))
+    study = "table3" if args.table3 else "table2" if args.table2 else "paper"
+    opts = CompareOptions(
+        config=Path(args.config).resolve(), overrides=tuple(args.set or ()), study=study,
+        methods=tuple(args.methods) if args.methods else None, seeds=args.seeds, out=Path(args.out).resolve(),
+        nproc=args.nproc, device=args.device, jobs=args.jobs, force=args.force,
+    )
+    run_compare(opts, command=" ".join(["muse-torchrec", *sys.argv[1:]]))
+    print((opts.out / ("compare.md" if study == "paper" else f"compare_{study}.md")).read_text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="muse-torchrec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -221,6 +278,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
         p.set_defaults(func=func)
 
+    p = sub.add_parser("eval", help="evaluate a checkpoint on the test split (any number of ranks)")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint dir, or a run dir (its latest checkpoint)")
+    p.add_argument("--config", default=None, help="default: the checkpoint's config.yaml")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--out", default=None, help="also write the metrics as JSON here")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="write a checkpoint's weights for serving (dense.pt + one .npy per table)")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint dir, or a run dir (its latest checkpoint)")
+    p.add_argument("--out", required=True, help="the export directory (must not exist)")
+    p.add_argument("--config", default=None, help="default: the checkpoint's config.yaml")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. data.prepared_dir")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("plan", help="print the sharding plan and per-rank memory (no GPU needed)")
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
@@ -231,6 +303,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="device type of the target cluster")
     p.add_argument("--json", default=None, help="also write the plan as JSON here")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("compare", help="train and evaluate several methods over seeds; write compare.md/.json/.png")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG))
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value in every run")
+    p.add_argument("--methods", nargs="+", default=None, help="methods to run (default: the study's)")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds, from train.seed on")
+    study = p.add_mutually_exclusive_group()
+    study.add_argument("--table3", action="store_true", help="the ESU ablations (paper Table 3)")
+    study.add_argument("--table2", action="store_true", help="the GSU variants (paper Table 2)")
+    p.add_argument("--out", default="out/compare", help="reports here, runs under <out>/runs (reused when unchanged)")
+    p.add_argument("--nproc", type=int, default=1, help="ranks per run (torchrun when > 1)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (more skews the measured samples/s)")
+    p.add_argument("--force", action="store_true", help="rerun runs that are already done")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("demo", help="the embedded default end to end on CPU")
     p.add_argument("--out", default="out/demo")
@@ -244,7 +331,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"muse-torchrec {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -20,7 +20,9 @@ from muse_torchrec import features as F
 from muse_torchrec.data.block import SampleBlock
 from muse_torchrec.model import gsu as gsu_ops
 
-GSU_KINDS = ("scl_cosine", "category", "recent_only", "whole_history")
+GSU_KINDS = ("scl_cosine", "category", "recent_only", "whole_history", "whole_history_scl", "whole_history_scl_vectors")
+# Kinds whose batches carry the whole history (``item_hist``/``cate_hist``): the model selects the top-K.
+WHOLE_HISTORY_KINDS = ("whole_history", "whole_history_scl", "whole_history_scl_vectors")
 
 
 @dataclass
@@ -38,6 +40,12 @@ class Batch(Pipelineable):
         weights: [B] float32, 1 for real samples, 0 for padding rows (eval pads the last batch).
         user_key: [B] int64 raw user id (exact GAUC grouping).
         true_prob: [B] float32 true click probability (synthetic data), -1 where unknown.
+        hist_scores: [B, L] float32 SCL cosine of every history behavior with the target, aligned with
+            ``item_hist``; 0.0 beyond the history and where either vector is missing (GSU kind
+            "whole_history_scl"; [B, 0] for the other kinds).
+        hist_scl: [U, L, 128] int8 SCL vectors of each user's history, aligned with ``item_hist``
+            (zero = missing or padding), target_scl: [B, 128] int8, sample_user: [B] int64 index of each
+            sample's user (GSU kind "whole_history_scl_vectors"; empty for the other kinds).
     """
 
     sequence: KeyedJaggedTensor
@@ -48,6 +56,10 @@ class Batch(Pipelineable):
     weights: torch.Tensor
     user_key: torch.Tensor
     true_prob: torch.Tensor
+    hist_scores: torch.Tensor
+    hist_scl: torch.Tensor
+    target_scl: torch.Tensor
+    sample_user: torch.Tensor
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
         return Batch(
@@ -112,7 +124,7 @@ def sequence_features(gsu: str) -> List[str]:
     names = ["item_target", "cate_target", "item_recent", "cate_recent"]
     if gsu in ("scl_cosine", "category"):
         names += ["item_topk", "cate_topk"]
-    if gsu == "whole_history":
+    if gsu in WHOLE_HISTORY_KINDS:
         names += list(F.HISTORY_FEATURES)
     return names
 
@@ -125,7 +137,9 @@ class BatchBuilder:
         item_scl_row: [V_item] int32 item row -> SCL row (0 = no vector), may be a memmap.
         gsu: one of ``GSU_KINDS``: "scl_cosine" (MUSE), "category" (SIM-hard), "recent_only" (DIN:
             no top-K), "whole_history" (GSUs with trainable parameters: the model selects from the
-            whole history, so the builder emits it as ``item_hist``/``cate_hist``).
+            whole history, so the builder emits it as ``item_hist``/``cate_hist``), plus the SCL
+            cosine of every behavior ("whole_history_scl") or the SCL vectors themselves
+            ("whole_history_scl_vectors"), see :class:`Batch`.
         k: top-K size; recent: number of recent behaviors; max_history: L.
         pad_to: pad every batch to this many samples with weight-0 rows (eval), or None.
     """
@@ -192,9 +206,10 @@ class BatchBuilder:
                 topk_scores = torch.einsum("bkd,bd->bk", selected_unit, target_unit) * mask
             seq["item_topk"] = _jagged(selected_items, lengths)
             seq["cate_topk"] = _jagged(gsu_ops.gather_selected(torch.from_numpy(cates), su_t, topk).numpy(), lengths)
-        if self.gsu == "whole_history":
+        if self.gsu in WHOLE_HISTORY_KINDS:
             seq["item_hist"] = _jagged(items[su], hist_len[su])
             seq["cate_hist"] = _jagged(cates[su], hist_len[su])
+        history_scl = self._history_scl(items, su_t, target_scl, target_unit)
 
         pooled = {name: _single(block.user_features[name][su]) for name in F.USER_FEATURES}
         pooled.update({name: _single(block.target[name]) for name in F.TARGET_SIDE_FEATURES})
@@ -208,7 +223,27 @@ class BatchBuilder:
             weights=torch.from_numpy(weights),
             user_key=torch.from_numpy(block.user_key.astype(np.int64)),
             true_prob=torch.from_numpy(np.asarray(true_prob, dtype=np.float32)),
+            **history_scl,
         )
+
+    def _history_scl(
+        self, hist_items: np.ndarray, sample_user: torch.Tensor, target_scl: torch.Tensor, target_unit: torch.Tensor
+    ) -> Dict[str, torch.Tensor]:
+        """The SCL fields of :class:`Batch` for this GSU kind (empty placeholders for the others)."""
+        batch_size = target_scl.shape[0]
+        out = {
+            "hist_scores": torch.zeros(batch_size, 0),
+            "hist_scl": torch.zeros(0, hist_items.shape[1], F.SCL_DIM, dtype=torch.int8),
+            "target_scl": torch.zeros(0, F.SCL_DIM, dtype=torch.int8),
+            "sample_user": torch.zeros(0, dtype=torch.int64),
+        }
+        if self.gsu == "whole_history_scl":
+            # Padding positions hold item 0, whose SCL vector is zero: their cosine is 0.0.
+            history_unit = gsu_ops.normalize_scl(self._scl(hist_items))
+            out["hist_scores"] = gsu_ops.grouped_cosine(history_unit, target_unit, sample_user).float().contiguous()
+        if self.gsu == "whole_history_scl_vectors":
+            out.update(hist_scl=self._scl(hist_items), target_scl=target_scl, sample_user=sample_user)
+        return out
 
     def _select(
         self,

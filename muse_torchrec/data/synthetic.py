@@ -17,10 +17,16 @@ The world behind the files:
   (old ones included), or random popular items.
 - **Clicks.** ``p = sigmoid(b + a * log(1 + s) + item bias + user bias)`` where ``s`` softly counts,
   among the 50 behaviors *anywhere in the history* most similar to the target, those whose latent
-  cosine to it is high. Neither exact id repeats, nor category matches, nor the last 50 behaviors
-  carry that signal fully; retrieving the 50 behaviors closest to the target from the whole history
-  (MUSE's GSU on SCL vectors) sees all of it. ``b`` is calibrated so that the CTR is that of
-  Taobao-MM; labels are Bernoulli(p).
+  cosine to it is high, each weighted by its item's quality. Neither exact id repeats, nor category
+  matches, nor the last 50 behaviors carry that signal fully; retrieving the 50 behaviors closest to
+  the target from the whole history (MUSE's GSU on SCL vectors) sees all of it. ``b`` is calibrated
+  so that the CTR is that of Taobao-MM; labels are Bernoulli(p).
+- **Item quality** (0 for half of the items, 2 for the others): a behavior on a low-quality item
+  says nothing about the user's interest. It is an item property that an ID embedding can learn
+  from clicks but the SCL vector does not show, so using it means reading the ID embeddings of the
+  behaviors that are semantically close to the target, which SA-TA does and which neither a
+  histogram of similarities (SimTier) nor ID-only attention can (the paper's case for fusing the
+  two in the ESU). Without it, SimTier alone would see the whole signal.
 
 Besides the raw tables, ``<split>_truth.parquet`` (one ``prob: float32`` column, row-aligned with
 ``<split>_samples.parquet``) holds the true click probabilities, and ``synth_stats.json`` the
@@ -104,6 +110,7 @@ NEAR_TARGETS = 0.7  # candidates drawn near one of the user's interests (rest: p
 # --- Click model. ---
 SIM_THRESHOLD, SIM_SOFTNESS = 0.85, 0.04  # a behavior counts when its cosine to the target > ~0.85
 SIGNAL_WEIGHT = 1.0
+QUALITY_LEVELS = (0.0, 2.0)  # a behavior counts q times, q drawn uniformly from these (mean 1)
 BIAS_STD = 0.25  # item and user click biases
 TARGET_CTR = 0.137
 TOP_RELEVANT = 5  # for the statistic "most relevant behaviors older than the last 50"
@@ -117,7 +124,7 @@ SESSIONS_PER_RELEVANCE_BLOCK = 64  # bounds the [sessions, samples, behaviors] c
 
 # Independent random streams; a block-wise stream also takes the block index.
 _STREAM_IDS, _STREAM_CATALOG, _STREAM_POPULATION, _STREAM_USERS = 1, 2, 3, 4
-_STREAM_SCL, _STREAM_ITEM_SIDE, _STREAM_LABELS = 5, 6, 7
+_STREAM_SCL, _STREAM_ITEM_SIDE, _STREAM_LABELS, _STREAM_QUALITY = 5, 6, 7, 8
 
 
 def _rng(seed: int, stream: int, block: int = 0) -> np.random.Generator:
@@ -176,6 +183,7 @@ class _Catalog:
         latent: [N, d] float32 unit item vectors.
         cate: [N] int64 category of each item.
         bias: [N] float64 item click bias.
+        quality: [N] float64 weight of a behavior on the item in the click model.
         by_cate: [N] int64 item indices sorted by category.
         cum_pop: [N] float64 inclusive cumulative popularity along ``by_cate``.
         cate_bounds: [C + 1] int64 positions of each category's items in ``by_cate``.
@@ -189,6 +197,7 @@ class _Catalog:
     latent: np.ndarray
     cate: np.ndarray
     bias: np.ndarray
+    quality: np.ndarray
     by_cate: np.ndarray
     cum_pop: np.ndarray
     cate_bounds: np.ndarray
@@ -219,6 +228,8 @@ def _build_catalog(cfg: SynthConfig) -> _Catalog:
         latent=latent,
         cate=cate,
         bias=rng.normal(0.0, BIAS_STD, n),
+        # Its own stream: adding quality left every other draw of the generator unchanged.
+        quality=np.asarray(QUALITY_LEVELS)[_rng(cfg.seed, _STREAM_QUALITY).integers(len(QUALITY_LEVELS), size=n)],
         by_cate=by_cate,
         cum_pop=np.cumsum(popularity[by_cate]),
         cate_bounds=_offsets(cate_sizes),
@@ -451,7 +462,8 @@ def _relevance_block(
     t_index, t_valid = _padded_index(target_starts, target_counts, targets.size - 1)  # [b, S]
     h_items, t_items = hist[h_index], targets[t_index]
     cosine = np.matmul(cat.latent[t_items], cat.latent[h_items].transpose(0, 2, 1))  # [b, S, L]
-    soft = _sigmoid((cosine - SIM_THRESHOLD) / SIM_SOFTNESS) * h_valid[:, None, :]
+    strength = _sigmoid((cosine - SIM_THRESHOLD) / SIM_SOFTNESS) * cat.quality[h_items][:, None, :]
+    soft = strength * h_valid[:, None, :]
     pos = np.arange(h_index.shape[1])
     old = pos[None, :] < (hist_lengths - RECENT)[:, None]  # [b, L] behaviors before the last 50
     matches = (cat.cate[h_items][:, None, :] == cat.cate[t_items][:, :, None]) & h_valid[:, None, :]
@@ -463,7 +475,7 @@ def _relevance_block(
     top_pos = np.argpartition(ranked, pos.size - top, axis=-1)[..., pos.size - top :]  # [b, S, top]
     # Padded positions are never old, so users with fewer than `top` behaviors are handled too.
     top_old = np.take_along_axis(np.broadcast_to(old[:, None, :], ranked.shape), top_pos, axis=-1)
-    # Strength of the 50 most similar behaviors: exactly what a top-50 cosine GSU can see.
+    # Strength of the 50 strongest (close, good-quality) behaviors: a top-50 cosine GSU sees them.
     nearest = min(RECENT, pos.size)
     semantic = np.partition(soft, pos.size - nearest, axis=-1)[..., pos.size - nearest :].sum(-1)
     measures = {

@@ -154,6 +154,16 @@ class SemanticAwareTargetAttention(nn.Module):
         self.mode = mode
         self.output_dim: int = self.id_attention.output_dim
 
+    def logits(self, target: Tensor, behaviors: Tensor, similarity: Tensor) -> Tensor:
+        """The fused alpha: target B x Dq, behaviors B x K x D, similarity B x K -> B x K (unmasked)."""
+        alpha_id = self.id_attention.logits(target, behaviors)
+        relevance = self.similarity_scale(similarity)
+        return (
+            self.gamma_id * alpha_id
+            + self.gamma_sim * relevance
+            + self.gamma_cross * (alpha_id * relevance)
+        )
+
     def forward(
         self, target: Tensor, behaviors: Tensor, similarity: Tensor, lengths: Tensor
     ) -> Tensor:
@@ -167,11 +177,5 @@ class SemanticAwareTargetAttention(nn.Module):
         Returns:
             B x output_dim (zeros for rows of length 0).
         """
-        alpha_id = self.id_attention.logits(target, behaviors)
-        relevance = self.similarity_scale(similarity)
-        alpha = (
-            self.gamma_id * alpha_id
-            + self.gamma_sim * relevance
-            + self.gamma_cross * (alpha_id * relevance)
-        )
+        alpha = self.logits(target, behaviors, similarity)
         return self.id_attention.pool(alpha, behaviors, lengths)

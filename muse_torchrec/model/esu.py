@@ -24,7 +24,8 @@ class SequenceInputs:
         target: [B, E] target item+category embedding (zeros for an unknown target).
         topk: [B, K, E] GSU-selected behaviors, best first; topk_lengths [B]; topk_scores [B, K] SCL cosines.
         recent: [B, R, E] most recent behaviors; recent_lengths [B]; recent_scores [B, R] SCL cosines.
-        history: [B, L, E] whole history (only for GSUs with trainable parameters), history_lengths [B].
+        history: [B, L, E] whole history (only for GSUs with trainable parameters, which fill the
+            top-K fields from it, see ``trainable_gsu``), history_lengths [B].
     """
 
     target: torch.Tensor
@@ -51,11 +52,14 @@ class RecentTargetAttention(nn.Module):
 
 
 class TopKTargetAttention(nn.Module):
-    """Plain ID target attention over the GSU's top-K (ablation "target attention")."""
+    """Plain ID target attention over the GSU's top-K (TWIN, MISS, ablation "target attention").
 
-    def __init__(self, dim: int) -> None:
+    The attention module is injected so that a GSU can score with the same parameters (TWIN).
+    """
+
+    def __init__(self, attention: TargetAttention) -> None:
         super().__init__()
-        self.attention = TargetAttention(dim, dim)
+        self.attention = attention
         self.output_dim = self.attention.output_dim
 
     def forward(self, x: SequenceInputs) -> torch.Tensor:
@@ -63,11 +67,14 @@ class TopKTargetAttention(nn.Module):
 
 
 class TopKSemanticAttention(nn.Module):
-    """SA-TA over the top-K: ID attention fused with the SCL similarities (MUSE_SPEC section 6)."""
+    """SA-TA over the top-K: ID attention fused with the SCL similarities (MUSE_SPEC section 6).
 
-    def __init__(self, dim: int, mode: str) -> None:
+    The attention module is injected so that a GSU can score with the same parameters.
+    """
+
+    def __init__(self, attention: SemanticAwareTargetAttention) -> None:
         super().__init__()
-        self.attention = SemanticAwareTargetAttention(dim, dim, mode=mode)
+        self.attention = attention
         self.output_dim = self.attention.output_dim
 
     def forward(self, x: SequenceInputs) -> torch.Tensor:

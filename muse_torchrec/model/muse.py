@@ -1,13 +1,14 @@
 """The MUSE model (MUSE_SPEC section 6) and its training wrapper, in the layout of torchrec's DLRM.
 
 - ``SparseArch``: the sharded embedding collections -> padded sequence tensors + pooled side features.
-- ``MuseModel``: ESU blocks (injected) + target and user features -> MLP (Dice) -> one click logit.
+- ``MuseModel``: optional model-side GSU (injected, ``trainable_gsu``) -> ESU blocks (injected) +
+  target and user features -> MLP (Dice) -> one click logit.
 - ``MuseTrain``: owns the binary cross-entropy loss; returns ``(loss, (loss, logits, labels))``.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as nnf
@@ -94,17 +95,28 @@ class SparseArch(nn.Module):
 
 
 class MuseModel(nn.Module):
-    """Sparse lookups -> interest blocks + target + side features -> MLP -> click logit.
+    """Sparse lookups -> [model-side GSU] -> interest blocks + target + side features -> MLP -> click logit.
 
     Args:
         sparse_arch: the embedding lookups.
         blocks: ESU / interest modules, each with ``output_dim`` and ``forward(SequenceInputs)``.
         mlp_hidden: widths of the Dice MLP (the paper: 256-128-64).
+        gsu: for GSUs with trainable parameters, ``forward(SequenceInputs, Batch) -> SequenceInputs``
+            that selects the top-K from ``SequenceInputs.history``; None when the batch builder
+            already selected it. It must hold no sharded module: the pipeline's fx tracer then keeps
+            it a leaf, so its data-dependent shapes are never traced.
     """
 
-    def __init__(self, sparse_arch: SparseArch, blocks: Sequence[nn.Module], mlp_hidden: Sequence[int]) -> None:
+    def __init__(
+        self,
+        sparse_arch: SparseArch,
+        blocks: Sequence[nn.Module],
+        mlp_hidden: Sequence[int],
+        gsu: Optional[nn.Module] = None,
+    ) -> None:
         super().__init__()
         self.sparse_arch = sparse_arch
+        self.gsu = gsu
         self.blocks = nn.ModuleList(blocks)
         tower_in = sparse_arch.item_dim + sparse_arch.pooled_dim + sum(b.output_dim for b in self.blocks)
         self.mlp = MLP(tower_in, list(mlp_hidden))
@@ -113,6 +125,8 @@ class MuseModel(nn.Module):
     def forward(self, batch: Batch) -> torch.Tensor:
         """Returns click logits [B]."""
         inputs, side = self.sparse_arch(batch)
+        if self.gsu is not None:
+            inputs = self.gsu(inputs, batch)
         parts: List[torch.Tensor] = [block(inputs) for block in self.blocks]
         tower = torch.cat(parts + [inputs.target, side], dim=1)
         return self.logit(self.mlp(tower)).squeeze(1)

@@ -1,0 +1,97 @@
+"""Every method trains on tiny data: finite losses, gradients where they belong, the SCL table untouched."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import test_sharded as sharded_parity
+from muse_torchrec.config import load_config
+from muse_torchrec.data.batch import GSU_KINDS, WHOLE_HISTORY_KINDS, BatchBuilder, sequence_features
+from muse_torchrec.features import SCL_DIM
+from muse_torchrec.model import esu
+from muse_torchrec.model.methods import METHODS, build_model, get_method
+from muse_torchrec.model.trainable_gsu import HistoryGSU
+from random_data import VOCAB, random_block, random_scl
+
+K, RECENT, MAX_HISTORY, STEPS = 6, 5, 40, 3
+SPARSE = (".sequence.embeddings.", ".pooled.embedding_bags.")
+
+
+def model_of(method: str):
+    cfg = load_config(None, [f"model.method={method}", f"model.k={K}", "model.mlp=[32, 16]"])
+    torch.manual_seed(0)
+    return build_model(cfg.model, VOCAB, sequence_features(get_method(method).gsu), RECENT, MAX_HISTORY,
+                       device=torch.device("cpu"))
+
+
+def test_registry_is_consistent():
+    labels = [m.label for m in METHODS.values()]
+    assert len(set(labels)) == len(labels)
+    for name, method in METHODS.items():
+        assert method.gsu in GSU_KINDS, name
+        model = model_of(name).model
+        # A model-side GSU exactly when the builder hands over the whole history.
+        assert isinstance(model.gsu, HistoryGSU) == (method.gsu in WHOLE_HISTORY_KINDS), name
+    with pytest.raises(ValueError, match="unknown method"):
+        get_method("nope")
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_method_trains_with_gradients_where_they_belong(method: str):
+    rng = np.random.default_rng(0)
+    scl, item_scl_row = random_scl(rng)
+    scl_before = scl.copy()
+    builder = BatchBuilder(scl, item_scl_row, gsu=get_method(method).gsu, k=K, recent=RECENT, max_history=MAX_HISTORY)
+    batches = [builder(random_block(rng, num_users=8, max_len=60)) for _ in range(STEPS)]
+    model = model_of(method)
+    params = dict(model.named_parameters())
+    # The frozen SCL table is not in the model: SCL vectors only reach it as int8 batch data. The
+    # only SCL-wide weight any method has is the learned projection of the "projection" GSU variant.
+    wide = [n for n, p in params.items() if SCL_DIM in p.shape]
+    assert wide == (["model.gsu.scorer.projection.weight"] if method == "gsu_projection" else []), wide
+    sparse = [p for n, p in params.items() if any(s in n for s in SPARSE)]
+    dense = [p for n, p in params.items() if not any(s in n for s in SPARSE)]
+    opt_sparse, opt_dense = torch.optim.SGD(sparse, lr=0.5), torch.optim.Adam(dense, lr=0.01)
+    losses = []
+    for step, batch in enumerate(batches):
+        opt_sparse.zero_grad()
+        opt_dense.zero_grad()
+        loss, _ = model(batch)
+        loss.backward()
+        losses.append(float(loss))
+        if step == 0:
+            for name, p in params.items():
+                assert p.grad is not None and torch.isfinite(p.grad).all(), name
+                assert p.grad.abs().sum() > 0, f"no gradient reaches {name}"
+        opt_sparse.step()
+        opt_dense.step()
+    assert all(math.isfinite(x) for x in losses) and losses[0] != losses[-1]
+    np.testing.assert_array_equal(scl, scl_before)
+
+
+def test_twin_gsu_and_esu_share_one_attention():
+    model = model_of("twin").model
+    block = next(b for b in model.blocks if isinstance(b, esu.TopKTargetAttention))
+    assert model.gsu.scorer.attention is block.attention
+    # Shared parameters are counted once (one optimizer entry, one DDP bucket slot).
+    names = [n for n, _ in model.named_parameters() if n.endswith("attention.query.weight")]
+    assert len(names) == 2  # RecentTargetAttention's and the shared one
+
+
+def test_only_parameter_free_gsus_select_before_the_lookup():
+    """MUSE and SIM-hard look up top-K + recent ids; the trainable GSUs the whole history."""
+    for name, method in METHODS.items():
+        features = sequence_features(method.gsu)
+        if method.gsu in ("scl_cosine", "category"):
+            assert "item_topk" in features and "item_hist" not in features, name
+        elif method.gsu in WHOLE_HISTORY_KINDS:
+            assert "item_hist" in features and "item_topk" not in features, name
+
+
+@pytest.mark.parametrize("method", ["twin", "gsu_projection"])
+def test_sharded_pipeline_matches_unsharded(tmp_path, method):
+    """2 gloo ranks through TrainPipelineSparseDist (its fx tracer must keep the GSU a leaf) give the
+    losses and parameters of an unsharded model."""
+    sharded_parity.test_sharded_matches_unsharded(tmp_path, method)
