@@ -22,6 +22,11 @@ $(STAMP): requirements-cpu.txt setup.py
 demo: venv
 	$(VENV)/bin/muse-torchrec demo --out $(DEMO_DIR)
 
+# The paper's comparison (6 methods) and the ESU ablations (paper Table 3), 3 seeds each, on CPU.
+compare: venv
+	$(VENV)/bin/muse-torchrec compare --config configs/methods/compare_cpu.yaml --seeds 3 --out out/compare
+	$(VENV)/bin/muse-torchrec compare --config configs/methods/compare_cpu.yaml --seeds 3 --table3 --out out/compare
+
 test: venv
 	$(PY) -m pytest -q tests
 
