@@ -87,7 +87,7 @@ PROFILE_ZIPF, CITY_ZIPF = 1.0, 1.0
 
 # --- Semantic space. ---
 CATEGORIES_PER_TOPIC = 8
-# category = unit(topic + spread * noise), item = unit(category + spread * noise): two items of a
+# A category is unit(topic + spread * noise) and an item unit(category + spread * noise): two items of a
 # category have cosine ~0.74 on average, of sibling categories ~0.68, so many close pairs (cosine >
 # SIM_THRESHOLD) cross categories, while two random items have cosine ~0 (std 0.25).
 CATEGORY_SPREAD = 0.3
