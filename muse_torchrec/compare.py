@@ -29,6 +29,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from muse_torchrec.config import ExperimentConfig, config_fingerprint, load_config
+from muse_torchrec.data.batch import WHOLE_HISTORY_KINDS
 from muse_torchrec.data.loader import PreparedData, make_loader
 from muse_torchrec.model.methods import get_method
 from muse_torchrec.train.trainer import make_builder
@@ -137,6 +138,7 @@ def relative_change_pct(value: float, baseline: float) -> float:
 
 def run_specs(config: Path, overrides: Sequence[str], methods: Sequence[str], seeds: Sequence[int],
               out: Path) -> List[RunSpec]:
+    """One run per (method, seed), in ``<out>/runs/<method>/seed<seed>``, with its ``--set`` overrides."""
     specs = []
     for method in methods:
         for seed in seeds:
@@ -188,7 +190,7 @@ def run_all(config: Path, specs: Sequence[RunSpec], nproc: int, device: str, job
     todo = [s for s in specs if force or not _is_done(s, config)]
     log.info("%d runs to do, %d reused, %d at a time", len(todo), len(specs) - len(todo), jobs)
     # Slowest first (whole-history methods), so that the parallel slots end together.
-    todo.sort(key=lambda s: get_method(s.method).gsu.startswith("whole_history"), reverse=True)
+    todo.sort(key=lambda s: get_method(s.method).gsu in WHOLE_HISTORY_KINDS, reverse=True)
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         futures = [pool.submit(_run, config, spec, nproc, device) for spec in todo]
     # Every run was tried (the pool waited for all); report every failure at once.
@@ -255,6 +257,7 @@ def report_json(study: Study, results: Mapping[str, MethodResult], seeds: Sequen
     return {
         "study": study.name, "title": study.title, "command": command, "seeds": list(seeds),
         "baseline": study.baseline, "wall_seconds": seconds,
+        "best_by_mean": max(results, key=lambda name: results[name].mean["gauc"]),
         "best_achievable_gauc": next((b for b in best if b is not None), None),
         "methods": methods, "claims": claim_checks(study, results),
     }
@@ -295,7 +298,8 @@ def report_markdown(report: Mapping[str, object]) -> str:
             row += (f" {paper:.4f} |" if paper is not None else " |") + (
                 f" {paper_change:+.2f} % |" if paper_change is not None else " |")
         lines.append(row)
-    lines += ["", "Δ GAUC is the relative change of the mean GAUC, 100 * (GAUC / GAUC_" + base_label + " - 1), "
+    lines += ["", f"Highest mean GAUC: **{get_method(str(report['best_by_mean'])).label}**.",
+              "Δ GAUC is the relative change of the mean GAUC, 100 * (GAUC / GAUC_" + base_label + " - 1), "
               "as the paper reports it."]
     if report.get("best_achievable_gauc") is not None:
         lines.append(f"Best achievable GAUC on this data (the true click probabilities): "

@@ -41,7 +41,9 @@ def test_aggregation_claims_and_report(tmp_path):
     # sim_soft's seeds spread (std 0.085) more than its gaps: those claims do not hold.
     assert verdicts == {("muse", "sim_soft"): False, ("muse", "sim_hard"): True,
                         ("sim_soft", "din"): False, ("sim_hard", "din"): True}
+    assert report["best_by_mean"] == "muse"
     text = C.report_markdown(report)
+    assert "Highest mean GAUC: **MUSE**." in text
     assert "| MUSE | 0.7100 ± 0.0100 | +16.39 % |" in text
     assert "| SIM-soft > DIN | +0.0333 | 0.0850 | NO |" in text
     assert "| TWIN" not in text  # only the methods that were run

@@ -50,7 +50,7 @@ def test_method_trains_with_gradients_where_they_belong(method: str):
     # The frozen SCL table is not in the model: SCL vectors only reach it as int8 batch data. The
     # only SCL-wide weight any method has is the learned projection of the "projection" GSU variant.
     wide = [n for n, p in params.items() if SCL_DIM in p.shape]
-    assert wide == (["model.gsu.scorer.projection.weight"] if method == "gsu_projection" else []), wide
+    assert wide == (["model.gsu.scorer.residual"] if method == "gsu_projection" else []), wide
     sparse = [p for n, p in params.items() if any(s in n for s in SPARSE)]
     dense = [p for n, p in params.items() if not any(s in n for s in SPARSE)]
     opt_sparse, opt_dense = torch.optim.SGD(sparse, lr=0.5), torch.optim.Adam(dense, lr=0.01)
@@ -60,7 +60,7 @@ def test_method_trains_with_gradients_where_they_belong(method: str):
         opt_dense.zero_grad()
         loss, _ = model(batch)
         loss.backward()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step == 0:
             for name, p in params.items():
                 assert p.grad is not None and torch.isfinite(p.grad).all(), name
@@ -88,6 +88,20 @@ def test_only_parameter_free_gsus_select_before_the_lookup():
             assert "item_topk" in features and "item_hist" not in features, name
         elif method.gsu in WHOLE_HISTORY_KINDS:
             assert "item_hist" in features and "item_topk" not in features, name
+
+
+@pytest.mark.parametrize("gsu", GSU_KINDS)
+def test_item_and_category_sequences_have_equal_lengths(gsu: str):
+    """SparseArch concatenates item and category embeddings before padding: the builder must keep a
+    behavior's item and category together in every sequence (not the target, padded separately)."""
+    rng = np.random.default_rng(1)
+    scl, item_scl_row = random_scl(rng)
+    batch = BatchBuilder(scl, item_scl_row, gsu=gsu, k=K, recent=RECENT, max_history=MAX_HISTORY)(
+        random_block(rng, num_users=8, max_len=60))
+    seq = batch.sequence.to_dict()
+    for name in ("recent", "topk", "hist"):
+        if f"item_{name}" in seq:
+            assert torch.equal(seq[f"item_{name}"].lengths(), seq[f"cate_{name}"].lengths()), name
 
 
 @pytest.mark.parametrize("method", ["twin", "gsu_projection"])

@@ -138,15 +138,15 @@ def test_scl_plus_id_attention_is_the_esu_sata_logits():
 
 def test_learned_projection_cosine_against_numpy():
     model, batch, inputs, block, scl, item_scl_row = setup("gsu_projection")
-    projection = model.gsu.scorer.projection
+    scorer = model.gsu.scorer
     # At initialisation (identity) it is MUSE's cosine.
     with torch.no_grad():
         at_init = model.gsu.scorer(inputs, batch).values
     np.testing.assert_allclose(at_init.numpy(), scl_cosines(block, batch, scl, item_scl_row), atol=1e-5)
     with torch.no_grad():
-        projection.weight.copy_(torch.randn(projection.weight.shape, generator=torch.Generator().manual_seed(3)))
+        scorer.residual.copy_(torch.randn(scorer.residual.shape, generator=torch.Generator().manual_seed(3)))
     scores = check_selection(model.gsu, inputs, batch)
-    p = projection.weight.detach().double().numpy()
+    p = np.eye(128) + scorer.RESIDUAL_SCALE * scorer.residual.detach().double().numpy()
     for b, items in enumerate(history_items(block, batch)):
         target = scl[item_scl_row[block.target["item"][b]]].astype(np.float64)
         vectors = scl[item_scl_row[items]].astype(np.float64)
@@ -161,7 +161,7 @@ def test_learned_projection_cosine_against_numpy():
         n = int(topk.lengths[b])
         torch.testing.assert_close(out.topk_scores[b, :n].detach(), scores.values[b, topk.indices[b, :n]])
     out.topk_scores.sum().backward()
-    assert projection.weight.grad is not None and projection.weight.grad.abs().sum() > 0
+    assert scorer.residual.grad is not None and scorer.residual.grad.abs().sum() > 0
 
 
 def brute_union(first: tg.Scores, second: tg.Scores, mask: torch.Tensor) -> List[List[int]]:

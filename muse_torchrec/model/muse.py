@@ -66,16 +66,23 @@ class SparseArch(nn.Module):
     def pooled_dim(self) -> int:
         return sum(self.pooled_dims.values())
 
-    def _pair(self, seq: Dict[str, JaggedTensor], name: str, length: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Item and category embeddings of one sequence -> ([B, length, 2D], lengths [B])."""
+    def _sequence(self, seq: Dict[str, JaggedTensor], name: str, length: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Item and category embeddings of a behavior sequence -> ([B, length, 2D], lengths [B]).
+
+        A behavior's item and category are kept or dropped together, so the builder gives
+        ``item_<name>`` and ``cate_<name>`` the same lengths: their values are concatenated before
+        one padding (the whole-history tensor is the model's largest; this halves its padding work).
+        """
         items, cates = seq[f"item_{name}"], seq[f"cate_{name}"]
-        return torch.cat([padded(items, length), padded(cates, length)], dim=-1), items.lengths()
+        values = torch.cat([items.values(), cates.values()], dim=1)
+        return torch.ops.fbgemm.jagged_to_padded_dense(values, [items.offsets()], [length], 0.0), items.lengths()
 
     def forward(self, batch: Batch) -> Tuple[SequenceInputs, torch.Tensor]:
         """Returns (sequence inputs, pooled side features [B, pooled_dim])."""
         seq = self.sequence(batch.sequence)
-        target, _ = self._pair(seq, "target", 1)
-        recent, recent_lengths = self._pair(seq, "recent", self.recent)
+        # The target's item and category are dropped separately when unknown (id 0): pad each.
+        target = torch.cat([padded(seq["item_target"], 1), padded(seq["cate_target"], 1)], dim=-1)
+        recent, recent_lengths = self._sequence(seq, "recent", self.recent)
         inputs = SequenceInputs(
             target=target.squeeze(1),
             topk=target.new_zeros(0),
@@ -86,9 +93,9 @@ class SparseArch(nn.Module):
             recent_scores=batch.recent_scores,
         )
         if self.reads_topk:
-            inputs.topk, inputs.topk_lengths = self._pair(seq, "topk", self.k)
+            inputs.topk, inputs.topk_lengths = self._sequence(seq, "topk", self.k)
         if self.reads_history:
-            inputs.history, inputs.history_lengths = self._pair(seq, "hist", self.max_history)
+            inputs.history, inputs.history_lengths = self._sequence(seq, "hist", self.max_history)
         pooled = self.pooled(batch.pooled).to_dict()
         side = torch.cat([pooled[name] for name in self.pooled_dims], dim=1)
         return inputs, side
