@@ -22,7 +22,7 @@ import argparse
 import gc
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import cycle, islice
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Mapping, Optional
@@ -230,6 +230,8 @@ def main() -> None:
     parser.add_argument("--gsu-places", nargs="+", default=["device"], choices=["host", "device"],
                         help="e2e: run the GSU in the loader workers (host) and/or on the GPU (device)")
     parser.add_argument("--profile-steps", type=int, default=0, help="profile this many extra model-mode steps")
+    parser.add_argument("--compile-modes", nargs="+", default=None, metavar="MODE",
+                        help="model mode: one run per train.compile_mode (default: the config's)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -245,7 +247,12 @@ def main() -> None:
     }
     batches = staged_batches(cfg, vocab, shapes, args.distinct_batches, seed=1000 + ctx.rank, device=ctx.device)
     if "model" in args.modes:
-        results["model"] = bench_sharded(cfg, vocab, cycle(batches), ctx, args.warmup, args.steps, args.profile_steps)
+        for mode in args.compile_modes or [cfg.train.compile_mode]:
+            mode_cfg = replace(cfg, train=replace(cfg.train, compile_mode=mode))
+            name = "model" if args.compile_modes is None else f"model:{mode}"
+            results[name] = bench_sharded(mode_cfg, vocab, cycle(batches), ctx, args.warmup, args.steps,
+                                          args.profile_steps)
+            results[name]["compile_mode"] = mode
     if "e2e" in args.modes:
         work = Path(args.work)
         if ctx.is_main and not (work / "meta.json").exists():
@@ -261,8 +268,9 @@ def main() -> None:
         results["baseline"] = bench_replicated(cfg, vocab, batches, ctx, args.warmup, args.steps)
     if ctx.is_main:
         print(format_results(results))
-        if "profile" in results.get("model", {}):
-            print(results["model"]["profile"])
+        for name, r in results.items():
+            if isinstance(r, dict) and "profile" in r:
+                print(f"\nprofile of {name}:\n{r['profile']}")
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=2))
     shutdown()
@@ -271,17 +279,17 @@ def main() -> None:
 def format_results(results: Mapping[str, object]) -> str:
     lines = [f"device {results['device']} x {results['world_size']}, batch {results['batch_size_per_gpu']}/GPU, "
              f"history {results['history']}, K {results['k']}, item rows {results['vocab_sizes']['item']:,}", "",
-             f"{'run':<10} {'samples/s/GPU':>14} {'step ms':>9} {'peak GiB':>9} {'planned GiB':>12}"]
-    for name in ("model", "e2e", "e2e_device_gsu", "baseline"):
-        r = results.get(name)
-        if not isinstance(r, dict):
+             f"{'run':<26} {'samples/s/GPU':>14} {'step ms':>9} {'peak GiB':>9} {'planned GiB':>12}"]
+    for name, r in results.items():
+        if not isinstance(r, dict) or "samples_per_s_per_gpu" not in r:
             continue
         peak = "-" if r.get("peak_gib") is None else f"{r['peak_gib']:.2f}"
         planned = "-" if r.get("planned_gib") is None else f"{r['planned_gib']:.2f}"
-        lines.append(f"{name:<10} {r['samples_per_s_per_gpu']:>14,.0f} {r['step_ms']:>9.1f} {peak:>9} {planned:>12}")
-    base, model = results.get("baseline"), results.get("model")
-    if isinstance(base, dict) and isinstance(model, dict):
-        lines.append(f"\nsharded / replicated (model mode): {model['samples_per_s_per_gpu'] / base['samples_per_s_per_gpu']:.2f}x")
+        lines.append(f"{name:<26} {r['samples_per_s_per_gpu']:>14,.0f} {r['step_ms']:>9.1f} {peak:>9} {planned:>12}")
+    base = results.get("baseline")
+    for name, r in results.items():
+        if isinstance(base, dict) and name.startswith("model") and isinstance(r, dict):
+            lines.append(f"sharded ({name}) / replicated: {r['samples_per_s_per_gpu'] / base['samples_per_s_per_gpu']:.2f}x")
     return "\n".join(lines)
 
 

@@ -116,6 +116,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     # Continue from the latest checkpoint in run_dir, if any (how a torchelastic restart resumes).
     resume: bool = True
+    # torch.compile of the dense tower (model.muse.COMPILE_MODES): "none" runs it eagerly; "default"
+    # fuses its kernels; "reduce-overhead" also replays them as CUDA graphs (GPU).
+    compile_mode: str = "none"
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,7 @@ def test_every_piece_of_state_round_trips_into_another_plan(two_rank_run):
         _assert_same(saved["ranks"][rank], loaded["ranks"][rank], dense)
         assert torch.equal(saved["rng"][rank], loaded["rng"][rank])
     # BatchNorm statistics are per rank (DDP does not broadcast them) and come back per rank.
-    stats = "model/model.mlp.layers.0.1.norm.running_mean"
+    stats = "model/model.tower.mlp.layers.0.1.norm.running_mean"
     assert not torch.equal(saved["ranks"][0][stats], saved["ranks"][1][stats])
     progress = ck.read_info(ck.latest_checkpoint(ck.checkpoints_dir(two_rank_run / "run"))).progress
     assert (progress.step, progress.epoch, progress.samples) == (STEPS, 1, STEPS * 32 * 2)

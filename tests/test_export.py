@@ -72,7 +72,7 @@ def test_export_files_follow_the_documented_format(trained):
         assert rows.dtype == np.float32 and rows.shape == (data.vocab_size(table), spec["dim"])
         assert np.array_equal(np.load(out / "vocab" / f"{table}.npy"), data.vocab(table))
     dense = torch.load(out / "dense.pt", weights_only=True)
-    assert "model.logit.weight" in dense and not any(".embeddings." in k or ".embedding_bags." in k for k in dense)
+    assert "model.tower.logit.weight" in dense and not any(".embeddings." in k or ".embedding_bags." in k for k in dense)
     assert np.array_equal(np.load(out / "scl.npy"), data.scl_vectors())
 
 

@@ -242,12 +242,14 @@ def _serving_case(length: int, history_length: int, candidates: int, k: int, mis
     return history, cands
 
 
-@pytest.mark.parametrize("length,history_length,k", [(300, 300, 50), (300, 120, 50), (40, 30, 50), (64, 0, 8)])
-def test_serving_topk_matches_muse_gsu(length, history_length, k):
+@pytest.mark.parametrize("block", [None, 8, 64])
+@pytest.mark.parametrize("length,history_length,k", [(300, 300, 50), (300, 120, 50), (40, 30, 50), (64, 0, 8),
+                                                     (2000, 1700, 50), (1001, 1001, 7)])
+def test_serving_topk_matches_muse_gsu(length, history_length, k, block):
     from muse_torchrec.model.gsu import serving_topk
 
     history, cands = _serving_case(length, history_length, 37, k, missing=0.1, seed=length + k)
-    fast = serving_topk(history, history_length, cands, k)
+    fast = serving_topk(history, history_length, cands, k, block=block)
     exact = muse_gsu(history.unsqueeze(0), torch.tensor([history_length]), cands,
                      torch.zeros(cands.shape[0], dtype=torch.long), k)
     assert torch.equal(fast.lengths, exact.lengths)
@@ -255,3 +257,27 @@ def test_serving_topk_matches_muse_gsu(length, history_length, k):
     torch.testing.assert_close(fast.scores, exact.scores, rtol=0, atol=1e-6)
     # Random vectors have no equal cosines: the positions agree too, padding slots included.
     assert torch.equal(fast.indices, exact.indices)
+
+
+@pytest.mark.parametrize("rows,width,k,block", [(5, 4096, 50, 64), (3, 512, 7, 8), (4, 96, 50, 32), (2, 640, 64, 8)])
+def test_blocked_topk_equals_torch_topk(rows, width, k, block):
+    """Same values as one torch.topk, on keys with many exact ties and -inf padding; every index
+    points at its value."""
+    from muse_torchrec.model.gsu import blocked_topk
+
+    g = torch.Generator().manual_seed(width + k)
+    key = torch.randint(-20, 20, (rows, width), generator=g).float()  # ~width / 40 copies of each value
+    key[:, -width // 5:] = -float("inf")
+    key[0, : width // 2] = 19.0  # one row with a tie over many blocks at the top
+    values, indices = blocked_topk(key, k, block)
+    expected = torch.topk(key, k, dim=1).values
+    assert torch.equal(values, expected)
+    assert torch.equal(key.gather(1, indices), values)
+    assert all(len(set(row)) == k for row in indices.tolist())
+
+
+def test_blocked_topk_rejects_a_ragged_width():
+    from muse_torchrec.model.gsu import blocked_topk
+
+    with pytest.raises(ValueError, match="not a multiple of block"):
+        blocked_topk(torch.zeros(2, 100), 5, 64)

@@ -73,7 +73,7 @@ def test_method_trains_with_gradients_where_they_belong(method: str):
 
 def test_twin_gsu_and_esu_share_one_attention():
     model = model_of("twin").model
-    block = next(b for b in model.blocks if isinstance(b, esu.TopKTargetAttention))
+    block = next(b for b in model.tower.blocks if isinstance(b, esu.TopKTargetAttention))
     assert model.gsu.scorer.attention is block.attention
     # Shared parameters are counted once (one optimizer entry, one DDP bucket slot).
     names = [n for n, _ in model.named_parameters() if n.endswith("attention.query.weight")]

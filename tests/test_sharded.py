@@ -29,9 +29,9 @@ K, RECENT, MAX_HISTORY = 6, 5, 40
 SPARSE_LR, DENSE_LR = 0.5, 0.01
 
 
-def config(method: str) -> ExperimentConfig:
+def config(method: str, compile_mode: str = "none") -> ExperimentConfig:
     return load_config(None, [
-        f"model.method={method}", f"model.k={K}", f"data.recent={RECENT}", f"data.max_history={MAX_HISTORY}",
+        f"model.method={method}", f"train.compile_mode={compile_mode}", f"model.k={K}", f"data.recent={RECENT}", f"data.max_history={MAX_HISTORY}",
         "train.sparse_optimizer=sgd", f"train.sparse_lr={SPARSE_LR}", f"train.dense_lr={DENSE_LR}",
         "train.batch_size=24", "model.mlp=[32, 16]",
         "sharding.constraints={item: {sharding_types: [row_wise]}, cate: {sharding_types: [row_wise]}, "
@@ -55,7 +55,7 @@ def reference_model(cfg: ExperimentConfig):
                        device=torch.device("cpu"))
 
 
-def sharded_worker(rank: int, method: str, tmp: str) -> None:
+def sharded_worker(rank: int, method: str, compile_mode: str, tmp: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=Path(tmp, "port").read_text(), OMP_NUM_THREADS="1")
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
@@ -63,7 +63,7 @@ def sharded_worker(rank: int, method: str, tmp: str) -> None:
     from muse_torchrec.train.distributed import init_distributed, shutdown
     from muse_torchrec.train.sharded import load_unsharded_state, shard_model
 
-    cfg = config(method)
+    cfg = config(method, compile_mode)
     ctx = init_distributed("cpu")
     start_state = reference_model(cfg).state_dict()
     model = build_model(cfg.model, VOCAB, sequence_features(get_method(method).gsu), RECENT, MAX_HISTORY)
@@ -76,6 +76,8 @@ def sharded_worker(rank: int, method: str, tmp: str) -> None:
         loss, _, _ = pipeline.progress(batches)
         losses.append(float(loss))
     Path(tmp, f"losses{rank}.json").write_text(json.dumps(losses))
+    # Graphs torch.compile made: the pipeline must call the compiled tower, not trace through it.
+    Path(tmp, f"compiled{rank}.json").write_text(json.dumps(torch._dynamo.utils.counters["stats"]["unique_graphs"]))
     torch.save(local_state(sharded.model), Path(tmp, f"state{rank}.pt"))
     shutdown()
 
@@ -128,15 +130,18 @@ def reference_losses(method: str):
     return losses, model.state_dict()
 
 
-@pytest.mark.parametrize("method", ["muse", "din"])
-def test_sharded_matches_unsharded(tmp_path, method):
+@pytest.mark.parametrize("method,compile_mode", [("muse", "none"), ("din", "none"), ("muse", "default")])
+def test_sharded_matches_unsharded(tmp_path, method, compile_mode):
+    """The unsharded reference runs eagerly: a compiled tower must compute the same."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         (tmp_path / "port").write_text(str(s.getsockname()[1]))
-    mp.start_processes(sharded_worker, args=(method, str(tmp_path)), nprocs=WORLD, start_method="spawn")
+    mp.start_processes(sharded_worker, args=(method, compile_mode, str(tmp_path)), nprocs=WORLD, start_method="spawn")
     sharded = [json.loads((tmp_path / f"losses{r}.json").read_text()) for r in range(WORLD)]
+    compiled = [json.loads((tmp_path / f"compiled{r}.json").read_text()) for r in range(WORLD)]
+    assert all((graphs > 0) == (compile_mode != "none") for graphs in compiled), compiled
     reference, reference_state = reference_losses(method)
     for step in range(STEPS):
         for rank in range(WORLD):

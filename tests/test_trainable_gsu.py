@@ -120,7 +120,7 @@ def test_scl_plus_id_cosine():
 
 def test_scl_plus_id_attention_is_the_esu_sata_logits():
     model, batch, inputs, *_ = setup("gsu_scl_id_attention")
-    sata = next(b for b in model.blocks if isinstance(b, esu.TopKSemanticAttention)).attention
+    sata = next(b for b in model.tower.blocks if isinstance(b, esu.TopKSemanticAttention)).attention
     assert model.gsu.scorer.attention is sata  # the ESU's own parameters
     with torch.no_grad():
         sata.gamma_id.fill_(0.7)
@@ -219,7 +219,7 @@ def test_union_rank_hand_example():
 
 def test_twin_gsu_scores_are_its_esu_attention_logits():
     model, batch, inputs, *_ = setup("twin")
-    block = next(b for b in model.blocks if isinstance(b, esu.TopKTargetAttention))
+    block = next(b for b in model.tower.blocks if isinstance(b, esu.TopKTargetAttention))
     assert model.gsu.scorer.attention is block.attention  # same module, same parameters
     scores = check_selection(model.gsu, inputs, batch)
     topk = model.gsu.select(inputs, batch)

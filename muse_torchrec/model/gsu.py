@@ -16,6 +16,7 @@ The functions are plain torch (CPU and CUDA). Those that produce shapes from dat
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -271,61 +272,107 @@ def gather_selected(per_user: Tensor, sample_user: Tensor, topk: TopK) -> Tensor
 
 
 def _int8_dots(candidates: Tensor, history: Tensor) -> Tensor:
-    """Exact int8 dot products [C, 128] x [L, 128] -> [C, L] float32.
+    """Exact int8 dot products [C, 128] x [L, 128] -> [C, L] (int32 on CUDA, float32 elsewhere).
 
     On CUDA the int8 tensor-core GEMM (``torch._int_mm``, int32 accumulation) does it; elsewhere a
-    float32 matmul, which is exact too (|dot| < 2**24).
+    float32 matmul, which is exact too (|dot| <= 128 * 127**2 < 2**24). ``L`` must be a multiple
+    of 8 on CUDA (``_int_mm`` wants it).
     """
-    num_candidates, length = candidates.shape[0], history.shape[0]
-    if candidates.is_cuda and num_candidates > 16:
-        # _int_mm wants the shared and output widths in multiples of 8.
-        pad = (-length) % 8
-        padded = F.pad(history, (0, 0, 0, pad))
-        return torch._int_mm(candidates, padded.t().contiguous())[:, :length].float()
+    if candidates.is_cuda and candidates.shape[0] > 16:
+        return torch._int_mm(candidates, history.t().contiguous())
     return candidates.float() @ history.float().t()
 
 
+def blocked_topk(key: Tensor, k: int, block: int) -> Tuple[Tensor, Tensor]:
+    """``torch.topk(key, k, dim=1)`` of a wide [C, N] matrix in two narrow passes: same values, exactly.
+
+    Stage 1 takes the max of every ``block`` columns and keeps the k blocks with the largest maxima;
+    stage 2 takes the top k of those k * block columns. Exact: if an element x of the true top k lay
+    in a block outside the kept ones, each kept block would hold an element >= x, so the kept
+    columns hold k elements >= x whatever x is, and the top k of the kept columns are >= the true
+    ones rank by rank (equal values may come from other positions, as with ``torch.topk``).
+
+    Why: ``torch.topk`` over 100 k-wide rows costs several passes over the matrix; a max per block
+    is one pass, and the topks left are over ~N / block and k * block columns.
+
+    Args:
+        key: [C, N] float, N a multiple of ``block`` (pad with -inf).
+        k: number of largest entries per row, ``k <= N``.
+        block: columns per block.
+
+    Returns:
+        (values [C, k] descending, indices [C, k] into the N columns).
+    """
+    rows, width = key.shape
+    if width % block:
+        raise ValueError(f"blocked_topk: width {width} is not a multiple of block {block}")
+    blocks = width // block
+    if blocks <= k:
+        return torch.topk(key, k, dim=1)
+    block_max = key.view(rows, blocks, block).amax(dim=2)
+    best_blocks = torch.topk(block_max, k, dim=1).indices
+    columns = (best_blocks.unsqueeze(2) * block + torch.arange(block, device=key.device)).view(rows, k * block)
+    values, picked = torch.topk(key.gather(1, columns), k, dim=1)
+    return values, columns.gather(1, picked)
+
+
+# Serving keys of behaviors without SCL vector: below every scored key (a scored key dot / |h| is
+# within +-|c| <= sqrt(128) * 127 < 2**11), ordered by recency in integer steps (exact in float32
+# for histories below 2**23 behaviors).
+_UNSCORED_KEY = -float(2**12)
+
+
 @torch.no_grad()
-def serving_topk(history_int8: Tensor, history_length: int, candidates_int8: Tensor, k: int) -> TopK:
+def serving_topk(history_int8: Tensor, history_length: int, candidates_int8: Tensor, k: int,
+                 block: Optional[int] = 64) -> TopK:
     """MUSE GSU for serving: one user's cached history against C candidates.
 
     Same selection rules as :func:`muse_gsu` (behaviors without SCL vector after every scored one,
     most recent first, score 0; positions >= ``history_length`` never chosen), computed for speed:
-    int8 GEMM dot products, float32 cosines, one ``torch.topk``. Equal cosines may come out in any
-    order: the ESU reads items and scores, not positions, and equal cosines at float32 precision
-    practically only come from the same item seen twice, so the ESU input is the same.
+    exact int8 GEMM dot products, then one pass that turns them into ranking keys
+    ``dot * scale[l] + bias[l]`` (scale 1 / |h_l| for scored behaviors; the bias ranks the others by
+    recency and padding last), then :func:`blocked_topk`. Within a candidate's row ``dot / |h_l|``
+    orders like the cosine (``|c|`` is the same along the row); the cosines of the K picked
+    behaviors are made at the end. Equal cosines may come out in any order: the ESU reads items and
+    scores, not positions, and equal cosines at float32 precision practically only come from the
+    same item seen twice, so the ESU input is the same.
 
     Args:
         history_int8: L x 128 int8 SCL vectors of the user's behaviors, oldest first (zero = missing).
         history_length: number of real behaviors (a prefix of the L rows).
         candidates_int8: C x 128 int8 SCL vectors of the candidates (zero = missing).
         k: number of slots per candidate.
+        block: columns per block of :func:`blocked_topk`, or None for one ``torch.topk`` (speed only:
+            the result does not depend on it).
 
     Returns:
         TopK over history positions, C rows.
     """
-    length = history_int8.shape[0]
-    device = history_int8.device
-    hist_norm = history_int8.float().square().sum(dim=1).sqrt()
+    length, device = history_int8.shape[0], history_int8.device
+    width = length + (-length) % math.lcm(block or 1, 8)  # blocks of keys; _int_mm wants multiples of 8
+    history = F.pad(history_int8, (0, 0, 0, width - length))
+    positions = torch.arange(width, device=device)
+    hist_norm = history.float().square().sum(dim=1).sqrt()
     cand_norm = candidates_int8.float().square().sum(dim=1).sqrt()
-    cosine = _int8_dots(candidates_int8, history_int8) / (
-        cand_norm.clamp_min(1.0).unsqueeze(1) * hist_norm.clamp_min(1.0).unsqueeze(0)
-    )
-    positions = torch.arange(length, device=device)
     valid = positions < history_length
-    scored = valid.unsqueeze(0) & (hist_norm > 0).unsqueeze(0) & (cand_norm > 0).unsqueeze(1)
-    # Unscored behaviors rank below every cosine (>= -1) by recency: -3 + position / L in [-3, -2);
-    # padding below them all.
-    by_recency = -3.0 + positions.float() / max(length, 1)
-    key = torch.where(scored, cosine, by_recency.unsqueeze(0))
-    key = torch.where(valid.unsqueeze(0), key, torch.full_like(key, -float("inf")))
-    take = min(k, length)
-    _, indices = torch.topk(key, take, dim=1)
-    picked = torch.where(scored, cosine, torch.zeros_like(cosine)).gather(1, indices)
+    scored = valid & (hist_norm > 0)
+    scale = torch.where(scored, 1.0 / hist_norm.clamp_min(1.0), 0.0)
+    by_recency = _UNSCORED_KEY - (history_length - 1 - positions).float()
+    bias = torch.where(scored, 0.0, torch.where(valid, by_recency, -float("inf")))
+    take = min(k, width)
+    key = torch.addcmul(bias, _int8_dots(candidates_int8, history), scale)
+    keys, indices = blocked_topk(key, take, block) if block else torch.topk(key, take, dim=1)
+    # Slot i is real iff i < min(k, history_length); its behavior is scored iff its key is a cosine.
     selectable = min(k, history_length)
     lengths = torch.full((candidates_int8.shape[0],), selectable, device=device, dtype=torch.long)
-    real = length_mask(lengths, k)
-    indices = torch.where(real, F.pad(indices, (0, k - take)), torch.zeros((), dtype=torch.long, device=device))
-    picked = torch.where(real, F.pad(picked, (0, k - take)), torch.zeros((), device=device))
-    return TopK(indices=indices, scores=picked, lengths=lengths,
-                scored_lengths=scored.sum(dim=1).clamp(max=k))
+    real = length_mask(lengths, take)
+    has_vector = (cand_norm > 0).unsqueeze(1)
+    picked_scored = real & has_vector & (keys > _UNSCORED_KEY)
+    cosine = torch.where(picked_scored, keys / cand_norm.clamp_min(1.0).unsqueeze(1), 0.0)
+    # A candidate without vector has no cosine: its slots are the most recent behaviors.
+    most_recent = (history_length - 1 - torch.arange(take, device=device)).clamp_min(0)
+    indices = torch.where(has_vector, indices, most_recent)
+    indices = torch.where(real, indices, 0)
+    pad = (0, k - take)
+    return TopK(indices=F.pad(indices, pad), scores=F.pad(cosine, pad), lengths=lengths,
+                scored_lengths=picked_scored.sum(dim=1))

@@ -1,8 +1,8 @@
 """The MUSE model (MUSE_SPEC section 6) and its training wrapper, in the layout of torchrec's DLRM.
 
 - ``SparseArch``: the sharded embedding collections -> padded sequence tensors + pooled side features.
-- ``MuseModel``: optional model-side GSU (injected, ``trainable_gsu``) -> ESU blocks (injected) +
-  target and user features -> MLP (Dice) -> one click logit.
+- ``MuseModel``: optional model-side GSU (injected, ``trainable_gsu``) -> ``DenseTower``: ESU blocks
+  (injected) + target and user features -> MLP (Dice) -> one click logit.
 - ``MuseTrain``: owns the binary cross-entropy loss; returns ``(loss, (loss, logits, labels))``.
 """
 
@@ -101,12 +101,39 @@ class SparseArch(nn.Module):
         return inputs, side
 
 
+class DenseTower(nn.Module):
+    """Interest blocks + target + side features -> MLP (Dice) -> click logits.
+
+    All of the model's dense math after the lookups, with static shapes for a fixed batch size: the
+    part worth compiling (``compile``), as one module that holds no sharded module so that the
+    pipeline's fx tracer keeps it a leaf and calls the compiled module.
+
+    Args:
+        blocks: ESU / interest modules, each with ``output_dim`` and ``forward(SequenceInputs)``.
+        item_dim: width E of the target embedding (item + category).
+        side_dim: width of the pooled side features.
+        mlp_hidden: widths of the Dice MLP (the paper: 256-128-64).
+    """
+
+    def __init__(self, blocks: Sequence[nn.Module], item_dim: int, side_dim: int, mlp_hidden: Sequence[int]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.mlp = MLP(item_dim + side_dim + sum(b.output_dim for b in self.blocks), list(mlp_hidden))
+        self.logit = nn.Linear(self.mlp.output_dim, 1)
+
+    def forward(self, inputs: SequenceInputs, side: torch.Tensor) -> torch.Tensor:
+        """(sequence inputs, side features [B, side_dim]) -> click logits [B]."""
+        parts: List[torch.Tensor] = [block(inputs) for block in self.blocks]
+        tower = torch.cat(parts + [inputs.target, side], dim=1)
+        return self.logit(self.mlp(tower)).squeeze(1)
+
+
 class MuseModel(nn.Module):
-    """Sparse lookups -> [model-side GSU] -> interest blocks + target + side features -> MLP -> click logit.
+    """Sparse lookups -> [model-side GSU] -> dense tower -> click logit.
 
     Args:
         sparse_arch: the embedding lookups.
-        blocks: ESU / interest modules, each with ``output_dim`` and ``forward(SequenceInputs)``.
+        blocks: ESU / interest modules of the tower (see ``DenseTower``).
         mlp_hidden: widths of the Dice MLP (the paper: 256-128-64).
         gsu: for GSUs with trainable parameters, ``forward(SequenceInputs, Batch) -> SequenceInputs``
             that selects the top-K from ``SequenceInputs.history``; None when the batch builder
@@ -124,19 +151,39 @@ class MuseModel(nn.Module):
         super().__init__()
         self.sparse_arch = sparse_arch
         self.gsu = gsu
-        self.blocks = nn.ModuleList(blocks)
-        tower_in = sparse_arch.item_dim + sparse_arch.pooled_dim + sum(b.output_dim for b in self.blocks)
-        self.mlp = MLP(tower_in, list(mlp_hidden))
-        self.logit = nn.Linear(self.mlp.output_dim, 1)
+        self.tower = DenseTower(blocks, sparse_arch.item_dim, sparse_arch.pooled_dim, mlp_hidden)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Returns click logits [B]."""
         inputs, side = self.sparse_arch(batch)
         if self.gsu is not None:
             inputs = self.gsu(inputs, batch)
-        parts: List[torch.Tensor] = [block(inputs) for block in self.blocks]
-        tower = torch.cat(parts + [inputs.target, side], dim=1)
-        return self.logit(self.mlp(tower)).squeeze(1)
+        return self.tower(inputs, side)
+
+
+# train.compile_mode -> torch.compile's mode (None: its default).
+COMPILE_MODES: Dict[str, Optional[str]] = {
+    "default": None,
+    "reduce-overhead": "reduce-overhead",
+    "max-autotune-no-cudagraphs": "max-autotune-no-cudagraphs",
+}
+
+
+def compile_tower(model: nn.Module, mode: str) -> None:
+    """Compile every ``DenseTower`` of ``model`` in place (``mode`` "none" leaves them eager).
+
+    In place (``nn.Module.compile``), so parameter names, checkpoints and the pipeline's fx tracing
+    are the same as eager. ``dynamic=False``: a training run's batches all have one shape.
+    """
+    if mode != "none" and mode not in COMPILE_MODES:
+        raise ValueError(f"train.compile_mode: unknown {mode!r}; choose one of {['none', *COMPILE_MODES]}")
+    if mode == "none":
+        return
+    towers = [m for m in model.modules() if isinstance(m, DenseTower)]
+    if not towers:
+        raise ValueError("compile_tower: the model has no DenseTower")
+    for tower in towers:
+        tower.compile(mode=COMPILE_MODES[mode], dynamic=False)
 
 
 class MuseTrain(nn.Module):

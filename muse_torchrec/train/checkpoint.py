@@ -58,7 +58,7 @@ MODEL_KEYS: Tuple[str, ...] = ("model", "data.vocab", "data.max_history", "data.
 RESUME_FREE_KEYS: Tuple[str, ...] = (
     "data.raw_dir", "data.prepared_dir", "data.synthesize", "data.synth", "sharding",
     "train.run_dir", "train.epochs", "train.eval_batch_size", "train.limit_eval_batches", "train.log_every",
-    "train.checkpoint_every", "train.keep_checkpoints", "train.resume",
+    "train.checkpoint_every", "train.keep_checkpoints", "train.resume", "train.compile_mode",
 )
 
 

@@ -24,6 +24,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from muse_torchrec.config import ExperimentConfig, ShardingConfig
+from muse_torchrec.model.muse import compile_tower
 from muse_torchrec.sharding import GIB, PlanReport, make_sharders, plan_model
 from muse_torchrec.train.distributed import DistContext
 
@@ -77,8 +78,10 @@ class ShardedModel:
 
 
 def shard_model(model: nn.Module, cfg: ExperimentConfig, ctx: DistContext) -> ShardedModel:
-    """Plan collectively, shard with DMP, and build the combined (fused sparse + dense Adam) optimizer."""
+    """Plan collectively, shard with DMP, compile the dense tower (``train.compile_mode``), and build
+    the combined (fused sparse + dense Adam) optimizer."""
     device_type = ctx.device.type
+    compile_tower(model, cfg.train.compile_mode)
     attach_sparse_optimizer(model, cfg.train.sparse_optimizer, cfg.train.sparse_lr, device_type)
     sharders = make_sharders()
     report = plan_model(
