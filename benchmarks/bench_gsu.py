@@ -71,6 +71,25 @@ def case(name: str, users: int, samples: int, length: int, k: int, device: torch
     return row
 
 
+def serving_profile(length: int, candidates: int, k: int, block: int, device: torch.device, repeats: int) -> str:
+    """Ops of ``serving_topk`` by device time (host time on CPU), ``repeats`` calls."""
+    g = torch.Generator(device="cpu").manual_seed(length)
+    hist = torch.randint(-127, 128, (length, SCL_DIM), dtype=torch.int8, generator=g).to(device)
+    target = torch.randint(-127, 128, (candidates, SCL_DIM), dtype=torch.int8, generator=g).to(device)
+    serving_topk(hist, length, target, k, block=block)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(repeats):
+            serving_topk(hist, length, target, k, block=block)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    return (f"\nserving_topk, history {length:,}, block {block}, {repeats} calls:\n"
+            + prof.key_averages().table(sort_by=sort, row_limit=20, max_name_column_width=50))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1000, 10000, 100000])
@@ -81,6 +100,8 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, nargs="+", default=[32, 64, 128, 256],
                         help="serving: blocked_topk block sizes to time (besides one torch.topk)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--profile", action="store_true",
+                        help="print a torch.profiler table of serving_topk at the last length (first --blocks)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -99,6 +120,8 @@ def main() -> None:
         ok = r["correct"] and all(f["correct"] for f in fast)
         print(f"{r['shape']:<9} {r['users']:>6} {r['samples']:>8} {r['history']:>8,} {r['ms']:>9.3f} "
               + " ".join(times) + f"  {ok}")
+    if args.profile:
+        print(serving_profile(args.lengths[-1], args.candidates, args.k, args.blocks[0], device, args.repeats))
     if args.out:
         Path(args.out).write_text(json.dumps({"device": name, "rows": rows}, indent=2))
 

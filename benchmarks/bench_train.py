@@ -122,7 +122,8 @@ def _peak_gib(device: torch.device) -> Optional[float]:
 
 
 def profile_table(step, batches: Iterator[Batch], steps: int, device: torch.device) -> str:
-    """torch.profiler table of ``steps`` steps: where the time of a step goes, top ops first."""
+    """torch.profiler tables of ``steps`` steps: where the host's time goes (the pipeline's stage
+    ranges and ops, by total CPU time) and where the device's goes (by CUDA time)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -130,8 +131,13 @@ def profile_table(step, batches: Iterator[Batch], steps: int, device: torch.devi
         for _ in range(steps):
             step(batches)
         _sync(device)
-    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    return prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=60)
+    events = prof.key_averages()
+    tables = [f"host, by CPU time over {steps} steps:\n"
+              + events.table(sort_by="cpu_time_total", row_limit=40, max_name_column_width=60)]
+    if device.type == "cuda":
+        tables.append(f"device, by CUDA time over {steps} steps:\n"
+                      + events.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+    return "\n".join(tables)
 
 
 def bench_sharded(cfg: ExperimentConfig, vocab: Mapping[str, int], batches: Iterable[Batch], ctx: DistContext,
