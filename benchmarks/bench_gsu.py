@@ -5,7 +5,8 @@
 
 Times ``muse_gsu`` (exact: integer dot products, exact norms, recency tie-break), and in the
 serving shape also ``serving_topk`` (int8 GEMM, one pass to ranking keys, then one ``torch.topk``
-or the two-stage ``blocked_topk`` for each ``--blocks``), and checks all against a plain PyTorch
+or the two-stage ``blocked_topk`` for each ``--blocks``; "fused": keys and block maxima from one
+Triton kernel, on CUDA), and checks all against a plain PyTorch
 reference (float cosine + full sort) on the same inputs.
 
     python benchmarks/bench_gsu.py --lengths 1000 10000 100000 --out gsu.json
@@ -63,11 +64,12 @@ def case(name: str, users: int, samples: int, length: int, k: int, device: torch
            "max_abs_diff_vs_reference": max_error, "correct": max_error < 1e-5}
     if users == 1:
         row["serving_topk"] = []
-        for block in [None, *blocks]:
-            fast = serving_topk(hist[0], length, target, k, block=block)
-            ms = timed(lambda: serving_topk(hist[0], length, target, k, block=block), device, repeats)
+        variants = [(None, False)] + [(b, False) for b in blocks] + [(b, True) for b in blocks]
+        for block, fused in variants:
+            fast = serving_topk(hist[0], length, target, k, block=block, fused=fused)
+            ms = timed(lambda: serving_topk(hist[0], length, target, k, block=block, fused=fused), device, repeats)
             error = float((fast.scores - reference).abs().max())
-            row["serving_topk"].append({"block": block, "ms": ms, "correct": error < 1e-5})
+            row["serving_topk"].append({"block": block, "fused": fused, "ms": ms, "correct": error < 1e-5})
     return row
 
 
@@ -97,7 +99,7 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=1000)
     parser.add_argument("--k", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--blocks", type=int, nargs="+", default=[32, 64, 128, 256],
+    parser.add_argument("--blocks", type=int, nargs="+", default=[64, 128, 256],
                         help="serving: blocked_topk block sizes to time (besides one torch.topk)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--profile", action="store_true",
@@ -111,7 +113,7 @@ def main() -> None:
                          args.blocks))
         rows.append(case("serving", 1, args.candidates, length, args.k, device, args.repeats, args.blocks))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    serving_columns = ["one topk", *[f"block {b}" for b in args.blocks]]
+    serving_columns = ["one topk", *[f"block {b}" for b in args.blocks], *[f"fused {b}" for b in args.blocks]]
     print(f"GSU top-{args.k} on {name} (ms; serving_topk in the serving shape)\n\n{'shape':<9} {'users':>6} "
           f"{'samples':>8} {'history':>8} {'muse_gsu':>9} " + " ".join(f"{c:>10}" for c in serving_columns) + "  correct")
     for r in rows:

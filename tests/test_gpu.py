@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from muse_torchrec.model.gsu import muse_gsu, serving_topk
+from muse_torchrec.model.serving_keys import fused_keys_supported, serving_keys, serving_keys_reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -35,3 +36,21 @@ def test_gpu_serving_topk_int8_gemm_matches_exact_gsu():
     exact = muse_gsu(hist.unsqueeze(0), torch.tensor([4000]), target, torch.zeros(1000, dtype=torch.long), 50)
     torch.testing.assert_close(fast.scores.cpu(), exact.scores, rtol=0, atol=1e-6)
     assert torch.equal(fast.indices.cpu(), exact.indices)
+
+
+@pytest.mark.parametrize("candidates,width,block", [(1000, 100_096, 128), (37, 4096, 64), (200, 2048, 256)])
+def test_fused_serving_keys_are_bit_identical_to_the_torch_passes(candidates, width, block):
+    g = torch.Generator().manual_seed(width)
+    hist = torch.randint(-127, 128, (width, 128), dtype=torch.int8, generator=g)
+    hist[5::9] = 0
+    cands = torch.randint(-127, 128, (candidates, 128), dtype=torch.int8, generator=g)
+    scale = torch.rand(width, generator=g)
+    scale[5::9] = 0.0
+    bias = torch.where(scale > 0, 0.0, -4096.0 - torch.arange(width, dtype=torch.float32))
+    bias[-100:] = -float("inf")
+    args = [t.cuda() for t in (cands, hist, scale, bias)]
+    assert fused_keys_supported(args[0], block)
+    keys, block_max = serving_keys(*args, block)
+    ref_keys, ref_max = serving_keys_reference(*args, block)
+    assert torch.equal(keys, ref_keys)
+    assert torch.equal(block_max, ref_max)

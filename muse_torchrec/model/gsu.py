@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from muse_torchrec.features import SCL_DIM
+from muse_torchrec.model.serving_keys import int8_dots, serving_keys
 
 # Composite ranking key (see select_topk), from the most to the least significant bits:
 # tier (2 bits) | order-preserving float32 bits of the score (32 bits) | position; int64 holds 63.
@@ -271,19 +272,7 @@ def gather_selected(per_user: Tensor, sample_user: Tensor, topk: TopK) -> Tensor
     return torch.where(real, picked, torch.zeros_like(picked))
 
 
-def _int8_dots(candidates: Tensor, history: Tensor) -> Tensor:
-    """Exact int8 dot products [C, 128] x [L, 128] -> [C, L] (int32 on CUDA, float32 elsewhere).
-
-    On CUDA the int8 tensor-core GEMM (``torch._int_mm``, int32 accumulation) does it; elsewhere a
-    float32 matmul, which is exact too (|dot| <= 128 * 127**2 < 2**24). ``L`` must be a multiple
-    of 8 on CUDA (``_int_mm`` wants it).
-    """
-    if candidates.is_cuda and candidates.shape[0] > 16:
-        return torch._int_mm(candidates, history.t().contiguous())
-    return candidates.float() @ history.float().t()
-
-
-def blocked_topk(key: Tensor, k: int, block: int) -> Tuple[Tensor, Tensor]:
+def blocked_topk(key: Tensor, k: int, block: int, block_max: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """``torch.topk(key, k, dim=1)`` of a wide [C, N] matrix in two narrow passes: same values, exactly.
 
     Stage 1 takes the max of every ``block`` columns and keeps the k blocks with the largest maxima;
@@ -293,12 +282,14 @@ def blocked_topk(key: Tensor, k: int, block: int) -> Tuple[Tensor, Tensor]:
     ones rank by rank (equal values may come from other positions, as with ``torch.topk``).
 
     Why: ``torch.topk`` over 100 k-wide rows costs several passes over the matrix; a max per block
-    is one pass, and the topks left are over ~N / block and k * block columns.
+    is one pass (or none, when the maxima come with the keys), and the topks left are over
+    ~N / block and k * block columns.
 
     Args:
         key: [C, N] float, N a multiple of ``block`` (pad with -inf).
         k: number of largest entries per row, ``k <= N``.
         block: columns per block.
+        block_max: [C, N / block] maxima of the blocks, if already known.
 
     Returns:
         (values [C, k] descending, indices [C, k] into the N columns).
@@ -309,7 +300,8 @@ def blocked_topk(key: Tensor, k: int, block: int) -> Tuple[Tensor, Tensor]:
     blocks = width // block
     if blocks <= k:
         return torch.topk(key, k, dim=1)
-    block_max = key.view(rows, blocks, block).amax(dim=2)
+    if block_max is None:
+        block_max = key.view(rows, blocks, block).amax(dim=2)
     best_blocks = torch.topk(block_max, k, dim=1).indices
     columns = (best_blocks.unsqueeze(2) * block + torch.arange(block, device=key.device)).view(rows, k * block)
     values, picked = torch.topk(key.gather(1, columns), k, dim=1)
@@ -324,14 +316,14 @@ _UNSCORED_KEY = -float(2**12)
 
 @torch.no_grad()
 def serving_topk(history_int8: Tensor, history_length: int, candidates_int8: Tensor, k: int,
-                 block: Optional[int] = 64) -> TopK:
+                 block: Optional[int] = 128, fused: bool = True) -> TopK:
     """MUSE GSU for serving: one user's cached history against C candidates.
 
     Same selection rules as :func:`muse_gsu` (behaviors without SCL vector after every scored one,
     most recent first, score 0; positions >= ``history_length`` never chosen), computed for speed:
-    exact int8 GEMM dot products, then one pass that turns them into ranking keys
-    ``dot * scale[l] + bias[l]`` (scale 1 / |h_l| for scored behaviors; the bias ranks the others by
-    recency and padding last), then :func:`blocked_topk`. Within a candidate's row ``dot / |h_l|``
+    exact int8 dot products turned into ranking keys ``dot * scale[l] + bias[l]`` (scale 1 / |h_l|
+    for scored behaviors; the bias ranks the others by recency and padding last) with their block
+    maxima (``serving_keys``: one fused kernel on CUDA), then :func:`blocked_topk`. Within a candidate's row ``dot / |h_l|``
     orders like the cosine (``|c|`` is the same along the row); the cosines of the K picked
     behaviors are made at the end. Equal cosines may come out in any order: the ESU reads items and
     scores, not positions, and equal cosines at float32 precision practically only come from the
@@ -342,8 +334,9 @@ def serving_topk(history_int8: Tensor, history_length: int, candidates_int8: Ten
         history_length: number of real behaviors (a prefix of the L rows).
         candidates_int8: C x 128 int8 SCL vectors of the candidates (zero = missing).
         k: number of slots per candidate.
-        block: columns per block of :func:`blocked_topk`, or None for one ``torch.topk`` (speed only:
-            the result does not depend on it).
+        block: columns per block of :func:`blocked_topk`, or None for one ``torch.topk``.
+        fused: whether the keys may come from the fused GPU kernel (else the plain torch passes).
+        (``block`` and ``fused`` change the speed only, not the result.)
 
     Returns:
         TopK over history positions, C rows.
@@ -360,8 +353,11 @@ def serving_topk(history_int8: Tensor, history_length: int, candidates_int8: Ten
     by_recency = _UNSCORED_KEY - (history_length - 1 - positions).float()
     bias = torch.where(scored, 0.0, torch.where(valid, by_recency, -float("inf")))
     take = min(k, width)
-    key = torch.addcmul(bias, _int8_dots(candidates_int8, history), scale)
-    keys, indices = blocked_topk(key, take, block) if block else torch.topk(key, take, dim=1)
+    if block:
+        key, block_max = serving_keys(candidates_int8, history, scale, bias, block, fused)
+        keys, indices = blocked_topk(key, take, block, block_max)
+    else:
+        keys, indices = torch.topk(torch.addcmul(bias, int8_dots(candidates_int8, history), scale), take, dim=1)
     # Slot i is real iff i < min(k, history_length); its behavior is scored iff its key is a cosine.
     selectable = min(k, history_length)
     lengths = torch.full((candidates_int8.shape[0],), selectable, device=device, dtype=torch.long)

@@ -17,7 +17,8 @@ from typing import Dict, Type
 import torch
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
-from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.model_parallel import DataParallelWrapper, DistributedModelParallel
+from torchrec.distributed.types import ShardingEnv
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -70,6 +71,16 @@ def with_device_memory(cfg: ShardingConfig, device: torch.device) -> ShardingCon
     return replace(cfg, hbm_gb=torch.cuda.get_device_properties(device).total_memory / GIB)
 
 
+class SingleRankDense(DataParallelWrapper):
+    """Leaves the dense part unwrapped: with one rank DDP has nothing to average, and its per-step
+    bookkeeping (gradient hooks, bucket copies, a one-rank all-reduce) is host time on a step
+    that host time already bounds."""
+
+    def wrap(self, dmp: DistributedModelParallel, env: ShardingEnv, device: torch.device) -> None:
+        if env.world_size != 1:
+            raise ValueError(f"SingleRankDense is for one rank, the job has {env.world_size}")
+
+
 @dataclass
 class ShardedModel:
     model: DistributedModelParallel
@@ -94,7 +105,8 @@ def shard_model(model: nn.Module, cfg: ExperimentConfig, ctx: DistContext) -> Sh
         sharders=sharders,
         process_group=torch.distributed.GroupMember.WORLD,
     )
-    dmp = DistributedModelParallel(module=model, device=ctx.device, plan=report.plan, sharders=sharders)
+    dmp = DistributedModelParallel(module=model, device=ctx.device, plan=report.plan, sharders=sharders,
+                                   data_parallel_wrapper=SingleRankDense() if ctx.world_size == 1 else None)
     dense = KeyedOptimizerWrapper(
         dict(in_backward_optimizer_filter(dmp.named_parameters())),
         # The fused (single-kernel) Adam saves launches on GPU, where the step is host-bound.
