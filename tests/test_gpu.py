@@ -35,7 +35,16 @@ def test_gpu_serving_topk_int8_gemm_matches_exact_gsu():
     fast = serving_topk(hist.cuda(), 4000, target.cuda(), 50)
     exact = muse_gsu(hist.unsqueeze(0), torch.tensor([4000]), target, torch.zeros(1000, dtype=torch.long), 50)
     torch.testing.assert_close(fast.scores.cpu(), exact.scores, rtol=0, atol=1e-6)
-    assert torch.equal(fast.indices.cpu(), exact.indices)
+    # Cosines that differ by less than float32 resolution may swap (serving_topk ranks by dot / |h|,
+    # muse_gsu by the rounded cosine, then recency): each pick must still have its slot's cosine.
+    indices = fast.indices.cpu()
+    assert (indices != exact.indices).float().mean() < 1e-3
+    picked = hist[indices].double()
+    cosine = (picked * target.double().unsqueeze(1)).sum(-1) / (
+        picked.norm(dim=-1).clamp_min(1) * target.double().norm(dim=-1, keepdim=True))
+    scored = torch.arange(50) < fast.scored_lengths.cpu().unsqueeze(1)
+    torch.testing.assert_close(torch.where(scored, cosine, 0.0).float(), exact.scores, rtol=0, atol=1e-6)
+    assert all(len(set(row)) == 50 for row in indices.tolist())
 
 
 @pytest.mark.parametrize("candidates,width,block", [(1000, 100_096, 128), (37, 4096, 64), (200, 2048, 256)])

@@ -79,6 +79,8 @@ class SingleRankDense(DataParallelWrapper):
     def wrap(self, dmp: DistributedModelParallel, env: ShardingEnv, device: torch.device) -> None:
         if env.world_size != 1:
             raise ValueError(f"SingleRankDense is for one rank, the job has {env.world_size}")
+        # The dense modules were built on the host; DDP's wrapper would have moved them.
+        dmp._dmp_wrapped_module.to(device)
 
 
 @dataclass
