@@ -63,3 +63,26 @@ def test_fused_serving_keys_are_bit_identical_to_the_torch_passes(candidates, wi
     ref_keys, ref_max = serving_keys_reference(*args, block)
     assert torch.equal(keys, ref_keys)
     assert torch.equal(block_max, ref_max)
+
+
+def test_device_gsu_never_waits_for_the_device():
+    """MUSE's device GSU reads nothing back from the GPU: a sync there would stall the CPU until the
+    previous training step finished (sync debug mode "error" raises on any synchronizing call)."""
+    import numpy as np
+
+    from muse_torchrec.data.device_gsu import DeferredGsuBuilder, DeviceGsu
+    from random_data import random_block, random_scl
+
+    rng = np.random.default_rng(0)
+    scl, item_scl_row = random_scl(rng)
+    raw = DeferredGsuBuilder(scl, item_scl_row, recent=5, max_history=40)(random_block(rng, num_users=15, max_len=70))
+    gsu = DeviceGsu(scl, item_scl_row, torch.device("cuda"), k=6, kind="scl_cosine")
+    expected = gsu(raw).to(torch.device("cpu"))
+    raw = raw.pin_memory()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        batch = gsu(raw)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(batch.sequence.values().cpu(), expected.sequence.values())

@@ -117,24 +117,41 @@ class DeviceGsu:
     def _vectors(self, items: torch.Tensor) -> torch.Tensor:
         return self.scl[self.item_scl_row[items].long()]
 
+    def _selected_positions(self, raw: GsuBatch) -> torch.Tensor:
+        """Flat positions in [B * k] of the real top-K slots, from host tensors: MUSE's GSU fills
+        min(k, history length) slots of every sample (behaviors without SCL vector rank last but
+        are selectable), so this is known before the device selects anything."""
+        lengths = raw.hist_lengths[raw.sample_user].clamp(max=self.k)
+        return gsu_ops.length_mask(lengths, self.k).view(-1).nonzero().squeeze(1)
+
     @torch.no_grad()
     def __call__(self, raw: GsuBatch) -> Batch:
+        # What the host can know is taken from the host copy before the batch moves: a device ->
+        # host read here would make the CPU wait for the previous training step (MUSE: none left).
+        on_host = raw.sample_user.device.type == "cpu"
+        slots = gsu_ops.user_slots(raw.sample_user, raw.hist_lengths.shape[0]) if on_host else None
+        selected = self._selected_positions(raw) if on_host and self.kind == "scl_cosine" else None
         raw = raw.to(self.device, non_blocking=True)
+        if slots is not None:
+            slots = gsu_ops.UserSlots(slots.rank.to(self.device, non_blocking=True), slots.max_samples)
         su = raw.sample_user
         target_scl = self._vectors(raw.target_items)
         if self.kind == "scl_cosine":
-            topk = gsu_ops.muse_gsu(self._vectors(raw.hist_items), raw.hist_lengths, target_scl, su, self.k)
+            topk = gsu_ops.muse_gsu(self._vectors(raw.hist_items), raw.hist_lengths, target_scl, su, self.k, slots)
             scores = topk.scores
         else:
             topk = gsu_ops.category_match_topk(raw.hist_cates[su], raw.hist_lengths[su], raw.target_cates, self.k)
             # The ESU's similarity is the SCL cosine of each selected behavior, whatever selected it.
-            selected = gsu_ops.gather_selected(raw.hist_items, su, topk)
-            unit = gsu_ops.normalize_scl(self._vectors(selected))
+            selected_items = gsu_ops.gather_selected(raw.hist_items, su, topk)
+            unit = gsu_ops.normalize_scl(self._vectors(selected_items))
             real = gsu_ops.length_mask(topk.lengths, self.k)
             scores = torch.einsum("bkd,bd->bk", unit, gsu_ops.normalize_scl(target_scl)) * real
-        real = gsu_ops.length_mask(topk.lengths, self.k)
-        items = gsu_ops.gather_selected(raw.hist_items, su, topk)[real]
-        cates = gsu_ops.gather_selected(raw.hist_cates, su, topk)[real]
+        if selected is None:  # the category GSU's lengths come from the device
+            selected = gsu_ops.length_mask(topk.lengths, self.k).view(-1).nonzero().squeeze(1)
+        else:
+            selected = selected.to(self.device, non_blocking=True)
+        items = gsu_ops.gather_selected(raw.hist_items, su, topk).view(-1)[selected]
+        cates = gsu_ops.gather_selected(raw.hist_cates, su, topk).view(-1)[selected]
         topk_kjt = KeyedJaggedTensor(
             keys=["item_topk", "cate_topk"],
             values=torch.cat([items, cates]),

@@ -84,10 +84,23 @@ def normalize_scl(vectors_int8: Tensor) -> Tensor:
     return vectors_int8.float() / norm.unsqueeze(-1)
 
 
-def _rank_within_user(sample_user: Tensor, num_users: int) -> Tuple[Tensor, int]:
-    """Slot of each sample among its user's samples: ([B] long, max samples per user)."""
+class UserSlots(NamedTuple):
+    """Where each sample's target goes in a per-user batch of targets (see :func:`grouped_cosine`).
+
+    Attributes:
+        rank: [B] long, slot of each sample among its user's samples.
+        max_samples: the largest number of samples of one user (the slot count).
+    """
+
+    rank: Tensor
+    max_samples: int
+
+
+def user_slots(sample_user: Tensor, num_users: int) -> UserSlots:
+    """Slot of each sample among its user's samples. On a GPU this reads the maximum back to the
+    host (a sync): compute it on the host beforehand where the step must not wait."""
     if sample_user.numel() == 0:
-        return torch.zeros_like(sample_user), 0
+        return UserSlots(torch.zeros_like(sample_user), 0)
     counts = torch.bincount(sample_user, minlength=num_users)
     order = torch.argsort(sample_user, stable=True)
     first_of_user = torch.cumsum(counts, dim=0) - counts
@@ -95,10 +108,10 @@ def _rank_within_user(sample_user: Tensor, num_users: int) -> Tuple[Tensor, int]
     rank[order] = torch.arange(sample_user.numel(), device=sample_user.device) - first_of_user[
         sample_user[order]
     ]
-    return rank, int(counts.max())
+    return UserSlots(rank, int(counts.max()))
 
 
-def grouped_cosine(history: Tensor, target: Tensor, sample_user: Tensor) -> Tensor:
+def grouped_cosine(history: Tensor, target: Tensor, sample_user: Tensor, slots: Optional[UserSlots] = None) -> Tensor:
     """Dot product of each sample's target with every behavior of its user.
 
     With unit vectors (:func:`normalize_scl`) this is the cosine. Samples are grouped per user and
@@ -110,12 +123,13 @@ def grouped_cosine(history: Tensor, target: Tensor, sample_user: Tensor) -> Tens
         history: U x L x D float, each user's behavior vectors.
         target: B x D float, each sample's target vector.
         sample_user: B long, index of each sample's user in ``0..U-1``.
+        slots: ``user_slots(sample_user, U)`` if already known (on ``history``'s device).
 
     Returns:
         B x L, ``out[b, l] = <history[sample_user[b], l], target[b]>``.
     """
     num_users, _, dim = history.shape
-    rank, max_samples = _rank_within_user(sample_user, num_users)
+    rank, max_samples = slots if slots is not None else user_slots(sample_user, num_users)
     targets_per_user = history.new_zeros(num_users, max_samples, dim)
     targets_per_user[sample_user, rank] = target.to(history.dtype)
     scores = torch.bmm(targets_per_user, history.transpose(1, 2))  # U x M x L
@@ -211,6 +225,7 @@ def muse_gsu(
     target_scl_int8: Tensor,
     sample_user: Tensor,
     k: int,
+    slots: Optional[UserSlots] = None,
 ) -> TopK:
     """MUSE GSU: the K behaviors with the highest SCL cosine to the target, for a block of samples.
 
@@ -229,6 +244,7 @@ def muse_gsu(
         target_scl_int8: B x 128 int8, SCL vector of each sample's target (zero = missing).
         sample_user: B long, index of each sample's user in ``0..U-1``.
         k: number of slots per sample.
+        slots: ``user_slots(sample_user, U)`` if already known (then nothing reads back to the host).
 
     Returns:
         TopK over positions of the sample's user history; scores are cosines in [-1, 1].
@@ -239,7 +255,7 @@ def muse_gsu(
     history = hist_scl_int8.float()
     target = target_scl_int8.float()
     with torch.autocast(device_type=hist_scl_int8.device.type, enabled=False):
-        dots = grouped_cosine(history, target, sample_user)
+        dots = grouped_cosine(history, target, sample_user, slots)
     # Squared norms are integers below 2**21: exact in float32 whatever the summation order.
     hist_sq = history.square().sum(dim=-1)
     target_sq = target.square().sum(dim=-1)
