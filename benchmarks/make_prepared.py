@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from muse_torchrec import features as F
 from muse_torchrec.config import load_config
 from muse_torchrec.data import prepare as P
+from muse_torchrec.data.loader import keep_inherited_objects
 
 PARQUET = dict(compression="none", use_dictionary=False, write_statistics=False)
 
@@ -88,7 +89,8 @@ def make_prepared(out: Path, vocab: Mapping[str, int], samples: int, samples_per
     (out / "train").mkdir(exist_ok=True)
     start = time.perf_counter()
     users_per_shard = -(-samples // (samples_per_user * shards))
-    with ProcessPoolExecutor() as pool:
+    # Forked after CUDA may be in use: the workers must not free the parent's CUDA tensors.
+    with ProcessPoolExecutor(initializer=keep_inherited_objects) as pool:
         scl_job = pool.submit(write_scl, out, vocab["item"], scl_rows, seed)
         shard_jobs = [pool.submit(write_shard, out, i, vocab, users_per_shard, samples_per_user, history,
                                   chunk_users, seed + 1 + i) for i in range(shards)]

@@ -245,3 +245,19 @@ def test_incomplete_or_foreign_dir_is_refused(tmp_path: Path, data: PreparedData
     (tmp_path / META_FILE).write_text(json.dumps(meta))
     with pytest.raises(PreparedDataError, match="format version"):
         PreparedData(tmp_path)
+
+
+def _frozen_objects(block: SampleBlock) -> int:
+    import gc
+
+    return gc.get_freeze_count()
+
+
+def test_workers_never_collect_what_they_inherited(data: PreparedData) -> None:
+    """A forked worker must not free the parent's objects: freeing an inherited CUDA tensor in a
+    forked process fails ("CUDA error: initialization error"), so workers freeze what they inherit."""
+    import gc
+
+    assert gc.get_freeze_count() == 0
+    frozen = list(make_loader(data, "train", 20, _frozen_objects, num_workers=2, shuffle=False, seed=0))
+    assert frozen and all(count > 1000 for count in frozen)

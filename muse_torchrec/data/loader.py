@@ -18,6 +18,7 @@ each epoch.
 
 from __future__ import annotations
 
+import gc
 import heapq
 import json
 import math
@@ -545,5 +546,13 @@ def make_loader(
     # RNG (a resumed run creates its iterators at other points of the RNG stream).
     return DataLoader(
         dataset, batch_size=None, num_workers=num_workers, collate_fn=_unchanged, pin_memory=pin_memory,
-        generator=torch.Generator().manual_seed(seed),
+        generator=torch.Generator().manual_seed(seed), worker_init_fn=keep_inherited_objects,
     )
+
+
+def keep_inherited_objects(worker_id: int = 0) -> None:
+    """First thing in a forked worker: exempt everything inherited from the parent from garbage
+    collection. The parent may hold unreachable CUDA tensors (e.g. of a finished compiled model)
+    that its collector has not freed yet; freeing one in the child calls into CUDA, which a forked
+    process cannot use ("CUDA error: initialization error"). It also keeps the inherited pages shared."""
+    gc.freeze()
