@@ -20,7 +20,7 @@ def test_device_gsu_equals_host_gsu(kind, pad_to, device):
     scl, item_scl_row = random_scl(rng)
     block = random_block(rng, num_users=15, max_len=70)
     host = BatchBuilder(scl, item_scl_row, gsu=kind, k=K, recent=RECENT, max_history=MAX_HISTORY, pad_to=pad_to)(block)
-    raw = DeferredGsuBuilder(scl, item_scl_row, recent=RECENT, max_history=MAX_HISTORY, pad_to=pad_to)(block)
+    raw = DeferredGsuBuilder(scl, item_scl_row, recent=RECENT, max_history=MAX_HISTORY, pad_to=pad_to, k=K)(block)
     moved = DeviceGsu(scl, item_scl_row, torch.device(device), k=K, kind=kind)(raw).to(torch.device("cpu"))
     assert moved.sequence.keys() == host.sequence.keys()
     assert torch.equal(moved.sequence.values(), host.sequence.values())
@@ -34,3 +34,12 @@ def test_device_gsu_equals_host_gsu(kind, pad_to, device):
 def test_device_gsu_rejects_gsus_with_parameters():
     with pytest.raises(ValueError, match="device GSU runs"):
         DeviceGsu(np.zeros((1, 128), np.int8), np.zeros(1, np.int32), torch.device("cpu"), kind="whole_history")
+
+
+def test_device_gsu_refuses_a_batch_built_for_another_k():
+    rng = np.random.default_rng(4)
+    scl, item_scl_row = random_scl(rng)
+    raw = DeferredGsuBuilder(scl, item_scl_row, recent=RECENT, max_history=MAX_HISTORY, k=K + 1)(
+        random_block(rng, num_users=3, max_len=20))
+    with pytest.raises(ValueError, match="built for a top-7"):
+        DeviceGsu(scl, item_scl_row, torch.device("cpu"), k=K)(raw)

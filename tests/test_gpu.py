@@ -75,7 +75,7 @@ def test_device_gsu_never_waits_for_the_device():
 
     rng = np.random.default_rng(0)
     scl, item_scl_row = random_scl(rng)
-    raw = DeferredGsuBuilder(scl, item_scl_row, recent=5, max_history=40)(random_block(rng, num_users=15, max_len=70))
+    raw = DeferredGsuBuilder(scl, item_scl_row, recent=5, max_history=40, k=6)(random_block(rng, num_users=15, max_len=70))
     gsu = DeviceGsu(scl, item_scl_row, torch.device("cuda"), k=6, kind="scl_cosine")
     expected = gsu(raw).to(torch.device("cpu"))
     raw = raw.pin_memory()

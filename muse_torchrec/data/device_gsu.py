@@ -12,7 +12,7 @@ behavior's 128-d vector); on an H100 it takes ~1.3 ms (benchmarks/RESULTS.md).
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Iterable, Iterator, Optional
+from typing import Dict, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -36,6 +36,12 @@ class GsuBatch(Pipelineable):
         hist_items, hist_cates: [U, L] int64 item/category rows of each user's history, id 0 removed,
             left-aligned (oldest first); hist_lengths: [U] int64.
         sample_user: [B] int64 user of each sample; target_items, target_cates: [B] int64.
+        user_rank, max_user_samples: ``gsu.user_slots`` of ``sample_user``.
+        topk_slots: [N] int64 flat positions in [B * k] of the top-K slots MUSE's GSU fills
+            (min(k, history length) per sample), for ``k`` slots per sample.
+
+    The last three are host facts computed in the worker, so that the device GSU never reads
+    anything back from the GPU (a read would make the CPU wait for the training step before it).
     """
 
     batch: Batch
@@ -45,32 +51,43 @@ class GsuBatch(Pipelineable):
     sample_user: torch.Tensor
     target_items: torch.Tensor
     target_cates: torch.Tensor
+    user_rank: torch.Tensor
+    max_user_samples: int
+    topk_slots: torch.Tensor
+    k: int
 
-    def _tensors(self):
-        return [f.name for f in fields(self) if f.name != "batch"]
+    def _tensors(self) -> Dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "GsuBatch":
-        moved = {name: getattr(self, name).to(device=device, non_blocking=non_blocking) for name in self._tensors()}
-        return GsuBatch(batch=self.batch.to(device, non_blocking), **moved)
+        moved = {name: t.to(device=device, non_blocking=non_blocking) for name, t in self._tensors().items()}
+        return replace(self, batch=self.batch.to(device, non_blocking), **moved)
 
     def record_stream(self, stream: torch.Stream) -> None:
         self.batch.record_stream(stream)
-        for name in self._tensors():
-            getattr(self, name).record_stream(stream)
+        for tensor in self._tensors().values():
+            tensor.record_stream(stream)
 
     def pin_memory(self) -> "GsuBatch":
-        return GsuBatch(batch=self.batch.pin_memory(), **{n: getattr(self, n).pin_memory() for n in self._tensors()})
+        return replace(self, batch=self.batch.pin_memory(), **{n: t.pin_memory() for n, t in self._tensors().items()})
+
+
+def real_slots(lengths: torch.Tensor, k: int) -> torch.Tensor:
+    """Flat positions in [B * k] of the first ``lengths[b]`` slots of each row: [sum(min(lengths, k))]."""
+    return gsu_ops.length_mask(lengths, k).view(-1).nonzero().squeeze(1)
 
 
 class DeferredGsuBuilder:
-    """SampleBlock -> GsuBatch in the loader workers: the host part of ``BatchBuilder`` without the top-K."""
+    """SampleBlock -> GsuBatch in the loader workers: the host part of ``BatchBuilder`` without the top-K
+    (``k``: the top-K size of the ``DeviceGsu`` that completes it)."""
 
     def __init__(self, scl_vectors: np.ndarray, item_scl_row: np.ndarray, recent: int = 50,
-                 max_history: int = 1000, pad_to: Optional[int] = None) -> None:
+                 max_history: int = 1000, pad_to: Optional[int] = None, k: int = 50) -> None:
         self.base = BatchBuilder(scl_vectors, item_scl_row, gsu="recent_only", recent=recent,
                                  max_history=max_history)
         self.max_history = max_history
         self.pad_to = pad_to
+        self.k = k
 
     def __call__(self, block: SampleBlock) -> GsuBatch:
         weights = np.ones(block.batch_size, dtype=np.float32)
@@ -80,14 +97,20 @@ class DeferredGsuBuilder:
         cates, _ = _padded_rows(block.hist_offsets, block.hist_cates, self.max_history)
         lengths, (items, cates) = _compact(valid & (items != 0), items, cates)
         batch = replace(self.base(block), weights=torch.from_numpy(weights))
+        sample_user, hist_lengths = _long(block.sample_user), _long(lengths)
+        slots = gsu_ops.user_slots(sample_user, len(hist_lengths))
         return GsuBatch(
             batch=batch,
             hist_items=_long(items),
             hist_cates=_long(cates),
-            hist_lengths=_long(lengths),
-            sample_user=_long(block.sample_user),
+            hist_lengths=hist_lengths,
+            sample_user=sample_user,
             target_items=_long(block.target[F.ITEM.name]),
             target_cates=_long(block.target[F.CATE.name]),
+            user_rank=slots.rank,
+            max_user_samples=slots.max_samples,
+            topk_slots=real_slots(hist_lengths[sample_user], self.k),
+            k=self.k,
         )
 
 
@@ -117,28 +140,17 @@ class DeviceGsu:
     def _vectors(self, items: torch.Tensor) -> torch.Tensor:
         return self.scl[self.item_scl_row[items].long()]
 
-    def _selected_positions(self, raw: GsuBatch) -> torch.Tensor:
-        """Flat positions in [B * k] of the real top-K slots, from host tensors: MUSE's GSU fills
-        min(k, history length) slots of every sample (behaviors without SCL vector rank last but
-        are selectable), so this is known before the device selects anything."""
-        lengths = raw.hist_lengths[raw.sample_user].clamp(max=self.k)
-        return gsu_ops.length_mask(lengths, self.k).view(-1).nonzero().squeeze(1)
-
     @torch.no_grad()
     def __call__(self, raw: GsuBatch) -> Batch:
-        # What the host can know is taken from the host copy before the batch moves: a device ->
-        # host read here would make the CPU wait for the previous training step (MUSE: none left).
-        on_host = raw.sample_user.device.type == "cpu"
-        slots = gsu_ops.user_slots(raw.sample_user, raw.hist_lengths.shape[0]) if on_host else None
-        selected = self._selected_positions(raw) if on_host and self.kind == "scl_cosine" else None
+        if raw.k != self.k:
+            raise ValueError(f"the batch was built for a top-{raw.k} (DeferredGsuBuilder k), this GSU selects {self.k}")
         raw = raw.to(self.device, non_blocking=True)
-        if slots is not None:
-            slots = gsu_ops.UserSlots(slots.rank.to(self.device, non_blocking=True), slots.max_samples)
         su = raw.sample_user
         target_scl = self._vectors(raw.target_items)
         if self.kind == "scl_cosine":
+            slots = gsu_ops.UserSlots(raw.user_rank, raw.max_user_samples)
             topk = gsu_ops.muse_gsu(self._vectors(raw.hist_items), raw.hist_lengths, target_scl, su, self.k, slots)
-            scores = topk.scores
+            scores, selected = topk.scores, raw.topk_slots
         else:
             topk = gsu_ops.category_match_topk(raw.hist_cates[su], raw.hist_lengths[su], raw.target_cates, self.k)
             # The ESU's similarity is the SCL cosine of each selected behavior, whatever selected it.
@@ -146,10 +158,7 @@ class DeviceGsu:
             unit = gsu_ops.normalize_scl(self._vectors(selected_items))
             real = gsu_ops.length_mask(topk.lengths, self.k)
             scores = torch.einsum("bkd,bd->bk", unit, gsu_ops.normalize_scl(target_scl)) * real
-        if selected is None:  # the category GSU's lengths come from the device
-            selected = gsu_ops.length_mask(topk.lengths, self.k).view(-1).nonzero().squeeze(1)
-        else:
-            selected = selected.to(self.device, non_blocking=True)
+            selected = real_slots(topk.lengths, self.k)  # known on the device only: a sync
         items = gsu_ops.gather_selected(raw.hist_items, su, topk).view(-1)[selected]
         cates = gsu_ops.gather_selected(raw.hist_cates, su, topk).view(-1)[selected]
         topk_kjt = KeyedJaggedTensor(
