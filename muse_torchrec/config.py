@@ -87,8 +87,6 @@ class TableConstraint:
 @dataclass(frozen=True)
 class ShardingConfig:
     constraints: Mapping[str, TableConstraint] = field(default_factory=dict)
-    # Where the frozen SCL table lives for the GSU: "host" (memory-mapped) or "device".
-    scl_placement: str = "host"
     # Per-device memory the planner may use (None: the device's own / the host's RAM).
     hbm_gb: Optional[float] = None
     ddr_gb: Optional[float] = None

@@ -332,7 +332,7 @@ _UNSCORED_KEY = -float(2**12)
 
 @torch.no_grad()
 def serving_topk(history_int8: Tensor, history_length: int, candidates_int8: Tensor, k: int,
-                 block: Optional[int] = 128, fused: bool = True) -> TopK:
+                 block: Optional[int] = 256, fused: bool = True) -> TopK:
     """MUSE GSU for serving: one user's cached history against C candidates.
 
     Same selection rules as :func:`muse_gsu` (behaviors without SCL vector after every scored one,
