@@ -41,6 +41,7 @@ from muse_torchrec.data.device_gsu import DeferredGsuBuilder, DeviceGsu
 from muse_torchrec.model.methods import build_model, get_method
 from muse_torchrec.train.distributed import DistContext, init_distributed, shutdown
 from muse_torchrec.data.loader import PreparedData, count_batches, make_loader
+from muse_torchrec.data.packed import PackingTransform
 from muse_torchrec.train.sharded import embedding_parameters, shard_model
 from make_prepared import make_prepared, zipf_rows
 
@@ -165,9 +166,10 @@ def bench_sharded(cfg: ExperimentConfig, vocab: Mapping[str, int], batches: Iter
 
 
 def e2e_batches(cfg: ExperimentConfig, work: Path, ctx: DistContext, num_workers: int, needed: int,
-                device_gsu: bool) -> Iterable[Batch]:
+                device_gsu: bool, pack_batches: bool) -> Iterable[Batch]:
     """Ready batches from prepared shards on local disk through the real loader: the GSU in the loader
-    workers (host), or on the training device after the workers built the rest (``device_gsu``)."""
+    workers (host), or on the training device after the workers built the rest (``device_gsu``);
+    ``pack_batches``: the workers hand each batch over as one buffer (``data.packed``, as the trainer)."""
     data = PreparedData(work)
     available = count_batches(data, "train", cfg.train.batch_size, rank=ctx.rank, world_size=ctx.world_size,
                               num_workers=max(num_workers, 1), drop_last=True)
@@ -180,7 +182,8 @@ def e2e_batches(cfg: ExperimentConfig, work: Path, ctx: DistContext, num_workers
     else:
         builder = BatchBuilder(data.scl_vectors(), data.item_scl_row(), gsu=gsu, k=cfg.model.k,
                                recent=cfg.data.recent, max_history=cfg.data.max_history)
-    loader = make_loader(data, "train", cfg.train.batch_size, builder, rank=ctx.rank, world_size=ctx.world_size,
+    transform = PackingTransform(builder) if pack_batches else builder
+    loader = make_loader(data, "train", cfg.train.batch_size, transform, rank=ctx.rank, world_size=ctx.world_size,
                          num_workers=num_workers, seed=cfg.data.seed, shuffle=True, drop_last=True,
                          pin_memory=ctx.device.type == "cuda")
     if not device_gsu:
@@ -235,6 +238,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=8, help="loader worker processes per rank (e2e)")
     parser.add_argument("--gsu-places", nargs="+", default=["device"], choices=["host", "device"],
                         help="e2e: run the GSU in the loader workers (host) and/or on the GPU (device)")
+    parser.add_argument("--packing", nargs="+", default=["packed"], choices=["packed", "unpacked"],
+                        help="e2e: batches from the workers as one buffer (packed, as the trainer) and/or as is")
     parser.add_argument("--profile-steps", type=int, default=0, help="profile this many extra model-mode steps")
     parser.add_argument("--compile-modes", nargs="+", default=None, metavar="MODE",
                         help="model mode: one run per train.compile_mode (default: the config's)")
@@ -266,10 +271,12 @@ def main() -> None:
                                                 cfg.data.max_history, args.scl_rows, shards=16, chunk_users=256, seed=0)
         dist.barrier()
         for device_gsu in args.gsu_places:
-            name = "e2e_device_gsu" if device_gsu == "device" else "e2e"
-            loader = e2e_batches(cfg, work, ctx, args.workers, args.warmup + args.steps, device_gsu == "device")
-            results[name] = bench_sharded(cfg, vocab, loader, ctx, args.warmup, args.steps)
-            results[name]["loader_workers"] = args.workers
+            for packed in args.packing:
+                name = ("e2e_device_gsu" if device_gsu == "device" else "e2e") + ("" if packed == "packed" else ":unpacked")
+                loader = e2e_batches(cfg, work, ctx, args.workers, args.warmup + args.steps, device_gsu == "device",
+                                     packed == "packed")
+                results[name] = bench_sharded(cfg, vocab, loader, ctx, args.warmup, args.steps)
+                results[name]["loader_workers"] = args.workers
     if args.baseline:
         results["baseline"] = bench_replicated(cfg, vocab, batches, ctx, args.warmup, args.steps)
     if ctx.is_main:

@@ -26,8 +26,9 @@ def prepared(tmp_path_factory) -> Path:
     return root / "prepared"
 
 
-def run_train(prepared: Path, run_dir: Path, nproc: int) -> dict:
+def run_train(prepared: Path, run_dir: Path, nproc: int, workers: int = 0) -> dict:
     overrides = [f"data.prepared_dir={prepared}", f"train.run_dir={run_dir}", "data.synthesize=false",
+                 f"data.num_workers={workers}",
                  "train.batch_size=32", "train.eval_batch_size=64", "train.limit_train_batches=2",
                  "model.mlp=[16,8]", "data.max_history=200"]
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
@@ -42,11 +43,12 @@ def run_train(prepared: Path, run_dir: Path, nproc: int) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_every_test_sample_scored_once(prepared, tmp_path, nproc):
+@pytest.mark.parametrize("nproc,workers", [(1, 0), (2, 0), (2, 2)])
+def test_every_test_sample_scored_once(prepared, tmp_path, nproc, workers):
+    """With loader workers, batches reach the training process packed (one buffer each)."""
     data = PreparedData(prepared)
     units = data.work_units("test")
     assert len(data.shards("test")) > 1 and len(units) % 2 == 1, "the case needs an odd number of units"
-    metrics = run_train(prepared, tmp_path / f"run{nproc}", nproc)
+    metrics = run_train(prepared, tmp_path / f"run{nproc}", nproc, workers)
     assert metrics["world_size"] == nproc
     assert metrics["num_eval_samples"] == data.num_samples("test")

@@ -14,7 +14,7 @@ behavior's 128-d vector); on an H100 it takes ~1.3 ms (benchmarks/RESULTS.md).
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Dict, Iterable, Iterator, Optional
+from typing import Dict, Iterable, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from torchrec.streamable import Pipelineable
 from muse_torchrec import features as F
 from muse_torchrec.data.batch import Batch, BatchBuilder, _compact, _padded_rows, pad_block
 from muse_torchrec.data.block import SampleBlock
+from muse_torchrec.data.packed import Packed
 from muse_torchrec.model import gsu as gsu_ops
 
 DEVICE_GSU_KINDS = ("scl_cosine", "category")
@@ -143,10 +144,11 @@ class DeviceGsu:
         return self.scl[self.item_scl_row[items].long()]
 
     @torch.no_grad()
-    def __call__(self, raw: GsuBatch) -> Batch:
+    def __call__(self, raw: Union[GsuBatch, Packed]) -> Batch:
+        """``raw``: a GsuBatch, or one packed by the loader workers (``data.packed``)."""
+        raw = raw.to(self.device, non_blocking=True)
         if raw.k != self.k:
             raise ValueError(f"the batch was built for a top-{raw.k} (DeferredGsuBuilder k), this GSU selects {self.k}")
-        raw = raw.to(self.device, non_blocking=True)
         su = raw.sample_user
         target_scl = self._vectors(raw.target_items)
         if self.kind == "scl_cosine":
@@ -171,7 +173,7 @@ class DeviceGsu:
         sequence = KeyedJaggedTensor.concat([raw.batch.sequence, topk_kjt])
         return replace(raw.batch, sequence=sequence, topk_scores=scores.float().contiguous())
 
-    def over(self, batches: Iterable[GsuBatch]) -> Iterator[Batch]:
+    def over(self, batches: Iterable[Union[GsuBatch, Packed]]) -> Iterator[Batch]:
         """Apply to every batch of a loader."""
         for raw in batches:
             yield self(raw)

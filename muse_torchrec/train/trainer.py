@@ -21,7 +21,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, Optional
+from typing import Callable, Dict, Iterable, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ from muse_torchrec.data.batch import Batch, BatchBuilder, sequence_features
 from muse_torchrec.data.block import SampleBlock
 from muse_torchrec.data.integrity import check_prepared_config
 from muse_torchrec.data.loader import PreparedData, count_batches, make_loader
+from muse_torchrec.data.packed import Packed, PackingTransform
 from muse_torchrec.metrics import EvalAccumulator, EvalMetrics
 from muse_torchrec.model.methods import build_model, get_method
 from muse_torchrec.train.checkpoint import (
@@ -105,9 +106,11 @@ class NonFiniteLossError(ValueError):
 
 
 def _loader(cfg: ExperimentConfig, data: PreparedData, split: str, ctx: DistContext, builder: BatchBuilder,
-            batch_size: int, shuffle: bool, drop_last: bool, seed: int, skip: int = 0) -> Iterable[Batch]:
+            batch_size: int, shuffle: bool, drop_last: bool, seed: int, skip: int = 0) -> Iterable[Union[Batch, Packed]]:
+    """Batches of ``split``; from worker processes they come packed (one buffer each, ``data.packed``):
+    ``.to(device)`` gives the Batch."""
     return make_loader(
-        data, split, batch_size, builder,
+        data, split, batch_size, PackingTransform(builder) if cfg.data.num_workers > 0 else builder,
         rank=ctx.rank, world_size=ctx.world_size, num_workers=cfg.data.num_workers,
         seed=seed, shuffle=shuffle, drop_last=drop_last, skip=skip,
     )

@@ -1,0 +1,117 @@
+"""One buffer per batch between the loader workers and the training process.
+
+A batch (``Batch``, ``GsuBatch``: dataclasses of tensors, KJTs and plain values) holds ~20 tensors.
+A DataLoader worker hands each tensor over separately (one shared-memory file and descriptor per
+tensor), and the training thread spends ~0.45 ms per tensor taking them in (measured on the
+development machine: 9.8 ms per ``GsuBatch`` against 1.2 ms for one tensor of the same bytes),
+time a host-bound training step does not have. ``pack`` copies every tensor of a batch into one
+byte buffer in the worker; ``Packed`` crosses the process boundary, is pinned and moved to the
+device as that one buffer, and ``unpack`` rebuilds the batch there from views of it (no copies).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, List, Tuple
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
+
+# Every tensor starts at a multiple of this many bytes, so that a view of any dtype is aligned.
+_ALIGN = 16
+
+# Layout nodes (plain tuples, cheap to pickle):
+#   ("tensor", offset, dtype, shape)
+#   ("kjt", keys, values, lengths, weights)      children are layouts, weights may be ("value", None)
+#   ("dataclass", cls, ((field name, layout), ...))
+#   ("value", obj)                               anything else, kept as is (ints, None, strings)
+Layout = Tuple[Any, ...]
+
+
+@dataclass
+class Packed(Pipelineable):
+    """A batch as one contiguous uint8 buffer plus the layout to rebuild it.
+
+    ``to(device)`` moves the buffer and returns the rebuilt batch on ``device`` (what
+    TrainPipelineSparseDist and ``DeviceGsu`` expect); ``pin_memory`` pins the buffer.
+    """
+
+    buffer: torch.Tensor
+    layout: Layout
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> Any:
+        return unpack(Packed(self.buffer.to(device=device, non_blocking=non_blocking), self.layout))
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        self.buffer.record_stream(stream)
+
+    def pin_memory(self) -> "Packed":
+        return Packed(self.buffer.pin_memory(), self.layout)
+
+
+class _Collector:
+    """Tensors met while laying a batch out, with their byte offsets in the buffer."""
+
+    def __init__(self) -> None:
+        self.placed: List[Tuple[torch.Tensor, int]] = []
+        self.size = 0
+
+    def layout(self, obj: Any) -> Layout:
+        if isinstance(obj, torch.Tensor):
+            offset = -(-self.size // _ALIGN) * _ALIGN
+            self.size = offset + obj.numel() * obj.element_size()
+            self.placed.append((obj, offset))
+            return ("tensor", offset, obj.dtype, tuple(obj.shape))
+        if isinstance(obj, KeyedJaggedTensor):
+            return ("kjt", obj.keys(), self.layout(obj.values()), self.layout(obj.lengths()),
+                    self.layout(obj.weights_or_none()))
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            return ("dataclass", type(obj), tuple((f.name, self.layout(getattr(obj, f.name)))
+                                                  for f in dataclasses.fields(obj)))
+        return ("value", obj)
+
+
+def pack(obj: Any) -> Packed:
+    """Copy every tensor of ``obj`` (CPU) into one buffer; tensors may be of any dtype and shape."""
+    collector = _Collector()
+    layout = collector.layout(obj)
+    buffer = torch.empty(collector.size, dtype=torch.uint8)
+    for tensor, offset in collector.placed:
+        _view(buffer, offset, tensor.dtype, tuple(tensor.shape)).copy_(tensor)
+    return Packed(buffer, layout)
+
+
+def _view(buffer: torch.Tensor, offset: int, dtype: torch.dtype, shape: Tuple[int, ...]) -> torch.Tensor:
+    nbytes = math.prod(shape) * dtype.itemsize
+    return buffer[offset:offset + nbytes].view(dtype).view(shape)
+
+
+def _rebuild(layout: Layout, buffer: torch.Tensor) -> Any:
+    kind = layout[0]
+    if kind == "tensor":
+        return _view(buffer, *layout[1:])
+    if kind == "kjt":
+        keys, values, lengths, weights = layout[1], *(_rebuild(child, buffer) for child in layout[2:])
+        return KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, weights=weights)
+    if kind == "dataclass":
+        cls, fields = layout[1], layout[2]
+        return cls(**{name: _rebuild(child, buffer) for name, child in fields})
+    return layout[1]
+
+
+def unpack(packed: Packed) -> Any:
+    """The batch ``pack`` was given, its tensors views of ``packed.buffer`` (on the buffer's device)."""
+    return _rebuild(packed.layout, packed.buffer)
+
+
+class PackingTransform:
+    """``transform`` followed by ``pack``: what a loader worker runs so that its batches cross as one buffer."""
+
+    def __init__(self, transform: Callable[[Any], Any]) -> None:
+        self.transform = transform
+
+    def __call__(self, block: Any) -> Packed:
+        return pack(self.transform(block))
