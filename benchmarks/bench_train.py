@@ -240,7 +240,7 @@ def main() -> None:
                         help="e2e: run the GSU in the loader workers (host) and/or on the GPU (device)")
     parser.add_argument("--packing", nargs="+", default=["packed"], choices=["packed", "unpacked"],
                         help="e2e: batches from the workers as one buffer (packed, as the trainer) and/or as is")
-    parser.add_argument("--profile-steps", type=int, default=0, help="profile this many extra model-mode steps")
+    parser.add_argument("--profile-steps", type=int, default=0, help="profile this many extra steps of each run")
     parser.add_argument("--compile-modes", nargs="+", default=None, metavar="MODE",
                         help="model mode: one run per train.compile_mode (default: the config's)")
     parser.add_argument("--out", default=None)
@@ -273,9 +273,10 @@ def main() -> None:
         for device_gsu in args.gsu_places:
             for packed in args.packing:
                 name = ("e2e_device_gsu" if device_gsu == "device" else "e2e") + ("" if packed == "packed" else ":unpacked")
-                loader = e2e_batches(cfg, work, ctx, args.workers, args.warmup + args.steps, device_gsu == "device",
+                loader = e2e_batches(cfg, work, ctx, args.workers, args.warmup + args.steps + args.profile_steps,
+                                     device_gsu == "device",
                                      packed == "packed")
-                results[name] = bench_sharded(cfg, vocab, loader, ctx, args.warmup, args.steps)
+                results[name] = bench_sharded(cfg, vocab, loader, ctx, args.warmup, args.steps, args.profile_steps)
                 results[name]["loader_workers"] = args.workers
     if args.baseline:
         results["baseline"] = bench_replicated(cfg, vocab, batches, ctx, args.warmup, args.steps)
