@@ -166,9 +166,10 @@ def bench_sharded(cfg: ExperimentConfig, vocab: Mapping[str, int], batches: Iter
 
 
 def e2e_batches(cfg: ExperimentConfig, work: Path, ctx: DistContext, num_workers: int, needed: int,
-                device_gsu: bool, pack_batches: bool) -> Iterable[Batch]:
+                device_gsu: bool, pack_batches: bool, gsu_thread: bool = False) -> Iterable[Batch]:
     """Ready batches from prepared shards on local disk through the real loader: the GSU in the loader
-    workers (host), or on the training device after the workers built the rest (``device_gsu``);
+    workers (host), or on the training device after the workers built the rest (``device_gsu``; in
+    the training thread, or ahead of it in a background thread with ``gsu_thread``);
     ``pack_batches``: the workers hand each batch over as one buffer (``data.packed``, as the trainer)."""
     data = PreparedData(work)
     available = count_batches(data, "train", cfg.train.batch_size, rank=ctx.rank, world_size=ctx.world_size,
@@ -188,7 +189,8 @@ def e2e_batches(cfg: ExperimentConfig, work: Path, ctx: DistContext, num_workers
                          pin_memory=ctx.device.type == "cuda")
     if not device_gsu:
         return loader
-    return DeviceGsu(data.scl_vectors(), data.item_scl_row(), ctx.device, k=cfg.model.k, kind=gsu).over(loader)
+    device = DeviceGsu(data.scl_vectors(), data.item_scl_row(), ctx.device, k=cfg.model.k, kind=gsu)
+    return device.ahead(loader) if gsu_thread else device.over(loader)
 
 
 def bench_replicated(cfg: ExperimentConfig, vocab: Mapping[str, int], batches: List[Batch], ctx: DistContext,
@@ -236,8 +238,9 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/muse_bench_prepared", help="prepared shards for e2e mode")
     parser.add_argument("--e2e-samples", type=int, default=400_000, help="train samples written for e2e mode")
     parser.add_argument("--workers", type=int, default=8, help="loader worker processes per rank (e2e)")
-    parser.add_argument("--gsu-places", nargs="+", default=["device"], choices=["host", "device"],
-                        help="e2e: run the GSU in the loader workers (host) and/or on the GPU (device)")
+    parser.add_argument("--gsu-places", nargs="+", default=["device"], choices=["host", "device", "device_ahead"],
+                        help="e2e: run the GSU in the loader workers (host) and/or on the GPU in the training "
+                             "thread (device) or in a background thread (device_ahead)")
     parser.add_argument("--packing", nargs="+", default=["packed"], choices=["packed", "unpacked"],
                         help="e2e: batches from the workers as one buffer (packed, as the trainer) and/or as is")
     parser.add_argument("--profile-steps", type=int, default=0, help="profile this many extra steps of each run")
@@ -270,12 +273,12 @@ def main() -> None:
             results["e2e_data"] = make_prepared(work, vocab, args.e2e_samples, args.samples_per_user,
                                                 cfg.data.max_history, args.scl_rows, shards=16, chunk_users=256, seed=0)
         dist.barrier()
-        for device_gsu in args.gsu_places:
+        for place in args.gsu_places:
             for packed in args.packing:
-                name = ("e2e_device_gsu" if device_gsu == "device" else "e2e") + ("" if packed == "packed" else ":unpacked")
+                name = {"host": "e2e", "device": "e2e_device_gsu", "device_ahead": "e2e_device_gsu_ahead"}[place]
+                name += "" if packed == "packed" else ":unpacked"
                 loader = e2e_batches(cfg, work, ctx, args.workers, args.warmup + args.steps + args.profile_steps,
-                                     device_gsu == "device",
-                                     packed == "packed")
+                                     place != "host", packed == "packed", gsu_thread=place == "device_ahead")
                 results[name] = bench_sharded(cfg, vocab, loader, ctx, args.warmup, args.steps, args.profile_steps)
                 results[name]["loader_workers"] = args.workers
     if args.baseline:

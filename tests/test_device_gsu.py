@@ -43,3 +43,46 @@ def test_device_gsu_refuses_a_batch_built_for_another_k():
         random_block(rng, num_users=3, max_len=20))
     with pytest.raises(ValueError, match="built for a top-7"):
         DeviceGsu(scl, item_scl_row, torch.device("cpu"), k=K)(raw)
+
+
+def _raw_batches(count: int):
+    rng = np.random.default_rng(8)
+    scl, item_scl_row = random_scl(rng)
+    builder = DeferredGsuBuilder(scl, item_scl_row, recent=RECENT, max_history=MAX_HISTORY, k=K)
+    return scl, item_scl_row, [builder(random_block(rng, num_users=6, max_len=50)) for _ in range(count)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gsu_ahead_gives_the_same_batches_in_order(device):
+    scl, item_scl_row, raws = _raw_batches(7)
+    gsu = DeviceGsu(scl, item_scl_row, torch.device(device), k=K)
+    inline = [b.to(torch.device("cpu")) for b in gsu.over(raws)]
+    ahead = [b.to(torch.device("cpu")) for b in gsu.ahead(raws, depth=2)]
+    assert len(ahead) == len(inline) == 7
+    for a, b in zip(inline, ahead):
+        assert torch.equal(a.sequence.values(), b.sequence.values())
+        assert torch.equal(a.topk_scores, b.topk_scores)
+
+
+def test_gsu_ahead_raises_a_loader_error_in_order_and_stops():
+    scl, item_scl_row, raws = _raw_batches(3)
+
+    def failing():
+        yield from raws[:2]
+        raise RuntimeError("bad shard")
+
+    got = []
+    with pytest.raises(RuntimeError, match="bad shard"):
+        for batch in DeviceGsu(scl, item_scl_row, torch.device("cpu"), k=K).ahead(failing()):
+            got.append(batch)
+    assert len(got) == 2
+
+
+def test_gsu_ahead_stops_its_thread_when_the_consumer_stops():
+    import threading
+
+    scl, item_scl_row, raws = _raw_batches(6)
+    iterator = iter(DeviceGsu(scl, item_scl_row, torch.device("cpu"), k=K).ahead(raws, depth=1))
+    next(iterator)
+    iterator.close()
+    assert not any(t.name == "gsu-ahead" for t in threading.enumerate())

@@ -13,6 +13,9 @@ behavior's 128-d vector); on an H100 it takes ~1.3 ms (benchmarks/RESULTS.md).
 
 from __future__ import annotations
 
+import contextlib
+import queue
+import threading
 from dataclasses import dataclass, fields, replace
 from typing import Dict, Iterable, Iterator, Optional, Union
 
@@ -174,6 +177,81 @@ class DeviceGsu:
         return replace(raw.batch, sequence=sequence, topk_scores=scores.float().contiguous())
 
     def over(self, batches: Iterable[Union[GsuBatch, Packed]]) -> Iterator[Batch]:
-        """Apply to every batch of a loader."""
+        """Apply to every batch of a loader, in the calling thread."""
         for raw in batches:
             yield self(raw)
+
+    def ahead(self, batches: Iterable[Union[GsuBatch, Packed]], depth: int = 2) -> "GsuAhead":
+        """Apply to every batch of a loader in a background thread, ``depth`` batches ahead."""
+        return GsuAhead(self, batches, depth)
+
+
+_END = object()
+
+
+class GsuAhead:
+    """``DeviceGsu`` over a loader in a background thread (on CUDA: on its own stream), ``depth``
+    batches ahead of the consumer; batches come out in loader order, errors are raised in order.
+
+    Why: the GSU's ~100 small kernels are host time, and the training thread is host-bound. PyTorch
+    releases the GIL while it launches an op, so the thread overlaps most of that time with the
+    training step's own launches. On CUDA each batch carries an event recorded after its GSU; the
+    consumer's current stream waits for it and the batch's memory is recorded as used there.
+    """
+
+    def __init__(self, gsu: DeviceGsu, batches: Iterable[Union[GsuBatch, Packed]], depth: int = 2) -> None:
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self.gsu, self.batches, self.depth = gsu, batches, depth
+
+    @staticmethod
+    def _put(out: "queue.Queue", item: object, stop: threading.Event) -> bool:
+        """Put ``item`` unless the consumer stopped first; whether it was put."""
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self, source: Iterator, out: "queue.Queue", stop: threading.Event) -> None:
+        cuda = self.gsu.device.type == "cuda"
+        stream = torch.cuda.Stream(self.gsu.device) if cuda else None
+        try:
+            with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+                for raw in source:
+                    batch = self.gsu(raw)
+                    event = None
+                    if cuda:
+                        event = torch.cuda.Event()
+                        event.record(stream)
+                    if not self._put(out, (batch, event), stop):
+                        return
+        except BaseException as error:  # handed to the consumer, raised there in order
+            self._put(out, error, stop)
+            return
+        self._put(out, _END, stop)
+
+    def __iter__(self) -> Iterator[Batch]:
+        out: queue.Queue = queue.Queue(maxsize=self.depth)
+        stop = threading.Event()
+        thread = threading.Thread(target=self._produce, args=(iter(self.batches), out, stop), daemon=True,
+                                  name="gsu-ahead")
+        thread.start()
+        try:
+            while True:
+                item = out.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                batch, event = item
+                if event is not None:
+                    current = torch.cuda.current_stream(self.gsu.device)
+                    current.wait_event(event)
+                    batch.record_stream(current)
+                yield batch
+        finally:
+            stop.set()
+            thread.join()
