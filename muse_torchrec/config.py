@@ -50,6 +50,9 @@ class DataConfig:
     max_history: int = 1000
     recent: int = 50
     num_workers: int = 0
+    # Where MUSE's / SIM-hard's GSU runs: "workers" (the loader processes, on the CPU) or "device"
+    # (the training GPU, in a background thread; the SCL table is copied there). See README.
+    gsu_placement: str = "workers"
     seed: int = 0
 
 

@@ -86,3 +86,16 @@ def test_gsu_ahead_stops_its_thread_when_the_consumer_stops():
     next(iterator)
     iterator.close()
     assert not any(t.name == "gsu-ahead" for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.method=din", "data.gsu_placement=device"], "data.gsu_placement=device runs the GSUs"),
+    (["data.gsu_placement=gpu"], "data.gsu_placement: unknown 'gpu'"),
+])
+def test_trainer_refuses_placements_that_cannot_run(overrides, message):
+    """Checked before any data is read or model built."""
+    from muse_torchrec.config import load_config
+    from muse_torchrec.train.trainer import device_data_bytes
+
+    with pytest.raises(ValueError, match=message):
+        device_data_bytes(load_config(None, overrides), data=None)

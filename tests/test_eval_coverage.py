@@ -26,9 +26,9 @@ def prepared(tmp_path_factory) -> Path:
     return root / "prepared"
 
 
-def run_train(prepared: Path, run_dir: Path, nproc: int, workers: int = 0) -> dict:
+def run_train(prepared: Path, run_dir: Path, nproc: int, workers: int = 0, placement: str = "workers") -> dict:
     overrides = [f"data.prepared_dir={prepared}", f"train.run_dir={run_dir}", "data.synthesize=false",
-                 f"data.num_workers={workers}",
+                 f"data.num_workers={workers}", f"data.gsu_placement={placement}",
                  "train.batch_size=32", "train.eval_batch_size=64", "train.limit_train_batches=2",
                  "model.mlp=[16,8]", "data.max_history=200"]
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
@@ -43,12 +43,23 @@ def run_train(prepared: Path, run_dir: Path, nproc: int, workers: int = 0) -> di
     return json.loads((run_dir / "metrics.json").read_text())
 
 
-@pytest.mark.parametrize("nproc,workers", [(1, 0), (2, 0), (2, 2)])
-def test_every_test_sample_scored_once(prepared, tmp_path, nproc, workers):
-    """With loader workers, batches reach the training process packed (one buffer each)."""
+@pytest.mark.parametrize("nproc,workers,placement", [(1, 0, "workers"), (2, 0, "workers"), (2, 2, "workers"),
+                                                     (2, 2, "device")])
+def test_every_test_sample_scored_once(prepared, tmp_path, nproc, workers, placement):
+    """With loader workers, batches reach the training process packed (one buffer each); with the
+    GSU on the device, the training process completes them (eval's padding batches included)."""
     data = PreparedData(prepared)
     units = data.work_units("test")
     assert len(data.shards("test")) > 1 and len(units) % 2 == 1, "the case needs an odd number of units"
-    metrics = run_train(prepared, tmp_path / f"run{nproc}", nproc, workers)
+    metrics = run_train(prepared, tmp_path / f"run{nproc}", nproc, workers, placement)
     assert metrics["world_size"] == nproc
     assert metrics["num_eval_samples"] == data.num_samples("test")
+
+
+def test_gsu_placements_train_the_same_model(prepared, tmp_path):
+    """The device GSU selects what the workers' GSU selects (tests/test_device_gsu.py), so one process
+    trains to the same metrics either way (up to float rounding of the GSU scores)."""
+    workers = run_train(prepared, tmp_path / "workers", 1)
+    device = run_train(prepared, tmp_path / "device", 1, placement="device")
+    for key in ("auc", "gauc", "logloss"):
+        assert abs(workers[key] - device[key]) < 1e-4, (key, workers[key], device[key])

@@ -63,12 +63,13 @@ def attach_sparse_optimizer(model: nn.Module, name: str, lr: float, device_type:
     apply_optimizer_in_backward(SPARSE_OPTIMIZERS[name], params, {"lr": lr})
 
 
-def with_device_memory(cfg: ShardingConfig, device: torch.device) -> ShardingConfig:
-    """Give the planner the GPU's real memory when the config leaves it open (its default is 32 GiB,
-    which sends a large table to UVM caching on an 80-141 GiB GPU)."""
+def with_device_memory(cfg: ShardingConfig, device: torch.device, reserved_bytes: int = 0) -> ShardingConfig:
+    """Give the planner the GPU's real memory, less ``reserved_bytes`` kept for other data (e.g. the
+    SCL table of the device GSU), when the config leaves it open (its default is 32 GiB, which sends
+    a large table to UVM caching on an 80-141 GiB GPU)."""
     if device.type != "cuda" or cfg.hbm_gb is not None:
         return cfg
-    return replace(cfg, hbm_gb=torch.cuda.get_device_properties(device).total_memory / GIB)
+    return replace(cfg, hbm_gb=(torch.cuda.get_device_properties(device).total_memory - reserved_bytes) / GIB)
 
 
 class SingleRankDense(DataParallelWrapper):
@@ -90,16 +91,17 @@ class ShardedModel:
     plan: PlanReport
 
 
-def shard_model(model: nn.Module, cfg: ExperimentConfig, ctx: DistContext) -> ShardedModel:
+def shard_model(model: nn.Module, cfg: ExperimentConfig, ctx: DistContext, reserved_bytes: int = 0) -> ShardedModel:
     """Plan collectively, shard with DMP, compile the dense tower (``train.compile_mode``), and build
-    the combined (fused sparse + dense Adam) optimizer."""
+    the combined (fused sparse + dense Adam) optimizer. ``reserved_bytes``: device memory the plan
+    must leave free (data the training process keeps on the GPU besides the model)."""
     device_type = ctx.device.type
     compile_tower(model, cfg.train.compile_mode)
     attach_sparse_optimizer(model, cfg.train.sparse_optimizer, cfg.train.sparse_lr, device_type)
     sharders = make_sharders()
     report = plan_model(
         model,
-        with_device_memory(cfg.sharding, ctx.device),
+        with_device_memory(cfg.sharding, ctx.device, reserved_bytes),
         world_size=ctx.world_size,
         compute_device=device_type,
         batch_size=cfg.train.batch_size,

@@ -33,6 +33,7 @@ from muse_torchrec.data.batch import Batch, BatchBuilder, sequence_features
 from muse_torchrec.data.block import SampleBlock
 from muse_torchrec.data.integrity import check_prepared_config
 from muse_torchrec.data.loader import PreparedData, count_batches, make_loader
+from muse_torchrec.data.device_gsu import DEVICE_GSU_KINDS, DeferredGsuBuilder, DeviceGsu
 from muse_torchrec.data.packed import Packed, PackingTransform
 from muse_torchrec.metrics import EvalAccumulator, EvalMetrics
 from muse_torchrec.model.methods import build_model, get_method
@@ -51,6 +52,60 @@ from muse_torchrec.train.distributed import DistContext, all_reduce_int
 from muse_torchrec.train.sharded import ShardedModel, shard_model
 
 log = logging.getLogger("muse_torchrec")
+
+
+GSU_PLACEMENTS = ("workers", "device")
+
+
+@dataclass
+class BatchPath:
+    """How sample blocks become batches on the training device (``data.gsu_placement``).
+
+    ``transform`` runs in the loader workers; ``gsu`` (placement "device") then selects the top-K
+    on the GPU, ahead of the training thread.
+    """
+
+    transform: Callable[[SampleBlock], object]
+    gsu: Optional[DeviceGsu] = None
+
+    def finish(self, batches: Iterable[object]) -> Iterable[object]:
+        """The loader's output -> batches (``.to(device)`` still applies)."""
+        return batches if self.gsu is None else self.gsu.ahead(batches)
+
+    def build(self, block: SampleBlock) -> Batch:
+        """One block in the training process (e.g. eval's padding batch)."""
+        made = self.transform(block)
+        return made if self.gsu is None else self.gsu(made)
+
+
+def _device_gsu_kind(cfg: ExperimentConfig) -> Optional[str]:
+    """The GSU kind the device runs (placement "device"), None for "workers"; refuses what cannot run."""
+    placement, kind = cfg.data.gsu_placement, get_method(cfg.model.method).gsu
+    if placement not in GSU_PLACEMENTS:
+        raise ValueError(f"data.gsu_placement: unknown {placement!r}; choose one of {GSU_PLACEMENTS}")
+    if placement == "workers":
+        return None
+    if kind not in DEVICE_GSU_KINDS:
+        raise ValueError(f"data.gsu_placement=device runs the GSUs {DEVICE_GSU_KINDS}; method "
+                         f"{cfg.model.method!r} uses {kind!r}: use data.gsu_placement=workers")
+    return kind
+
+
+def batch_path(cfg: ExperimentConfig, data: PreparedData, device: torch.device, pad_to: Optional[int] = None) -> BatchPath:
+    kind = _device_gsu_kind(cfg)
+    if kind is None:
+        return BatchPath(make_builder(cfg, data, pad_to))
+    deferred = DeferredGsuBuilder(data.scl_vectors(), data.item_scl_row(), recent=cfg.data.recent,
+                                  max_history=cfg.data.max_history, pad_to=pad_to, k=cfg.model.k)
+    return BatchPath(deferred, DeviceGsu(data.scl_vectors(), data.item_scl_row(), device, k=cfg.model.k, kind=kind))
+
+
+def device_data_bytes(cfg: ExperimentConfig, data: PreparedData) -> int:
+    """Bytes the batch path keeps on the training device: the SCL table and item map of the device GSU
+    (checks ``data.gsu_placement`` before anything is built)."""
+    if _device_gsu_kind(cfg) is None:
+        return 0
+    return data.scl_vectors().nbytes + data.item_scl_row().nbytes
 
 
 def make_builder(cfg: ExperimentConfig, data: PreparedData, pad_to: Optional[int] = None) -> BatchBuilder:
@@ -86,7 +141,7 @@ def build_sharded(cfg: ExperimentConfig, data: PreparedData, ctx: DistContext) -
         recent=cfg.data.recent,
         max_history=cfg.data.max_history,
     )
-    return shard_model(model, cfg, ctx)
+    return shard_model(model, cfg, ctx, reserved_bytes=device_data_bytes(cfg, data))
 
 
 @dataclass
@@ -105,15 +160,16 @@ class NonFiniteLossError(ValueError):
     """The training loss became NaN or infinite; the checkpoints written before stay valid."""
 
 
-def _loader(cfg: ExperimentConfig, data: PreparedData, split: str, ctx: DistContext, builder: BatchBuilder,
+def _loader(cfg: ExperimentConfig, data: PreparedData, split: str, ctx: DistContext, path: BatchPath,
             batch_size: int, shuffle: bool, drop_last: bool, seed: int, skip: int = 0) -> Iterable[Union[Batch, Packed]]:
     """Batches of ``split``; from worker processes they come packed (one buffer each, ``data.packed``):
     ``.to(device)`` gives the Batch."""
-    return make_loader(
-        data, split, batch_size, PackingTransform(builder) if cfg.data.num_workers > 0 else builder,
+    transform = PackingTransform(path.transform) if cfg.data.num_workers > 0 else path.transform
+    return path.finish(make_loader(
+        data, split, batch_size, transform,
         rank=ctx.rank, world_size=ctx.world_size, num_workers=cfg.data.num_workers,
         seed=seed, shuffle=shuffle, drop_last=drop_last, skip=skip,
-    )
+    ))
 
 
 def steps_per_epoch(cfg: ExperimentConfig, data: PreparedData, ctx: DistContext) -> int:
@@ -152,7 +208,7 @@ def train(cfg: ExperimentConfig, data: PreparedData, sharded: ShardedModel, ctx:
     per_epoch = steps_per_epoch(cfg, data, ctx)
     total = per_epoch * cfg.train.epochs
     every = cfg.train.checkpoint_every if checkpoint is not None else None
-    builder = make_builder(cfg, data)
+    path = batch_path(cfg, data, ctx.device)
     pipeline = TrainPipelineSparseDist(sharded.model, sharded.optimizer, ctx.device, execute_all_batches=True)
     sharded.model.train()
     saved_step = progress.step
@@ -160,7 +216,7 @@ def train(cfg: ExperimentConfig, data: PreparedData, sharded: ShardedModel, ctx:
     batches: Optional[Iterator[Batch]] = None
     while progress.epoch < cfg.train.epochs:
         if batches is None:
-            batches = iter(_loader(cfg, data, "train", ctx, builder, cfg.train.batch_size, shuffle=True,
+            batches = iter(_loader(cfg, data, "train", ctx, path, cfg.train.batch_size, shuffle=True,
                                    drop_last=True, seed=cfg.data.seed + progress.epoch, skip=progress.epoch_step))
         # (A checkpoint of another world size may stand past this run's epoch end.)
         segment = max(per_epoch - progress.epoch_step, 0)
@@ -227,16 +283,16 @@ def evaluate(cfg: ExperimentConfig, data: PreparedData, sharded: ShardedModel, c
              split: str = "test") -> EvalMetrics:
     """Score every sample of ``split`` exactly once over all ranks; metrics are identical on every rank."""
     batch_size = cfg.train.eval_batch_size
-    builder = make_builder(cfg, data, pad_to=batch_size)
+    path = batch_path(cfg, data, ctx.device, pad_to=batch_size)
     own = count_batches(data, split, batch_size, rank=ctx.rank, world_size=ctx.world_size,
                         num_workers=max(cfg.data.num_workers, 1), drop_last=False)
     total = all_reduce_int(own, dist.ReduceOp.MAX, ctx.device)
     if cfg.train.limit_eval_batches is not None:
         total = min(total, cfg.train.limit_eval_batches)
-    filler = builder(empty_block())
+    filler = path.build(empty_block())
     sharded.model.eval()
     acc = EvalAccumulator()
-    batches = iter(_loader(cfg, data, split, ctx, builder, batch_size, shuffle=False, drop_last=False,
+    batches = iter(_loader(cfg, data, split, ctx, path, batch_size, shuffle=False, drop_last=False,
                            seed=cfg.data.seed))
     for batch in _padded_stream(batches, total, filler):
         batch = batch.to(ctx.device)
