@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from muse_torchrec import features as F
-from muse_torchrec.config import ExperimentConfig, load_config
+from muse_torchrec.config import ExperimentConfig, apply_overrides, load_config
 from muse_torchrec.data.batch import Batch, BatchBuilder, sequence_features
 from muse_torchrec.data.block import SampleBlock
 from muse_torchrec.data.device_gsu import DeferredGsuBuilder, DeviceGsu
@@ -244,6 +244,8 @@ def main() -> None:
     parser.add_argument("--packing", nargs="+", default=["packed"], choices=["packed", "unpacked"],
                         help="e2e: batches from the workers as one buffer (packed, as the trainer) and/or as is")
     parser.add_argument("--profile-steps", type=int, default=0, help="profile this many extra steps of each run")
+    parser.add_argument("--variant", action="append", default=None, metavar="KEY=VALUE;...",
+                        help="model mode: one run per --variant (config overrides, ';'-separated), named v0, v1...")
     parser.add_argument("--compile-modes", nargs="+", default=None, metavar="MODE",
                         help="model mode: one run per train.compile_mode (default: the config's)")
     parser.add_argument("--out", default=None)
@@ -261,12 +263,14 @@ def main() -> None:
     }
     batches = staged_batches(cfg, vocab, shapes, args.distinct_batches, seed=1000 + ctx.rank, device=ctx.device)
     if "model" in args.modes:
-        for mode in args.compile_modes or [cfg.train.compile_mode]:
-            mode_cfg = replace(cfg, train=replace(cfg.train, compile_mode=mode))
-            name = "model" if args.compile_modes is None else f"model:{mode}"
-            results[name] = bench_sharded(mode_cfg, vocab, cycle(batches), ctx, args.warmup, args.steps,
-                                          args.profile_steps)
-            results[name]["compile_mode"] = mode
+        for variant, overrides in enumerate(args.variant or [""]):
+            variant_cfg = apply_overrides(cfg, [o for o in overrides.split(";") if o])
+            for mode in args.compile_modes or [cfg.train.compile_mode]:
+                mode_cfg = replace(variant_cfg, train=replace(variant_cfg.train, compile_mode=mode))
+                name = "model" + ("" if args.compile_modes is None else f":{mode}") + (f":v{variant}" if args.variant else "")
+                results[name] = bench_sharded(mode_cfg, vocab, cycle(batches), ctx, args.warmup, args.steps,
+                                              args.profile_steps)
+                results[name].update(compile_mode=mode, overrides=overrides)
     if "e2e" in args.modes:
         work = Path(args.work)
         if ctx.is_main and not (work / "meta.json").exists():
