@@ -58,3 +58,16 @@ def test_plan_text_lists_every_table(capsys):
 def test_plan_rejects_bad_topology(capsys):
     assert main(["plan", "--config", FULL, "--world-size", "6", "--nodes", "4"]) == 2
     assert "not a multiple" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("world_size,expected", [(1, {"table_wise"}), (2, {"row_wise"})])
+def test_one_rank_plans_every_table_table_wise(tmp_path, world_size, expected):
+    """One rank holds whole tables either way: the config's row-wise item constraint is replaced by
+    table-wise there (no bucketization per step), and kept with more ranks."""
+    out = tmp_path / "plan.json"
+    p90 = str(ROOT / "configs" / "taobao_mm_p90.yaml")
+    assert main(["plan", "--config", p90, "--world-size", str(world_size), "--json", str(out)]) == 0
+    plan = json.loads(out.read_text())
+    assert {s["sharding_type"] for s in item_shards(plan)} == expected
+    if world_size == 1:
+        assert {s["sharding_type"] for s in plan["shards"]} == {"table_wise"}
