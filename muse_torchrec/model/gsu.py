@@ -324,9 +324,9 @@ def blocked_topk(key: Tensor, k: int, block: int, block_max: Optional[Tensor] = 
     return values, columns.gather(1, picked)
 
 
-# Serving keys of behaviors without SCL vector: below every scored key (a scored key dot / |h| is
-# within +-|c| <= sqrt(128) * 127 < 2**11), ordered by recency in integer steps (exact in float32
-# for histories below 2**23 behaviors).
+# Serving key of the most recent behavior without SCL vector; older ones sit one unit lower each.
+# It is below every scored key, since a scored key dot / |h| never exceeds |c| in size, and |c| is
+# at most sqrt(128) * 127, under 2**11. Integer steps stay exact in float32 up to 2**23 behaviors.
 _UNSCORED_KEY = -float(2**12)
 
 
