@@ -165,7 +165,7 @@ class DeviceGsu:
             unit = gsu_ops.normalize_scl(self._vectors(selected_items))
             real = gsu_ops.length_mask(topk.lengths, self.k)
             scores = torch.einsum("bkd,bd->bk", unit, gsu_ops.normalize_scl(target_scl)) * real
-            selected = real_slots(topk.lengths, self.k)  # known on the device only: a sync
+            selected = real.view(-1).nonzero().squeeze(1)  # the lengths are known on the device only: a sync
         items = gsu_ops.gather_selected(raw.hist_items, su, topk).view(-1)[selected]
         cates = gsu_ops.gather_selected(raw.hist_cates, su, topk).view(-1)[selected]
         topk_kjt = KeyedJaggedTensor(

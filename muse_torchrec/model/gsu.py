@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from muse_torchrec.features import SCL_DIM
-from muse_torchrec.model.serving_keys import int8_dots, serving_keys
+from muse_torchrec.model.serving_keys import ranking_keys, serving_keys
 
 # Composite ranking key (see select_topk), from the most to the least significant bits:
 # tier (2 bits) | order-preserving float32 bits of the score (32 bits) | position; int64 holds 63.
@@ -373,7 +373,7 @@ def serving_topk(history_int8: Tensor, history_length: int, candidates_int8: Ten
         key, block_max = serving_keys(candidates_int8, history, scale, bias, block, fused)
         keys, indices = blocked_topk(key, take, block, block_max)
     else:
-        keys, indices = torch.topk(torch.addcmul(bias, int8_dots(candidates_int8, history), scale), take, dim=1)
+        keys, indices = torch.topk(ranking_keys(candidates_int8, history, scale, bias), take, dim=1)
     # Slot i is real iff i < min(k, history_length); its behavior is scored iff its key is a cosine.
     selectable = min(k, history_length)
     lengths = torch.full((candidates_int8.shape[0],), selectable, device=device, dtype=torch.long)

@@ -39,10 +39,15 @@ def int8_dots(candidates: Tensor, history: Tensor) -> Tensor:
     return candidates.float() @ history.float().t()
 
 
+def ranking_keys(candidates: Tensor, history: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
+    """Plain torch: keys [C, L] float32, ``dot * scale + bias`` per behavior."""
+    return torch.addcmul(bias, int8_dots(candidates, history), scale)
+
+
 def serving_keys_reference(candidates: Tensor, history: Tensor, scale: Tensor, bias: Tensor,
                            block: int) -> Tuple[Tensor, Tensor]:
     """Plain torch: (keys [C, L] float32, block maxima [C, L / block]); L a multiple of ``block``."""
-    keys = torch.addcmul(bias, int8_dots(candidates, history), scale)
+    keys = ranking_keys(candidates, history, scale, bias)
     return keys, keys.view(keys.shape[0], -1, block).amax(dim=2)
 
 
