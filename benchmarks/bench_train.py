@@ -166,11 +166,13 @@ def bench_sharded(cfg: ExperimentConfig, vocab: Mapping[str, int], batches: Iter
 
 
 def e2e_batches(cfg: ExperimentConfig, work: Path, ctx: DistContext, num_workers: int, needed: int,
-                device_gsu: bool, pack_batches: bool, gsu_thread: bool = False) -> Iterable[Batch]:
+                device_gsu: bool, pack_batches: bool, gsu_thread: bool = False,
+                graphed_gsu: bool = True) -> Iterable[Batch]:
     """Ready batches from prepared shards on local disk through the real loader: the GSU in the loader
     workers (host), or on the training device after the workers built the rest (``device_gsu``; in
     the training thread, or ahead of it in a background thread with ``gsu_thread``);
-    ``pack_batches``: the workers hand each batch over as one buffer (``data.packed``, as the trainer)."""
+    ``pack_batches``: the workers hand each batch over as one buffer (``data.packed``, as the trainer);
+    ``graphed_gsu``: the device GSU replays batches of the configured size as one CUDA graph (as the trainer)."""
     data = PreparedData(work)
     available = count_batches(data, "train", cfg.train.batch_size, rank=ctx.rank, world_size=ctx.world_size,
                               num_workers=max(num_workers, 1), drop_last=True)
@@ -189,8 +191,21 @@ def e2e_batches(cfg: ExperimentConfig, work: Path, ctx: DistContext, num_workers
                          pin_memory=ctx.device.type == "cuda")
     if not device_gsu:
         return loader
-    device = DeviceGsu(data.scl_vectors(), data.item_scl_row(), ctx.device, k=cfg.model.k, kind=gsu)
+    device = DeviceGsu(data.scl_vectors(), data.item_scl_row(), ctx.device, k=cfg.model.k, kind=gsu,
+                       graph_shape=(cfg.train.batch_size, cfg.data.max_history) if graphed_gsu else None)
     return device.ahead(loader) if gsu_thread else device.over(loader)
+
+
+def bench_loader(batches: Iterable[Batch], batch_size: int, device: torch.device, warmup: int,
+                 steps: int) -> Dict[str, object]:
+    """Samples/s of the data path alone (``e2e_batches``, each batch moved to the device as the
+    pipeline moves it, no model): the most an e2e run with this data path could reach."""
+
+    def step(it: Iterator[Batch]) -> None:
+        next(it).to(device, non_blocking=True)
+
+    seconds = timed_steps(step, iter(batches), warmup, steps, device)
+    return {"samples_per_s_per_gpu": steps * batch_size / seconds, "step_ms": 1000 * seconds / steps}
 
 
 def bench_replicated(cfg: ExperimentConfig, vocab: Mapping[str, int], batches: List[Batch], ctx: DistContext,
@@ -227,7 +242,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/taobao_mm_p90.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--modes", nargs="+", default=["model"], choices=["model", "e2e"])
+    parser.add_argument("--modes", nargs="+", default=["model"], choices=["model", "e2e", "loader"],
+                        help="loader: e2e's data path alone, without the model step")
     parser.add_argument("--baseline", action="store_true", help="also run the replicated baseline")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
@@ -243,6 +259,9 @@ def main() -> None:
                              "thread (device) or in a background thread (device_ahead)")
     parser.add_argument("--packing", nargs="+", default=["packed"], choices=["packed", "unpacked"],
                         help="e2e: batches from the workers as one buffer (packed, as the trainer) and/or as is")
+    parser.add_argument("--gsu-graphs", nargs="+", default=["graphed"], choices=["graphed", "eager"],
+                        help="e2e with the GSU on the device: its selection as one CUDA graph (as the trainer) "
+                             "and/or eager")
     parser.add_argument("--profile-steps", type=int, default=0, help="profile this many extra steps of each run")
     parser.add_argument("--variant", action="append", default=None, metavar="KEY=VALUE;...",
                         help="model mode: one run per --variant (config overrides, ';'-separated), named v0, v1...")
@@ -271,20 +290,27 @@ def main() -> None:
                 results[name] = bench_sharded(mode_cfg, vocab, cycle(batches), ctx, args.warmup, args.steps,
                                               args.profile_steps)
                 results[name].update(compile_mode=mode, overrides=overrides)
-    if "e2e" in args.modes:
+    data_modes = [m for m in ("loader", "e2e") if m in args.modes]
+    if data_modes:
         work = Path(args.work)
         if ctx.is_main and not (work / "meta.json").exists():
             results["e2e_data"] = make_prepared(work, vocab, args.e2e_samples, args.samples_per_user,
                                                 cfg.data.max_history, args.scl_rows, shards=16, chunk_users=256, seed=0)
         dist.barrier()
-        for place in args.gsu_places:
-            for packed in args.packing:
-                name = {"host": "e2e", "device": "e2e_device_gsu", "device_ahead": "e2e_device_gsu_ahead"}[place]
-                name += "" if packed == "packed" else ":unpacked"
-                loader = e2e_batches(cfg, work, ctx, args.workers, args.warmup + args.steps + args.profile_steps,
-                                     place != "host", packed == "packed", gsu_thread=place == "device_ahead")
+    for mode in data_modes:
+        runs = [(place, packed, graph) for place in args.gsu_places for packed in args.packing
+                for graph in (args.gsu_graphs if place != "host" else ["graphed"])]
+        for place, packed, graph in runs:
+            name = mode + {"host": "", "device": "_device_gsu", "device_ahead": "_device_gsu_ahead"}[place]
+            name += ("" if packed == "packed" else ":unpacked") + ("" if graph == "graphed" else ":eager")
+            loader = e2e_batches(cfg, work, ctx, args.workers, args.warmup + args.steps + args.profile_steps,
+                                 place != "host", packed == "packed", gsu_thread=place == "device_ahead",
+                                 graphed_gsu=graph == "graphed")
+            if mode == "loader":
+                results[name] = bench_loader(loader, cfg.train.batch_size, ctx.device, args.warmup, args.steps)
+            else:
                 results[name] = bench_sharded(cfg, vocab, loader, ctx, args.warmup, args.steps, args.profile_steps)
-                results[name]["loader_workers"] = args.workers
+            results[name]["loader_workers"] = args.workers
     if args.baseline:
         results["baseline"] = bench_replicated(cfg, vocab, batches, ctx, args.warmup, args.steps)
     if ctx.is_main:

@@ -65,18 +65,28 @@ def test_fused_serving_keys_are_bit_identical_to_the_torch_passes(candidates, wi
     assert torch.equal(block_max, ref_max)
 
 
-def test_device_gsu_never_waits_for_the_device():
-    """MUSE's device GSU reads nothing back from the GPU: a sync there would stall the CPU until the
-    previous training step finished (sync debug mode "error" raises on any synchronizing call)."""
+def _gsu_batches(count: int, pad_to: int, seed: int):
     import numpy as np
 
-    from muse_torchrec.data.device_gsu import DeferredGsuBuilder, DeviceGsu
+    from muse_torchrec.data.device_gsu import DeferredGsuBuilder
     from random_data import random_block, random_scl
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     scl, item_scl_row = random_scl(rng)
-    raw = DeferredGsuBuilder(scl, item_scl_row, recent=5, max_history=40, k=6)(random_block(rng, num_users=15, max_len=70))
-    gsu = DeviceGsu(scl, item_scl_row, torch.device("cuda"), k=6, kind="scl_cosine")
+    builder = DeferredGsuBuilder(scl, item_scl_row, recent=5, max_history=40, pad_to=pad_to, k=6)
+    # 2-15 users a batch: the graph's buffers are filled to different depths.
+    return scl, item_scl_row, [builder(random_block(rng, num_users=2 + 13 * (i % 2), max_len=70)) for i in range(count)]
+
+
+@pytest.mark.parametrize("graphed", [False, True])
+def test_device_gsu_never_waits_for_the_device(graphed):
+    """MUSE's device GSU reads nothing back from the GPU: a sync there would stall the CPU until the
+    previous training step finished (sync debug mode "error" raises on any synchronizing call)."""
+    from muse_torchrec.data.device_gsu import DeviceGsu
+
+    scl, item_scl_row, (raw,) = _gsu_batches(1, pad_to=48, seed=0)
+    gsu = DeviceGsu(scl, item_scl_row, torch.device("cuda"), k=6, kind="scl_cosine",
+                    graph_shape=(48, 40) if graphed else None)
     expected = gsu(raw).to(torch.device("cpu"))
     raw = raw.pin_memory()
     torch.cuda.synchronize()
@@ -86,3 +96,22 @@ def test_device_gsu_never_waits_for_the_device():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(batch.sequence.values().cpu(), expected.sequence.values())
+
+
+def test_graphed_device_gsu_equals_eager():
+    """The CUDA-graph selection (compiled, static buffers) gives the eager grouped muse_gsu's batches
+    exactly, batch after batch with different user counts, and a batch of another size falls back."""
+    from muse_torchrec.data.device_gsu import DeviceGsu
+
+    scl, item_scl_row, raws = _gsu_batches(6, pad_to=48, seed=1)
+    cuda = torch.device("cuda")
+    eager = DeviceGsu(scl, item_scl_row, cuda, k=6)
+    graphed = DeviceGsu(scl, item_scl_row, cuda, k=6, graph_shape=(48, 40))
+    _, _, (other_size,) = _gsu_batches(1, pad_to=30, seed=2)
+    kept = [graphed(raw) for raw in raws + [other_size]]  # all replayed before any is read
+    for raw, got in zip(raws + [other_size], kept):
+        want = eager(raw)
+        assert torch.equal(got.sequence.values(), want.sequence.values())
+        assert torch.equal(got.sequence.lengths(), want.sequence.lengths())
+        assert torch.equal(got.topk_scores, want.topk_scores)
+    assert graphed.graphed is not None and not graphed.graphed.fits(other_size.to(cuda))

@@ -15,6 +15,7 @@ from muse_torchrec.model.gsu import (
     grouped_cosine,
     length_mask,
     muse_gsu,
+    muse_gsu_by_sample,
     normalize_scl,
     scl_present,
     select_topk,
@@ -205,6 +206,28 @@ def test_muse_gsu_matches_brute_force_on_int8() -> None:
     assert got.indices[8].tolist() == list(range(59, 59 - k, -1))
     assert got.scored_lengths[8] == 0 and torch.equal(got.scores[8], torch.zeros(k))
     assert got.lengths.tolist() == [min(k, int(hist_lengths[u])) for u in sample_user]
+
+
+def test_muse_gsu_by_sample_equals_muse_gsu() -> None:
+    """The static-shape form (from ids, one sample at a time) gives muse_gsu's TopK bit for bit."""
+    gen = torch.Generator().manual_seed(11)
+    scl = torch.randint(-127, 128, (40, 128), generator=gen).to(torch.int8)
+    scl[0] = 0
+    scl[7] = 0  # an SCL row that is all zero: items mapped to it have no vector
+    scl[9] = scl[3]  # two rows with one vector: exact ties, broken by recency
+    item_scl_row = torch.randint(0, 40, (500,), generator=gen).int()
+    users, max_len, k = 9, 120, 30
+    hist_items = torch.randint(1, 500, (users, max_len), generator=gen)
+    hist_lengths = torch.tensor([120, 0, 5, 64, 120, 31, 1, 90, 119])
+    hist_items[length_mask(hist_lengths, max_len).logical_not()] = 0
+    sample_user = torch.randint(0, users, (50,), generator=gen)
+    target_items = torch.randint(0, 500, (50,), generator=gen)
+
+    got = muse_gsu_by_sample(scl, item_scl_row, hist_items, hist_lengths, sample_user, target_items, k)
+    vectors = scl[item_scl_row.long()]
+    want = muse_gsu(vectors[hist_items], hist_lengths, vectors[target_items], sample_user, k)
+    assert_topk_equal(got, want)
+    assert got.scored_lengths.lt(got.lengths).any() and got.lengths.eq(0).any()
 
 
 def test_gather_selected_zeroes_padding_slots() -> None:

@@ -17,7 +17,7 @@ import contextlib
 import queue
 import threading
 from dataclasses import dataclass, fields, replace
-from typing import Dict, Iterable, Iterator, Optional, Union
+from typing import Dict, Iterable, Iterator, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -124,6 +124,76 @@ def _long(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64))
 
 
+# A batch's MUSE selection: (scores [B, K] float, lengths [B] long, item ids [B, K], category ids [B, K]),
+# ids 0 and scores 0.0 in padding slots.
+Selection = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def select_by_sample(scl: torch.Tensor, item_scl_row: torch.Tensor, hist_items: torch.Tensor,
+                     hist_cates: torch.Tensor, hist_lengths: torch.Tensor, sample_user: torch.Tensor,
+                     target_items: torch.Tensor, k: int) -> Selection:
+    """MUSE's selection of a batch with static shapes (``gsu.muse_gsu_by_sample``) and the picked ids."""
+    topk = gsu_ops.muse_gsu_by_sample(scl, item_scl_row, hist_items, hist_lengths, sample_user, target_items, k)
+    items, cates = (gsu_ops.gather_selected(ids, sample_user, topk) for ids in (hist_items, hist_cates))
+    return topk.scores, topk.lengths, items, cates
+
+
+class GraphedMuseSelection:
+    """MUSE's selection for batches of ``batch_size`` samples and ``max_history``-wide histories as one
+    CUDA graph of ``select_by_sample`` compiled by torch.compile: one launch instead of dozens.
+
+    Why: the device GSU runs on the training process's host, whose step is host-bound and shares the
+    GIL with it; eager, the selection is dozens of small kernel launches a batch. The graph reads
+    static buffers: a batch's U users' histories are copied into their first U rows, and rows past U
+    are never read (every sample's user is < U). Outputs are copied out of the graph's memory, so a
+    batch stays valid when the next one replays the graph. Same selection, bit for bit, as
+    ``gsu.muse_gsu`` (exact integer statistics; tests/test_gpu.py).
+
+    Captured at construction (compiling takes ~10-60 s); the buffers and the graph's workspace take
+    about ``workspace_bytes(batch_size, max_history)`` of device memory.
+    """
+
+    def __init__(self, scl: torch.Tensor, item_scl_row: torch.Tensor, batch_size: int, max_history: int,
+                 k: int) -> None:
+        device = scl.device
+        self.batch_size, self.max_history = batch_size, max_history
+        self.hist_items, self.hist_cates = (torch.zeros(batch_size, max_history, dtype=torch.long, device=device)
+                                            for _ in range(2))
+        self.hist_lengths, self.sample_user, self.target_items = (
+            torch.zeros(batch_size, dtype=torch.long, device=device) for _ in range(3))
+        compiled = torch.compile(select_by_sample, dynamic=False)
+        args = (scl, item_scl_row, self.hist_items, self.hist_cates, self.hist_lengths, self.sample_user,
+                self.target_items, k)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.no_grad(), torch.cuda.stream(side):
+            for _ in range(2):  # compile and autotune outside the capture
+                compiled(*args)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.outputs = compiled(*args)
+
+    @staticmethod
+    def workspace_bytes(batch_size: int, max_history: int) -> int:
+        """Device memory of the buffers and the graph's intermediates: ~12 int64 [B, L] tensors."""
+        return 12 * 8 * batch_size * max_history
+
+    def fits(self, raw: GsuBatch) -> bool:
+        return raw.sample_user.numel() == self.batch_size and raw.hist_items.shape[1] == self.max_history
+
+    def __call__(self, raw: GsuBatch) -> Selection:
+        """Replay on the current stream; ``raw`` on the graph's device, ``fits(raw)``."""
+        users = raw.hist_items.shape[0]
+        self.hist_items[:users].copy_(raw.hist_items)
+        self.hist_cates[:users].copy_(raw.hist_cates)
+        self.hist_lengths[:users].copy_(raw.hist_lengths)
+        self.sample_user.copy_(raw.sample_user)
+        self.target_items.copy_(raw.target_items)
+        self.graph.replay()
+        return tuple(out.clone() for out in self.outputs)
+
+
 class DeviceGsu:
     """GsuBatch -> Batch on ``device``: select the top-K there and add item_topk/cate_topk to the KJT.
 
@@ -131,10 +201,12 @@ class DeviceGsu:
         scl_vectors: [S + 1, 128] int8 SCL table, copied to ``device`` once (4.5 GB for Taobao-MM).
         item_scl_row: [V_item] int32 item row -> SCL row, copied to ``device`` once.
         kind: "scl_cosine" (MUSE) or "category" (SIM-hard).
+        graph_shape: (batch size, max history) of the batches whose MUSE selection is replayed as one
+            CUDA graph (``GraphedMuseSelection``; CUDA only); other batches run it eagerly.
     """
 
     def __init__(self, scl_vectors: np.ndarray, item_scl_row: np.ndarray, device: torch.device,
-                 k: int = 50, kind: str = "scl_cosine") -> None:
+                 k: int = 50, kind: str = "scl_cosine", graph_shape: Optional[Tuple[int, int]] = None) -> None:
         if kind not in DEVICE_GSU_KINDS:
             raise ValueError(f"the device GSU runs {DEVICE_GSU_KINDS}, not {kind!r}")
         self.scl = torch.from_numpy(np.ascontiguousarray(scl_vectors)).to(device)
@@ -142,6 +214,9 @@ class DeviceGsu:
         self.device = device
         self.k = k
         self.kind = kind
+        self.graphed: Optional[GraphedMuseSelection] = None
+        if graph_shape is not None and kind == "scl_cosine" and device.type == "cuda":
+            self.graphed = GraphedMuseSelection(self.scl, self.item_scl_row, *graph_shape, k)
 
     def _vectors(self, items: torch.Tensor) -> torch.Tensor:
         return self.scl[self.item_scl_row[items].long()]
@@ -152,29 +227,36 @@ class DeviceGsu:
         raw = raw.to(self.device, non_blocking=True)
         if raw.k != self.k:
             raise ValueError(f"the batch was built for a top-{raw.k} (DeferredGsuBuilder k), this GSU selects {self.k}")
-        su = raw.sample_user
-        target_scl = self._vectors(raw.target_items)
         if self.kind == "scl_cosine":
-            slots = gsu_ops.UserSlots(raw.user_rank, raw.max_user_samples)
-            topk = gsu_ops.muse_gsu(self._vectors(raw.hist_items), raw.hist_lengths, target_scl, su, self.k, slots)
-            scores, selected = topk.scores, raw.topk_slots
+            scores, lengths, items, cates = self._muse(raw)
+            selected = raw.topk_slots
         else:
+            su = raw.sample_user
             topk = gsu_ops.category_match_topk(raw.hist_cates[su], raw.hist_lengths[su], raw.target_cates, self.k)
+            items, cates = (gsu_ops.gather_selected(ids, su, topk) for ids in (raw.hist_items, raw.hist_cates))
             # The ESU's similarity is the SCL cosine of each selected behavior, whatever selected it.
-            selected_items = gsu_ops.gather_selected(raw.hist_items, su, topk)
-            unit = gsu_ops.normalize_scl(self._vectors(selected_items))
+            unit = gsu_ops.normalize_scl(self._vectors(items))
             real = gsu_ops.length_mask(topk.lengths, self.k)
-            scores = torch.einsum("bkd,bd->bk", unit, gsu_ops.normalize_scl(target_scl)) * real
+            target = gsu_ops.normalize_scl(self._vectors(raw.target_items))
+            scores, lengths = torch.einsum("bkd,bd->bk", unit, target) * real, topk.lengths
             selected = real.view(-1).nonzero().squeeze(1)  # the lengths are known on the device only: a sync
-        items = gsu_ops.gather_selected(raw.hist_items, su, topk).view(-1)[selected]
-        cates = gsu_ops.gather_selected(raw.hist_cates, su, topk).view(-1)[selected]
         topk_kjt = KeyedJaggedTensor(
             keys=["item_topk", "cate_topk"],
-            values=torch.cat([items, cates]),
-            lengths=torch.cat([topk.lengths, topk.lengths]).int(),
+            values=torch.cat([items.view(-1)[selected], cates.view(-1)[selected]]),
+            lengths=torch.cat([lengths, lengths]).int(),
         )
         sequence = KeyedJaggedTensor.concat([raw.batch.sequence, topk_kjt])
         return replace(raw.batch, sequence=sequence, topk_scores=scores.float().contiguous())
+
+    def _muse(self, raw: GsuBatch) -> Selection:
+        """MUSE's selection of a batch on the device: one graph replay for batches of the captured size."""
+        if self.graphed is not None and self.graphed.fits(raw):
+            return self.graphed(raw)
+        slots = gsu_ops.UserSlots(raw.user_rank, raw.max_user_samples)
+        topk = gsu_ops.muse_gsu(self._vectors(raw.hist_items), raw.hist_lengths, self._vectors(raw.target_items),
+                                raw.sample_user, self.k, slots)
+        items, cates = (gsu_ops.gather_selected(ids, raw.sample_user, topk) for ids in (raw.hist_items, raw.hist_cates))
+        return topk.scores, topk.lengths, items, cates
 
     def over(self, batches: Iterable[Union[GsuBatch, Packed]]) -> Iterator[Batch]:
         """Apply to every batch of a loader, in the calling thread."""

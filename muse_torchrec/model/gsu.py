@@ -257,17 +257,60 @@ def muse_gsu(
     with torch.autocast(device_type=hist_scl_int8.device.type, enabled=False):
         dots = grouped_cosine(history, target, sample_user, slots)
     # Squared norms are integers below 2**21: exact in float32 whatever the summation order.
-    hist_sq = history.square().sum(dim=-1)
-    target_sq = target.square().sum(dim=-1)
+    hist_sq = history.square().sum(dim=-1)[sample_user]
+    valid = length_mask(hist_lengths, hist_scl_int8.shape[1])[sample_user]
+    return _cosine_topk(dots, hist_sq, target.square().sum(dim=-1), valid, k)
+
+
+def _cosine_topk(dots: Tensor, hist_sq: Tensor, target_sq: Tensor, valid: Tensor, k: int) -> TopK:
+    """MUSE's selection from exact integer statistics of the int8 vectors (see :func:`muse_gsu`).
+
+    Args:
+        dots: B x L float, <target, behavior> of the raw int8 vectors (integers).
+        hist_sq: B x L float, squared norms of the behaviors (integers, 0 = no SCL vector).
+        target_sq: B float, squared norms of the targets.
+        valid: B x L bool, real behaviors.
+    """
     # |a|^2 |h|^2 < 2**42 is exact in float64: one sqrt and one division, then one rounding.
-    norms = (target_sq.double().unsqueeze(1) * hist_sq.double()[sample_user]).sqrt()
+    norms = (target_sq.double().unsqueeze(1) * hist_sq.double()).sqrt()
     # Nonzero int8 vectors have norm >= 1; missing ones have dot 0, so the clamp only avoids 0 / 0.
     # No clamp to [-1, 1] is needed: parallel vectors give exactly +-1 (exact sqrt of a square),
     # others stay more than 1e-13 inside, far beyond float64 rounding.
     cosine = (dots.double() / norms.clamp_min(1.0)).float()
-    has_similarity = target_sq.gt(0).unsqueeze(1) & hist_sq.gt(0)[sample_user]
-    valid = length_mask(hist_lengths, hist_scl_int8.shape[1])[sample_user]
+    has_similarity = target_sq.gt(0).unsqueeze(1) & hist_sq.gt(0)
     return select_topk(cosine, valid, has_similarity, k)
+
+
+@torch.no_grad()
+def muse_gsu_by_sample(
+    scl_int8: Tensor,
+    item_scl_row: Tensor,
+    hist_items: Tensor,
+    hist_lengths: Tensor,
+    sample_user: Tensor,
+    target_items: Tensor,
+    k: int,
+) -> TopK:
+    """:func:`muse_gsu` from item ids, scoring each sample against its user's row on its own: the
+    same TopK, exactly, with no shape that depends on the data (no per-user grouping, nothing read
+    back), so it can be compiled and captured in a CUDA graph (``data.device_gsu``).
+
+    Eager, it builds the B x L x 128 history of every sample (11x the per-user bytes); compiled,
+    the gathers and the 128-wide reductions fuse into one kernel that builds nothing of that size.
+
+    Args:
+        scl_int8: [S + 1, 128] int8 SCL table (row 0 and missing vectors all zero).
+        item_scl_row: [V] item id -> SCL row.
+        hist_items: U x L long, each user's behavior item ids; hist_lengths: U long.
+        sample_user: B long, index of each sample's user; target_items: B long.
+        k: number of slots per sample.
+    """
+    target = scl_int8[item_scl_row[target_items].long()].float()
+    history = scl_int8[item_scl_row[hist_items[sample_user]].long()].float()
+    # Sums of products of int8 values: integers below 2**24, exact in float32 in any order.
+    dots = (history * target.unsqueeze(1)).sum(dim=-1)
+    valid = length_mask(hist_lengths, hist_items.shape[1])[sample_user]
+    return _cosine_topk(dots, history.square().sum(dim=-1), target.square().sum(dim=-1), valid, k)
 
 
 def gather_selected(per_user: Tensor, sample_user: Tensor, topk: TopK) -> Tensor:

@@ -33,7 +33,7 @@ from muse_torchrec.data.batch import Batch, BatchBuilder, sequence_features
 from muse_torchrec.data.block import SampleBlock
 from muse_torchrec.data.integrity import check_prepared_config
 from muse_torchrec.data.loader import PreparedData, count_batches, make_loader
-from muse_torchrec.data.device_gsu import DEVICE_GSU_KINDS, DeferredGsuBuilder, DeviceGsu
+from muse_torchrec.data.device_gsu import DEVICE_GSU_KINDS, DeferredGsuBuilder, DeviceGsu, GraphedMuseSelection
 from muse_torchrec.data.packed import Packed, PackingTransform
 from muse_torchrec.metrics import EvalAccumulator, EvalMetrics
 from muse_torchrec.model.methods import build_model, get_method
@@ -97,7 +97,9 @@ def batch_path(cfg: ExperimentConfig, data: PreparedData, device: torch.device, 
         return BatchPath(make_builder(cfg, data, pad_to))
     deferred = DeferredGsuBuilder(data.scl_vectors(), data.item_scl_row(), recent=cfg.data.recent,
                                   max_history=cfg.data.max_history, pad_to=pad_to, k=cfg.model.k)
-    return BatchPath(deferred, DeviceGsu(data.scl_vectors(), data.item_scl_row(), device, k=cfg.model.k, kind=kind))
+    gsu = DeviceGsu(data.scl_vectors(), data.item_scl_row(), device, k=cfg.model.k, kind=kind,
+                    graph_shape=(cfg.train.batch_size, cfg.data.max_history))
+    return BatchPath(deferred, gsu)
 
 
 def device_data_bytes(cfg: ExperimentConfig, data: PreparedData) -> int:
@@ -105,7 +107,8 @@ def device_data_bytes(cfg: ExperimentConfig, data: PreparedData) -> int:
     (checks ``data.gsu_placement`` before anything is built)."""
     if _device_gsu_kind(cfg) is None:
         return 0
-    return data.scl_vectors().nbytes + data.item_scl_row().nbytes
+    workspace = GraphedMuseSelection.workspace_bytes(cfg.train.batch_size, cfg.data.max_history)
+    return data.scl_vectors().nbytes + data.item_scl_row().nbytes + workspace
 
 
 def make_builder(cfg: ExperimentConfig, data: PreparedData, pad_to: Optional[int] = None) -> BatchBuilder:
