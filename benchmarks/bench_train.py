@@ -19,8 +19,11 @@ Reports samples/s per GPU, peak GPU memory per rank and the planner's estimate f
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
+import io
 import json
+import pstats
 import time
 from dataclasses import dataclass, replace
 from itertools import cycle, islice
@@ -197,15 +200,24 @@ def e2e_batches(cfg: ExperimentConfig, work: Path, ctx: DistContext, num_workers
 
 
 def bench_loader(batches: Iterable[Batch], batch_size: int, device: torch.device, warmup: int,
-                 steps: int) -> Dict[str, object]:
+                 steps: int, profile_steps: int = 0) -> Dict[str, object]:
     """Samples/s of the data path alone (``e2e_batches``, each batch moved to the device as the
-    pipeline moves it, no model): the most an e2e run with this data path could reach."""
+    pipeline moves it, no model): the most an e2e run with this data path could reach. The profile
+    is cProfile's (the data path's host time is Python's), of the calling thread only."""
 
     def step(it: Iterator[Batch]) -> None:
         next(it).to(device, non_blocking=True)
 
-    seconds = timed_steps(step, iter(batches), warmup, steps, device)
-    return {"samples_per_s_per_gpu": steps * batch_size / seconds, "step_ms": 1000 * seconds / steps}
+    batch_iter = iter(batches)
+    seconds = timed_steps(step, batch_iter, warmup, steps, device)
+    result: Dict[str, object] = {"samples_per_s_per_gpu": steps * batch_size / seconds, "step_ms": 1000 * seconds / steps}
+    if profile_steps:
+        profiler = cProfile.Profile()
+        profiler.runcall(lambda: [step(batch_iter) for _ in range(profile_steps)])
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(45)
+        result["profile"] = f"cProfile of the data path over {profile_steps} batches:\n{text.getvalue()}"
+    return result
 
 
 def bench_replicated(cfg: ExperimentConfig, vocab: Mapping[str, int], batches: List[Batch], ctx: DistContext,
@@ -262,6 +274,9 @@ def main() -> None:
     parser.add_argument("--gsu-graphs", nargs="+", default=["graphed"], choices=["graphed", "eager"],
                         help="e2e with the GSU on the device: its selection as one CUDA graph (as the trainer) "
                              "and/or eager")
+    parser.add_argument("--sharing", nargs="+", default=[None], choices=["file_descriptor", "file_system"],
+                        help="e2e/loader: torch.multiprocessing sharing strategies to run, each in turn "
+                             "(how worker batches reach the training process; default: torch's)")
     parser.add_argument("--profile-steps", type=int, default=0, help="profile this many extra steps of each run")
     parser.add_argument("--variant", action="append", default=None, metavar="KEY=VALUE;...",
                         help="model mode: one run per --variant (config overrides, ';'-separated), named v0, v1...")
@@ -298,16 +313,20 @@ def main() -> None:
                                                 cfg.data.max_history, args.scl_rows, shards=16, chunk_users=256, seed=0)
         dist.barrier()
     for mode in data_modes:
-        runs = [(place, packed, graph) for place in args.gsu_places for packed in args.packing
-                for graph in (args.gsu_graphs if place != "host" else ["graphed"])]
-        for place, packed, graph in runs:
+        runs = [(place, packed, graph, sharing) for place in args.gsu_places for packed in args.packing
+                for graph in (args.gsu_graphs if place != "host" else ["graphed"]) for sharing in args.sharing]
+        for place, packed, graph, sharing in runs:
             name = mode + {"host": "", "device": "_device_gsu", "device_ahead": "_device_gsu_ahead"}[place]
             name += ("" if packed == "packed" else ":unpacked") + ("" if graph == "graphed" else ":eager")
+            if sharing is not None:
+                torch.multiprocessing.set_sharing_strategy(sharing)
+                name += f":{sharing}"
             loader = e2e_batches(cfg, work, ctx, args.workers, args.warmup + args.steps + args.profile_steps,
                                  place != "host", packed == "packed", gsu_thread=place == "device_ahead",
                                  graphed_gsu=graph == "graphed")
             if mode == "loader":
-                results[name] = bench_loader(loader, cfg.train.batch_size, ctx.device, args.warmup, args.steps)
+                results[name] = bench_loader(loader, cfg.train.batch_size, ctx.device, args.warmup, args.steps,
+                                             args.profile_steps)
             else:
                 results[name] = bench_sharded(cfg, vocab, loader, ctx, args.warmup, args.steps, args.profile_steps)
             results[name]["loader_workers"] = args.workers
@@ -326,13 +345,13 @@ def main() -> None:
 def format_results(results: Mapping[str, object]) -> str:
     lines = [f"device {results['device']} x {results['world_size']}, batch {results['batch_size_per_gpu']}/GPU, "
              f"history {results['history']}, K {results['k']}, item rows {results['vocab_sizes']['item']:,}", "",
-             f"{'run':<26} {'samples/s/GPU':>14} {'step ms':>9} {'peak GiB':>9} {'planned GiB':>12}"]
+             f"{'run':<34} {'samples/s/GPU':>14} {'step ms':>9} {'peak GiB':>9} {'planned GiB':>12}"]
     for name, r in results.items():
         if not isinstance(r, dict) or "samples_per_s_per_gpu" not in r:
             continue
         peak = "-" if r.get("peak_gib") is None else f"{r['peak_gib']:.2f}"
         planned = "-" if r.get("planned_gib") is None else f"{r['planned_gib']:.2f}"
-        lines.append(f"{name:<26} {r['samples_per_s_per_gpu']:>14,.0f} {r['step_ms']:>9.1f} {peak:>9} {planned:>12}")
+        lines.append(f"{name:<34} {r['samples_per_s_per_gpu']:>14,.0f} {r['step_ms']:>9.1f} {peak:>9} {planned:>12}")
     base = results.get("baseline")
     for name, r in results.items():
         if isinstance(base, dict) and name.startswith("model") and isinstance(r, dict):
