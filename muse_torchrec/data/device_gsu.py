@@ -2,10 +2,11 @@
 
 The loader workers build everything but the top-K (``DeferredGsuBuilder`` -> ``GsuBatch``: the
 batch plus each user's history rows), and ``DeviceGsu`` selects the top-K on the device where the
-SCL table lives, then completes the batch's KJT (``DeviceGsu.over(loader)``, as
-``benchmarks/bench_train.py --gsu-places device`` runs it). Only the selected and recent ids still
-reach the sharded item table, and TrainPipelineSparseDist receives ordinary batches. The trainer
-(``muse-torchrec train``) runs the GSU in the loader workers only.
+SCL table lives, then completes the batch's KJT (``DeviceGsu.over(loader)`` in the calling thread,
+``DeviceGsu.ahead(loader)`` in a background thread: what the trainer runs with
+``data.gsu_placement: device``). Only the selected and recent ids still reach the sharded item
+table, and TrainPipelineSparseDist receives ordinary batches. On CUDA, MUSE's selection for batches
+of the training size is one CUDA graph replay (``GraphedMuseSelection``).
 
 Why: on the host the GSU costs ~100-200 ms per 1,000-sample batch per core (it reads every
 behavior's 128-d vector); on an H100 it takes ~1.3 ms (benchmarks/RESULTS.md).
