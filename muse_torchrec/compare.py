@@ -28,6 +28,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from muse_torchrec import features as F
 from muse_torchrec.config import ExperimentConfig, config_fingerprint, load_config
 from muse_torchrec.data.batch import WHOLE_HISTORY_KINDS
 from muse_torchrec.data.loader import PreparedData, make_loader
@@ -206,7 +207,10 @@ def lookups_per_sample(cfg: ExperimentConfig, method: str) -> float:
     loader = make_loader(data, "train", cfg.train.batch_size, make_builder(cfg, data), rank=0, world_size=1,
                          num_workers=0, seed=cfg.data.seed, shuffle=False, drop_last=False)
     batches = list(itertools.islice(iter(loader), LOOKUP_SAMPLE_BATCHES))
-    return sum(b.sequence.values().numel() for b in batches) / max(sum(b.batch_size for b in batches), 1)
+    item_and_cate = sum(count for b in batches
+                        for name, count in zip(b.sparse_features.keys(), b.sparse_features.length_per_key())
+                        if name not in F.SIDE_FEATURES)
+    return item_and_cate / max(sum(b.batch_size for b in batches), 1)
 
 
 def collect(specs: Sequence[RunSpec], lookups: Mapping[str, float]) -> Dict[str, MethodResult]:

@@ -59,7 +59,7 @@ SEQUENCE_FEATURES: Dict[str, str] = {
 # Whole-history features, looked up only by GSUs that need trainable embeddings of every behavior.
 HISTORY_FEATURES: Dict[str, str] = {"item_hist": ITEM.name, "cate_hist": CATE.name}
 
-# Pooled (one id per sample) side features: feature name -> table name.
+# Side features (one id per sample, each its own table): feature name -> table name.
 USER_FEATURES: Dict[str, str] = {USER.name: USER.name, **{t.name: t.name for t in PROFILE}}
 TARGET_SIDE_FEATURES: Dict[str, str] = {CITY.name: CITY.name, PROVINCE.name: PROVINCE.name}
-POOLED_FEATURES: Dict[str, str] = {**USER_FEATURES, **TARGET_SIDE_FEATURES}
+SIDE_FEATURES: Dict[str, str] = {**USER_FEATURES, **TARGET_SIDE_FEATURES}

@@ -66,9 +66,9 @@ def test_builder_matches_brute_force(gsu, seed):
     block.hist_items[block.hist_offsets[3]: block.hist_offsets[4]] %= 7
     batch = BatchBuilder(scl, item_scl_row, gsu=gsu, k=K, recent=RECENT, max_history=MAX_HISTORY)(block)
     want = expected(block, scl, item_scl_row, gsu)
-    assert batch.sequence.keys() == sequence_features(gsu)
+    assert batch.sparse_features.keys() == sequence_features(gsu) + list(F.SIDE_FEATURES)
     for key in ("item_topk", "cate_topk", "item_recent", "cate_recent"):
-        assert per_sample(batch.sequence, key) == want[key], key
+        assert per_sample(batch.sparse_features, key) == want[key], key
     topk_len = [len(x) for x in want["item_topk"]]
     recent_len = [len(x) for x in want["item_recent"]]
     for got, ref in zip(padded_rows(batch.topk_scores, topk_len), want["topk_scores"]):
@@ -87,11 +87,11 @@ def test_single_id_features_drop_padding_id():
     batch = BatchBuilder(scl, item_scl_row, gsu="recent_only", k=K, recent=RECENT, max_history=MAX_HISTORY)(block)
     su = block.sample_user
     for name in F.USER_FEATURES:
-        assert per_sample(batch.pooled, name) == [[int(v)] if v else [] for v in block.user_features[name][su]]
+        assert per_sample(batch.sparse_features, name) == [[int(v)] if v else [] for v in block.user_features[name][su]]
     for name in F.TARGET_SIDE_FEATURES:
-        assert per_sample(batch.pooled, name) == [[int(v)] if v else [] for v in block.target[name]]
-    assert per_sample(batch.sequence, "item_target") == [[int(v)] if v else [] for v in block.target["item"]]
-    assert "item_topk" not in batch.sequence.keys()
+        assert per_sample(batch.sparse_features, name) == [[int(v)] if v else [] for v in block.target[name]]
+    assert per_sample(batch.sparse_features, "item_target") == [[int(v)] if v else [] for v in block.target["item"]]
+    assert "item_topk" not in batch.sparse_features.keys()
 
 
 def test_whole_history_feature_is_the_compacted_history():
@@ -99,7 +99,7 @@ def test_whole_history_feature_is_the_compacted_history():
     scl, item_scl_row = random_scl(rng)
     block = random_block(rng, num_users=6, max_len=60)
     batch = BatchBuilder(scl, item_scl_row, gsu="whole_history", k=K, recent=RECENT, max_history=MAX_HISTORY)(block)
-    got = per_sample(batch.sequence, "item_hist")
+    got = per_sample(batch.sparse_features, "item_hist")
     for b, u in enumerate(block.sample_user):
         lo, hi = block.hist_offsets[u], block.hist_offsets[u + 1]
         assert got[b] == [int(i) for i in block.hist_items[max(lo, hi - MAX_HISTORY):hi] if i != 0]

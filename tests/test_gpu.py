@@ -95,7 +95,7 @@ def test_device_gsu_never_waits_for_the_device(graphed):
         batch = gsu(raw)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert torch.equal(batch.sequence.values().cpu(), expected.sequence.values())
+    assert torch.equal(batch.sparse_features.values().cpu(), expected.sparse_features.values())
 
 
 def test_graphed_device_gsu_equals_eager():
@@ -111,7 +111,7 @@ def test_graphed_device_gsu_equals_eager():
     kept = [graphed(raw) for raw in raws + [other_size]]  # all replayed before any is read
     for raw, got in zip(raws + [other_size], kept):
         want = eager(raw)
-        assert torch.equal(got.sequence.values(), want.sequence.values())
-        assert torch.equal(got.sequence.lengths(), want.sequence.lengths())
+        assert torch.equal(got.sparse_features.values(), want.sparse_features.values())
+        assert torch.equal(got.sparse_features.lengths(), want.sparse_features.lengths())
         assert torch.equal(got.topk_scores, want.topk_scores)
     assert graphed.graphed is not None and not graphed.graphed.fits(other_size.to(cuda))

@@ -16,7 +16,7 @@ from muse_torchrec.model.trainable_gsu import HistoryGSU
 from random_data import VOCAB, random_block, random_scl
 
 K, RECENT, MAX_HISTORY, STEPS = 6, 5, 40, 3
-SPARSE = (".sequence.embeddings.", ".pooled.embedding_bags.")
+SPARSE = (".sparse_arch.tables.embeddings.",)
 
 
 def model_of(method: str):
@@ -98,7 +98,7 @@ def test_item_and_category_sequences_have_equal_lengths(gsu: str):
     scl, item_scl_row = random_scl(rng)
     batch = BatchBuilder(scl, item_scl_row, gsu=gsu, k=K, recent=RECENT, max_history=MAX_HISTORY)(
         random_block(rng, num_users=8, max_len=60))
-    seq = batch.sequence.to_dict()
+    seq = batch.sparse_features.to_dict()
     for name in ("recent", "topk", "hist"):
         if f"item_{name}" in seq:
             assert torch.equal(seq[f"item_{name}"].lengths(), seq[f"cate_{name}"].lengths()), name
@@ -109,3 +109,42 @@ def test_sharded_pipeline_matches_unsharded(tmp_path, method):
     """2 gloo ranks through TrainPipelineSparseDist (its fx tracer must keep the GSU a leaf) give the
     losses and parameters of an unsharded model."""
     sharded_parity.test_sharded_matches_unsharded(tmp_path, method, "none")
+
+
+def test_single_ids_equals_padding_each_feature():
+    """The side features' one padding of all features equals padding and narrowing each on its own."""
+    from torchrec.sparse.jagged_tensor import JaggedTensor
+
+    from muse_torchrec.model.muse import padded, single_ids
+
+    gen = torch.Generator().manual_seed(3)
+    batch, dim, widths = 7, 16, [16, 8, 16, 4]
+    features = []
+    for _ in widths:
+        lengths = torch.randint(0, 2, (batch,), generator=gen)
+        features.append(JaggedTensor(values=torch.randn(int(lengths.sum()), dim, generator=gen), lengths=lengths))
+    want = torch.cat([padded(jt, 1).squeeze(1)[:, :w] for jt, w in zip(features, widths)], dim=1)
+    got = single_ids(features, widths)
+    assert got.shape == (batch, sum(widths)) and torch.equal(got, want)
+    assert got.eq(0).all(dim=1).logical_not().any() and (features[0].lengths() == 0).any()
+
+
+def test_narrow_side_tables_train_only_their_columns():
+    """A side table narrower than the collection (the reference's D/2 profile tables) is read and
+    trained through its first columns only; the rest never get a gradient."""
+    rng = np.random.default_rng(1)
+    scl, item_scl_row = random_scl(rng)
+    batch = BatchBuilder(scl, item_scl_row, gsu="scl_cosine", k=K, recent=RECENT, max_history=MAX_HISTORY)(
+        random_block(rng, num_users=8, max_len=60))
+    model = model_of("muse")
+    model(batch)[0].backward()
+    grad = dict(model.named_parameters())["model.sparse_arch.tables.embeddings.profile_3.weight"].grad
+    width = model.model.sparse_arch.side_dims["profile_3"]
+    assert width < grad.shape[1]
+    assert grad[:, :width].abs().sum() > 0 and grad[:, width:].abs().sum() == 0
+
+
+def test_side_table_wider_than_the_item_table_is_refused():
+    cfg = load_config(None, ["model.embeddings.dims={user: 32}"])
+    with pytest.raises(ValueError, match="wider than the item table"):
+        build_model(cfg.model, VOCAB, sequence_features("scl_cosine"), RECENT, MAX_HISTORY, device=torch.device("cpu"))

@@ -43,7 +43,7 @@ def half_batches(method: str):
     """STEPS x WORLD batches: step s, rank r gets half r of step s's global batch."""
     rng = np.random.default_rng(0)
     scl, item_scl_row = random_scl(rng)
-    # Row-wise pooled tables need the same batch size on every rank: pad to 8 users x 3 samples.
+    # Row-wise tables need the same batch size on every rank: pad to 8 users x 3 samples.
     builder = BatchBuilder(scl, item_scl_row, gsu=get_method(method).gsu, k=K, recent=RECENT,
                            max_history=MAX_HISTORY, pad_to=24)
     return [[builder(random_block(rng, num_users=8, max_len=60)) for _ in range(WORLD)] for _ in range(STEPS)]
@@ -152,9 +152,12 @@ def test_sharded_matches_unsharded(tmp_path, method, compile_mode):
     # running statistics are per rank, as with any DDP model, and are not compared.)
     trained = assemble([torch.load(tmp_path / f"state{r}.pt") for r in range(WORLD)], reference_state)
     start = reference_model(config(method)).state_dict()
+    # Compiled kernels sum in another order; Adam's normalised steps carry that rounding into
+    # weights whose gradients are near zero (seen: 5e-6 on one weight of 9,728 after 4 steps).
+    atol = 1e-6 if compile_mode == "none" else 1e-5
     for key, ref in reference_state.items():
         if ".norm." in key:
             continue
-        torch.testing.assert_close(trained[key], ref, rtol=1e-4, atol=1e-6, msg=lambda m: f"{key}: {m}")
-    assert not torch.equal(start["model.sparse_arch.sequence.embeddings.item.weight"],
-                           reference_state["model.sparse_arch.sequence.embeddings.item.weight"])
+        torch.testing.assert_close(trained[key], ref, rtol=1e-4, atol=atol, msg=lambda m: f"{key}: {m}")
+    assert not torch.equal(start["model.sparse_arch.tables.embeddings.item.weight"],
+                           reference_state["model.sparse_arch.tables.embeddings.item.weight"])

@@ -89,7 +89,7 @@ def test_scl_cosine_in_model_equals_the_host_muse_gsu():
     topk = gsu.select(inputs, batch)
     for b, items in enumerate(history_items(block, batch)):
         n = int(topk.lengths[b])
-        assert items[topk.indices[b, :n].numpy()].tolist() == host.sequence["item_topk"].to_dense()[b].tolist()
+        assert items[topk.indices[b, :n].numpy()].tolist() == host.sparse_features["item_topk"].to_dense()[b].tolist()
 
 
 def test_id_cosine_is_sim_soft_relevance():

@@ -30,10 +30,10 @@ class Batch(Pipelineable):
     """One training/eval batch of B samples.
 
     Attributes:
-        sequence: KJT for the item/category EmbeddingCollection; keys among
-            ``features.SEQUENCE_FEATURES`` (+ ``HISTORY_FEATURES``): target (0/1 id per sample),
-            top-K (<= K ids), recent (<= R ids), optional whole history (<= L ids).
-        pooled: KJT for the side-feature EmbeddingBagCollection (0/1 id per sample and feature).
+        sparse_features: KJT of every id the model's one EmbeddingCollection looks up: the item and
+            category sequences (keys among ``features.SEQUENCE_FEATURES`` + ``HISTORY_FEATURES``:
+            target (0/1 id per sample), top-K (<= K ids), recent (<= R ids), optional whole history
+            (<= L ids)), then the side features (``features.SIDE_FEATURES``, 0/1 id per sample).
         topk_scores: [B, K] float32 GSU similarity of each selected behavior (0 on padding slots).
         recent_scores: [B, R] float32 SCL cosine of each recent behavior with the target.
         labels: [B] float32 click labels.
@@ -48,8 +48,7 @@ class Batch(Pipelineable):
             sample's user (GSU kind "whole_history_scl_vectors"; empty for the other kinds).
     """
 
-    sequence: KeyedJaggedTensor
-    pooled: KeyedJaggedTensor
+    sparse_features: KeyedJaggedTensor
     topk_scores: torch.Tensor
     recent_scores: torch.Tensor
     labels: torch.Tensor
@@ -120,7 +119,8 @@ def _kjt(parts: Dict[str, Tuple[np.ndarray, np.ndarray]]) -> KeyedJaggedTensor:
 
 
 def sequence_features(gsu: str) -> List[str]:
-    """The sequence features that batches built for GSU kind ``gsu`` carry."""
+    """The item and category sequence features that batches built for GSU kind ``gsu`` carry (their
+    ``sparse_features`` hold these, then ``features.SIDE_FEATURES``)."""
     names = ["item_target", "cate_target", "item_recent", "cate_recent"]
     if gsu in ("scl_cosine", "category"):
         names += ["item_topk", "cate_topk"]
@@ -211,12 +211,11 @@ class BatchBuilder:
             seq["cate_hist"] = _jagged(cates[su], hist_len[su])
         history_scl = self._history_scl(items, su_t, target_scl, target_unit)
 
-        pooled = {name: _single(block.user_features[name][su]) for name in F.USER_FEATURES}
-        pooled.update({name: _single(block.target[name]) for name in F.TARGET_SIDE_FEATURES})
+        seq.update({name: _single(block.user_features[name][su]) for name in F.USER_FEATURES})
+        seq.update({name: _single(block.target[name]) for name in F.TARGET_SIDE_FEATURES})
         true_prob = block.true_prob if block.true_prob is not None else np.full(block.batch_size, -1.0)
         return Batch(
-            sequence=_kjt(seq),
-            pooled=_kjt(pooled),
+            sparse_features=_kjt(seq),
             topk_scores=topk_scores.float().contiguous(),
             recent_scores=recent_cos.float().contiguous(),
             labels=torch.from_numpy(block.labels.astype(np.float32)),

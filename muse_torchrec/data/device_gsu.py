@@ -39,7 +39,7 @@ class GsuBatch(Pipelineable):
     """A batch whose top-K is still to be selected.
 
     Attributes:
-        batch: everything but the top-K (its ``sequence`` KJT lacks item_topk/cate_topk).
+        batch: everything but the top-K (its ``sparse_features`` KJT lacks item_topk/cate_topk).
         hist_items, hist_cates: [U, L] int64 item/category rows of each user's history, id 0 removed,
             left-aligned (oldest first); hist_lengths: [U] int64.
         sample_user: [B] int64 user of each sample; target_items, target_cates: [B] int64.
@@ -246,8 +246,8 @@ class DeviceGsu:
             values=torch.cat([items.view(-1)[selected], cates.view(-1)[selected]]),
             lengths=torch.cat([lengths, lengths]).int(),
         )
-        sequence = KeyedJaggedTensor.concat([raw.batch.sequence, topk_kjt])
-        return replace(raw.batch, sequence=sequence, topk_scores=scores.float().contiguous())
+        sparse_features = KeyedJaggedTensor.concat([raw.batch.sparse_features, topk_kjt])
+        return replace(raw.batch, sparse_features=sparse_features, topk_scores=scores.float().contiguous())
 
     def _muse(self, raw: GsuBatch) -> Selection:
         """MUSE's selection of a batch on the device: one graph replay for batches of the captured size."""

@@ -24,12 +24,7 @@ from muse_torchrec.config import ModelConfig
 from muse_torchrec.model import esu
 from muse_torchrec.model import trainable_gsu as tg
 from muse_torchrec.model.attention import SemanticAwareTargetAttention, TargetAttention
-from muse_torchrec.model.embeddings import (
-    build_pooled_collection,
-    build_sequence_collection,
-    pooled_dims,
-    sequence_dim,
-)
+from muse_torchrec.model.embeddings import build_collection, sequence_dim, side_dims
 from muse_torchrec.model.muse import MuseModel, MuseTrain, SparseArch
 
 
@@ -192,10 +187,9 @@ def build_model(
     method = get_method(cfg.method)
     dim = sequence_dim(cfg.embeddings)
     sparse = SparseArch(
-        sequence=build_sequence_collection(vocab_sizes, cfg.embeddings, sequence_features, device),
-        pooled=build_pooled_collection(vocab_sizes, cfg.embeddings, device),
+        tables=build_collection(vocab_sizes, cfg.embeddings, sequence_features, device),
         sequence_dim=dim,
-        pooled_dims=pooled_dims(cfg.embeddings),
+        side_dims=side_dims(cfg.embeddings),
         sequence_features=sequence_features,
         k=cfg.k,
         recent=recent,

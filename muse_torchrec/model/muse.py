@@ -1,6 +1,6 @@
 """The MUSE model (MUSE_SPEC section 6) and its training wrapper, in the layout of torchrec's DLRM.
 
-- ``SparseArch``: the sharded embedding collections -> padded sequence tensors + pooled side features.
+- ``SparseArch``: the sharded embedding collection -> padded sequence tensors + side features.
 - ``MuseModel``: optional model-side GSU (injected, ``trainable_gsu``) -> ``DenseTower``: ESU blocks
   (injected) + target and user features -> MLP (Dice) -> one click logit.
 - ``MuseTrain``: owns the binary cross-entropy loss; returns ``(loss, (loss, logits, labels))``.
@@ -13,10 +13,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as nnf
 from torch import nn
-from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
-from muse_torchrec import features as F
 from muse_torchrec.data.batch import Batch
 from muse_torchrec.model.esu import SequenceInputs
 from muse_torchrec.model.mlp import MLP
@@ -28,13 +27,27 @@ def padded(jt: JaggedTensor, length: int) -> torch.Tensor:
     return torch.ops.fbgemm.jagged_to_padded_dense(values, [jt.offsets()], [length], 0.0)
 
 
+def single_ids(features: Sequence[JaggedTensor], widths: Sequence[int]) -> torch.Tensor:
+    """Embeddings of F features of at most one id per sample -> [B, sum(widths)]: feature f's first
+    ``widths[f]`` columns, zeros where the sample has no id (what a sum-pooled bag of 0/1 ids gives).
+
+    One padding for all F features (their rows stacked feature-major), not one per feature.
+    """
+    values = torch.cat([jt.values() for jt in features])
+    lengths = torch.cat([jt.lengths() for jt in features])
+    offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths)
+    dense = torch.ops.fbgemm.jagged_to_padded_dense(values, [offsets], [1], 0.0)  # [F * B, 1, D]
+    per_feature = dense.view(len(features), -1, dense.shape[-1])
+    return torch.cat([per_feature[f, :, :width] for f, width in enumerate(widths)], dim=1)
+
+
 class SparseArch(nn.Module):
     """Embedding lookups of a batch.
 
     Args:
-        sequence: EmbeddingCollection of the shared item and category tables (dimension D).
-        pooled: EmbeddingBagCollection of the side features.
-        pooled_dims: pooled feature -> width, in the order the tower reads them.
+        tables: the EmbeddingCollection of every table (``embeddings.build_collection``; width D).
+        sequence_dim: D, the width of the item and category tables.
+        side_dims: side feature -> the width read from its table (<= D), in the order the tower reads them.
         sequence_features: the sequence features batches carry (decides which sequences are read;
             fixed at construction because TrainPipelineSparseDist traces ``forward`` with torch.fx).
         k, recent, max_history: padded lengths of top-K, recent and whole-history sequences.
@@ -42,19 +55,17 @@ class SparseArch(nn.Module):
 
     def __init__(
         self,
-        sequence: EmbeddingCollection,
-        pooled: EmbeddingBagCollection,
+        tables: EmbeddingCollection,
         sequence_dim: int,
-        pooled_dims: Dict[str, int],
+        side_dims: Dict[str, int],
         sequence_features: Sequence[str],
         k: int,
         recent: int,
         max_history: int,
     ) -> None:
         super().__init__()
-        self.sequence = sequence
-        self.pooled = pooled
-        self.pooled_dims = dict(pooled_dims)
+        self.tables = tables
+        self.side_dims = dict(side_dims)
         self.item_dim = 2 * sequence_dim
         self.k = k
         self.recent = recent
@@ -63,8 +74,8 @@ class SparseArch(nn.Module):
         self.reads_history = "item_hist" in sequence_features
 
     @property
-    def pooled_dim(self) -> int:
-        return sum(self.pooled_dims.values())
+    def side_dim(self) -> int:
+        return sum(self.side_dims.values())
 
     def _sequence(self, seq: Dict[str, JaggedTensor], name: str, length: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Item and category embeddings of a behavior sequence -> ([B, length, 2D], lengths [B]).
@@ -78,8 +89,8 @@ class SparseArch(nn.Module):
         return torch.ops.fbgemm.jagged_to_padded_dense(values, [items.offsets()], [length], 0.0), items.lengths()
 
     def forward(self, batch: Batch) -> Tuple[SequenceInputs, torch.Tensor]:
-        """Returns (sequence inputs, pooled side features [B, pooled_dim])."""
-        seq = self.sequence(batch.sequence)
+        """Returns (sequence inputs, side features [B, side_dim])."""
+        seq = self.tables(batch.sparse_features)
         # The target's item and category are dropped separately when unknown (id 0): pad each.
         target = torch.cat([padded(seq["item_target"], 1), padded(seq["cate_target"], 1)], dim=-1)
         recent, recent_lengths = self._sequence(seq, "recent", self.recent)
@@ -96,8 +107,7 @@ class SparseArch(nn.Module):
             inputs.topk, inputs.topk_lengths = self._sequence(seq, "topk", self.k)
         if self.reads_history:
             inputs.history, inputs.history_lengths = self._sequence(seq, "hist", self.max_history)
-        pooled = self.pooled(batch.pooled).to_dict()
-        side = torch.cat([pooled[name] for name in self.pooled_dims], dim=1)
+        side = single_ids([seq[name] for name in self.side_dims], list(self.side_dims.values()))
         return inputs, side
 
 
@@ -111,7 +121,7 @@ class DenseTower(nn.Module):
     Args:
         blocks: ESU / interest modules, each with ``output_dim`` and ``forward(SequenceInputs)``.
         item_dim: width E of the target embedding (item + category).
-        side_dim: width of the pooled side features.
+        side_dim: width of the side features.
         mlp_hidden: widths of the Dice MLP (the paper: 256-128-64).
     """
 
@@ -151,7 +161,7 @@ class MuseModel(nn.Module):
         super().__init__()
         self.sparse_arch = sparse_arch
         self.gsu = gsu
-        self.tower = DenseTower(blocks, sparse_arch.item_dim, sparse_arch.pooled_dim, mlp_hidden)
+        self.tower = DenseTower(blocks, sparse_arch.item_dim, sparse_arch.side_dim, mlp_hidden)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Returns click logits [B]."""

@@ -40,12 +40,8 @@ CPU_SPARSE_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
 
 
 def embedding_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
-    """Parameters of the embedding collections (the sparse part)."""
-    return {
-        name: p
-        for name, p in model.named_parameters()
-        if ".sequence.embeddings." in name or ".pooled.embedding_bags." in name
-    }
+    """Parameters of the embedding collection (the sparse part)."""
+    return {name: p for name, p in model.named_parameters() if ".sparse_arch.tables.embeddings." in name}
 
 
 def attach_sparse_optimizer(model: nn.Module, name: str, lr: float, device_type: str) -> None:
