@@ -13,7 +13,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
-from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints, PlannerError, ShardingOption
 from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
@@ -22,16 +21,6 @@ from muse_torchrec import features as F
 from muse_torchrec.config import ShardingConfig
 
 GIB = 1024**3
-
-
-class CpuCapableEmbeddingBagSharder(EmbeddingBagCollectionSharder):
-    """The stock sharder offers no row-wise sharding on CPU; the row-wise CPU kernels work, so allow it."""
-
-    def sharding_types(self, compute_device_type: str) -> List[str]:
-        types = super().sharding_types(compute_device_type)
-        if compute_device_type == "cpu":
-            types += [t.value for t in (ShardingType.ROW_WISE, ShardingType.TABLE_ROW_WISE) if t.value not in types]
-        return types
 
 
 class CpuSafeEmbeddingCollectionSharder(EmbeddingCollectionSharder):
@@ -45,10 +34,7 @@ class CpuSafeEmbeddingCollectionSharder(EmbeddingCollectionSharder):
 
 
 def make_sharders(fused_params: Optional[Dict[str, object]] = None) -> List[ModuleSharder[nn.Module]]:
-    return [
-        CpuSafeEmbeddingCollectionSharder(fused_params=fused_params),
-        CpuCapableEmbeddingBagSharder(fused_params=fused_params),
-    ]
+    return [CpuSafeEmbeddingCollectionSharder(fused_params=fused_params)]
 
 
 def make_constraints(cfg: ShardingConfig, world_size: int) -> Dict[str, ParameterConstraints]:
