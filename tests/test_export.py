@@ -15,6 +15,7 @@ import tiny_run  # noqa: E402
 
 from muse_torchrec import cli  # noqa: E402
 from muse_torchrec.train import checkpoint as ck  # noqa: E402
+from muse_torchrec.model.embeddings import table_dim  # noqa: E402
 from muse_torchrec.train.export import load_export  # noqa: E402
 
 BATCHES = 2
@@ -70,9 +71,11 @@ def test_export_files_follow_the_documented_format(trained):
     for table, spec in meta["tables"].items():
         rows = np.load(out / spec["file"])
         assert rows.dtype == np.float32 and rows.shape == (data.vocab_size(table), spec["dim"])
+        # Each table at its configured width (the reference's D/2 profile tables stay D/2 wide).
+        assert spec["dim"] == table_dim(cfg.model.embeddings, table)
         assert np.array_equal(np.load(out / "vocab" / f"{table}.npy"), data.vocab(table))
     dense = torch.load(out / "dense.pt", weights_only=True)
-    assert "model.tower.logit.weight" in dense and not any(".embeddings." in k or ".embedding_bags." in k for k in dense)
+    assert "model.tower.logit.weight" in dense and not any(".embeddings." in k for k in dense)
     assert np.array_equal(np.load(out / "scl.npy"), data.scl_vectors())
 
 

@@ -10,7 +10,9 @@ Layout of the export directory (``FORMAT_VERSION`` 1)::
                             interest blocks, the Dice MLP (BatchNorm statistics of rank 0) and the
                             logit layer; keys as in ``MuseTrain.state_dict()``
     embeddings/<table>.npy  float32 [rows, dim]: row r of the table, r = vocabulary row (0 = padding
-                            and unknown ids)
+                            and unknown ids), dim its configured width (``model.embeddings``; the
+                            collection stores narrower side tables padded to the item width, and
+                            only these columns are ever read)
     vocab/<table>.npy       int64 sorted raw ids: raw id ``vocab[i]`` has row ``i + 1``
     scl.npy, item_scl_row.npy   the frozen SCL table (int8 [S + 1, 128]) and item row -> SCL row,
                             which MUSE's GSU reads (copied from the prepared dir)
@@ -35,6 +37,7 @@ from torch import nn
 from muse_torchrec.config import ExperimentConfig, load_config, save_config
 from muse_torchrec.data.batch import sequence_features
 from muse_torchrec.data.prepare import ITEM_SCL_ROW_FILE, SCL_FILE, VOCAB_DIR
+from muse_torchrec.model.embeddings import table_dim
 from muse_torchrec.model.methods import build_model, get_method
 from muse_torchrec.model.muse import MuseTrain
 from muse_torchrec.train.checkpoint import CheckpointError, CheckpointInfo, failure, read_rank_state
@@ -97,7 +100,8 @@ def export_checkpoint(info: CheckpointInfo, cfg: ExperimentConfig, out: Path) ->
     (work / EMBEDDINGS_DIR).mkdir(parents=True)
     (work / VOCAB_DIR).mkdir()
     for table, key in tables.items():
-        np.save(work / EMBEDDINGS_DIR / f"{table}.npy", state[key].numpy().astype(np.float32))
+        width = table_dim(cfg.model.embeddings, table)
+        np.save(work / EMBEDDINGS_DIR / f"{table}.npy", state[key][:, :width].numpy().astype(np.float32))
     torch.save({k: v for k, v in state.items() if k not in tables.values()}, work / DENSE_FILE)
     for source in copies:
         shutil.copyfile(source, work / source.relative_to(prepared))
@@ -107,7 +111,7 @@ def export_checkpoint(info: CheckpointInfo, cfg: ExperimentConfig, out: Path) ->
         "step": info.step,
         "method": cfg.model.method,
         "dense": DENSE_FILE,
-        "tables": {t: {"rows": int(state[k].shape[0]), "dim": int(state[k].shape[1]),
+        "tables": {t: {"rows": int(state[k].shape[0]), "dim": table_dim(cfg.model.embeddings, t),
                        "file": f"{EMBEDDINGS_DIR}/{t}.npy"} for t, k in tables.items()},
     }
     (work / META_FILE).write_text(json.dumps(meta, indent=1))
@@ -124,7 +128,10 @@ def load_export(path: str | Path) -> Tuple[MuseTrain, ExperimentConfig]:
     cfg = load_config(path / CONFIG_FILE)
     model = plain_model(cfg, {t: spec["rows"] for t, spec in meta["tables"].items()})
     state = torch.load(path / meta["dense"], weights_only=True)
+    full = model.state_dict()
     for table, key in table_keys(model).items():
-        state[key] = torch.from_numpy(np.load(path / meta["tables"][table]["file"]))
+        weights = torch.from_numpy(np.load(path / meta["tables"][table]["file"]))
+        # Back to the collection's width: the columns past the table's own are never read.
+        state[key] = torch.nn.functional.pad(weights, (0, full[key].shape[1] - weights.shape[1]))
     model.load_state_dict(state)
     return model, cfg
