@@ -26,7 +26,7 @@ import json
 import pstats
 import time
 from dataclasses import dataclass, replace
-from itertools import cycle, islice
+from itertools import cycle, islice, product
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Mapping, Optional
 
@@ -101,17 +101,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_steps(step, batches: Iterator[Batch], warmup: int, steps: int, device: torch.device) -> float:
-    """Seconds for ``steps`` calls of ``step(batches)`` after ``warmup`` calls."""
+def timed_steps(step, batches: Iterator[Batch], warmup: int, steps: int, device: torch.device,
+                freeze_gc: bool = False) -> float:
+    """Seconds for ``steps`` calls of ``step(batches)`` after ``warmup`` calls; ``freeze_gc``: move every
+    object alive after the warm-up out of the garbage collector's reach (``gc.freeze``) while timing."""
     for _ in range(warmup):
         step(batches)
     _sync(device)
+    if freeze_gc:
+        gc.collect()
+        gc.freeze()
     dist.barrier()
     start = time.perf_counter()
     for _ in range(steps):
         step(batches)
     _sync(device)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if freeze_gc:
+        gc.unfreeze()
+    return seconds
 
 
 def _reset_peak(device: torch.device) -> None:
@@ -145,7 +153,7 @@ def profile_table(step, batches: Iterator[Batch], steps: int, device: torch.devi
 
 
 def bench_sharded(cfg: ExperimentConfig, vocab: Mapping[str, int], batches: Iterable[Batch], ctx: DistContext,
-                  warmup: int, steps: int, profile_steps: int = 0) -> Dict[str, object]:
+                  warmup: int, steps: int, profile_steps: int = 0, freeze_gc: bool = False) -> Dict[str, object]:
     """Samples/s of DMP + TrainPipelineSparseDist over ``batches`` (cycled if a list)."""
     _reset_peak(ctx.device)
     model = build_model(cfg.model, vocab, sequence_features(get_method(cfg.model.method).gsu),
@@ -153,7 +161,7 @@ def bench_sharded(cfg: ExperimentConfig, vocab: Mapping[str, int], batches: Iter
     sharded = shard_model(model, cfg, ctx)
     pipeline = TrainPipelineSparseDist(sharded.model, sharded.optimizer, ctx.device)
     batch_iter = iter(batches)
-    seconds = timed_steps(pipeline.progress, batch_iter, warmup, steps, ctx.device)
+    seconds = timed_steps(pipeline.progress, batch_iter, warmup, steps, ctx.device, freeze_gc)
     planned = sharded.plan.per_rank_bytes()[ctx.rank]
     result = {
         "samples_per_s_per_gpu": steps * cfg.train.batch_size / seconds,
@@ -277,6 +285,9 @@ def main() -> None:
     parser.add_argument("--sharing", nargs="+", default=[None], choices=["file_descriptor", "file_system"],
                         help="e2e/loader: torch.multiprocessing sharing strategies to run, each in turn "
                              "(how worker batches reach the training process; default: torch's)")
+    parser.add_argument("--gc-modes", nargs="+", default=["auto"], choices=["auto", "frozen"],
+                        help="model mode: Python's garbage collector as is (auto) and/or with everything alive "
+                             "after the warm-up frozen (gc.freeze) while timing")
     parser.add_argument("--profile-steps", type=int, default=0, help="profile this many extra steps of each run")
     parser.add_argument("--variant", action="append", default=None, metavar="KEY=VALUE;...",
                         help="model mode: one run per --variant (config overrides, ';'-separated), named v0, v1...")
@@ -299,11 +310,12 @@ def main() -> None:
     if "model" in args.modes:
         for variant, overrides in enumerate(args.variant or [""]):
             variant_cfg = apply_overrides(cfg, [o for o in overrides.split(";") if o])
-            for mode in args.compile_modes or [cfg.train.compile_mode]:
+            for mode, gc_mode in product(args.compile_modes or [cfg.train.compile_mode], args.gc_modes):
                 mode_cfg = replace(variant_cfg, train=replace(variant_cfg.train, compile_mode=mode))
                 name = "model" + ("" if args.compile_modes is None else f":{mode}") + (f":v{variant}" if args.variant else "")
+                name += "" if args.gc_modes == ["auto"] else f":gc_{gc_mode}"
                 results[name] = bench_sharded(mode_cfg, vocab, cycle(batches), ctx, args.warmup, args.steps,
-                                              args.profile_steps)
+                                              args.profile_steps, freeze_gc=gc_mode == "frozen")
                 results[name].update(compile_mode=mode, overrides=overrides)
     data_modes = [m for m in ("loader", "e2e") if m in args.modes]
     if data_modes:

@@ -296,3 +296,29 @@ def test_torchx_job_with_a_killed_rank_restarts_from_the_last_checkpoint(tmp_pat
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["train_steps"] == epochs * 9
     assert ck.read_info(ck.latest_checkpoint(checkpoints)).step == epochs * 9
+
+
+def test_training_freezes_what_its_first_step_built():
+    """After the first step the trainer freezes every live object out of the garbage collector's reach
+    (a full collection's pause on one rank stalls the others); the losses are unchanged."""
+    import gc
+
+    import torch
+
+    from muse_torchrec.train.trainer import TrainProgress, _losses
+
+    class TwoSteps:
+        left = 2
+
+        def progress(self, batches):
+            if not self.left:
+                raise StopIteration
+            self.left -= 1
+            return torch.tensor(0.25 * self.left), None, None
+
+    gc.unfreeze()
+    try:
+        assert list(_losses(TwoSteps(), iter(()), TrainProgress())) == [0.25, 0.0]
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()

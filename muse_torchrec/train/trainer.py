@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import itertools
 import json
 import logging
@@ -246,12 +247,22 @@ def train(cfg: ExperimentConfig, data: PreparedData, sharded: ShardedModel, ctx:
 
 def _losses(pipeline: TrainPipelineSparseDist, batches: Iterator[Batch], progress: TrainProgress) -> Iterator[float]:
     """The loss of each step until ``batches`` is exhausted and the pipeline drained; stops the run on
-    a non-finite loss, before any checkpoint could save its parameters."""
+    a non-finite loss, before any checkpoint could save its parameters.
+
+    After the first step, everything alive (the model, compiled graphs, the pipeline's state, built
+    by then) is frozen out of the garbage collector's reach (``gc.freeze``): a full collection walks
+    every tracked object, and with 2+ ranks its pause stalls the others at the next collective
+    (1.09-1.10x samples/s on 2 H200, benchmarks/RESULTS.md row 27).
+    """
+    first = True
     while True:
         try:
             loss, _, _ = pipeline.progress(batches)
         except StopIteration:
             return
+        if first:
+            gc.freeze()
+            first = False
         value = float(loss.detach())
         if not math.isfinite(value):
             raise NonFiniteLossError(
