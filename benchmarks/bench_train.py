@@ -10,7 +10,9 @@ Modes (one process per GPU; launch with torchrun for several GPUs):
   every GPU and DDP over everything, dense Adam on the tables (how the reference implementation
   trains), on the same pre-staged batches.
 
-Reports samples/s per GPU, peak GPU memory per rank and the planner's estimate for that rank.
+Reports samples/s per GPU, peak GPU memory per rank and the planner's estimate for that rank. The
+sharded runs freeze Python's garbage collector after the warm-up, as the trainer does after its
+first step (``--gc-modes auto frozen`` compares).
 
     torchrun --nproc_per_node 1 benchmarks/bench_train.py --config configs/taobao_mm_p90.yaml --modes model e2e --baseline --out bench.json
     python benchmarks/bench_train.py --device cpu --config configs/demo_cpu.yaml --steps 5 --warmup 2   # smoke test
@@ -285,9 +287,10 @@ def main() -> None:
     parser.add_argument("--sharing", nargs="+", default=[None], choices=["file_descriptor", "file_system"],
                         help="e2e/loader: torch.multiprocessing sharing strategies to run, each in turn "
                              "(how worker batches reach the training process; default: torch's)")
-    parser.add_argument("--gc-modes", nargs="+", default=["auto"], choices=["auto", "frozen"],
-                        help="model mode: Python's garbage collector as is (auto) and/or with everything alive "
-                             "after the warm-up frozen (gc.freeze) while timing")
+    parser.add_argument("--gc-modes", nargs="+", default=["frozen"], choices=["auto", "frozen"],
+                        help="model mode: Python's garbage collector with everything alive after the warm-up "
+                             "frozen (gc.freeze) while timing, as the trainer does after its first step "
+                             "(frozen; e2e always), and/or as is (auto)")
     parser.add_argument("--profile-steps", type=int, default=0, help="profile this many extra steps of each run")
     parser.add_argument("--variant", action="append", default=None, metavar="KEY=VALUE;...",
                         help="model mode: one run per --variant (config overrides, ';'-separated), named v0, v1...")
@@ -313,7 +316,7 @@ def main() -> None:
             for mode, gc_mode in product(args.compile_modes or [cfg.train.compile_mode], args.gc_modes):
                 mode_cfg = replace(variant_cfg, train=replace(variant_cfg.train, compile_mode=mode))
                 name = "model" + ("" if args.compile_modes is None else f":{mode}") + (f":v{variant}" if args.variant else "")
-                name += "" if args.gc_modes == ["auto"] else f":gc_{gc_mode}"
+                name += "" if len(args.gc_modes) == 1 else f":gc_{gc_mode}"
                 results[name] = bench_sharded(mode_cfg, vocab, cycle(batches), ctx, args.warmup, args.steps,
                                               args.profile_steps, freeze_gc=gc_mode == "frozen")
                 results[name].update(compile_mode=mode, overrides=overrides)
@@ -340,7 +343,8 @@ def main() -> None:
                 results[name] = bench_loader(loader, cfg.train.batch_size, ctx.device, args.warmup, args.steps,
                                              args.profile_steps)
             else:
-                results[name] = bench_sharded(cfg, vocab, loader, ctx, args.warmup, args.steps, args.profile_steps)
+                results[name] = bench_sharded(cfg, vocab, loader, ctx, args.warmup, args.steps, args.profile_steps,
+                                              freeze_gc=True)
             results[name]["loader_workers"] = args.workers
     if args.baseline:
         results["baseline"] = bench_replicated(cfg, vocab, batches, ctx, args.warmup, args.steps)
