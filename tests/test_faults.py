@@ -322,3 +322,54 @@ def test_training_freezes_what_its_first_step_built():
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
+
+
+class _LoggedLoss:
+    """A loss whose read-back is logged (to see when the trainer waits for a step)."""
+
+    def __init__(self, step: int, value: float, log: List[str]) -> None:
+        self.step, self.value, self.log = step, value, log
+
+    def detach(self) -> "_LoggedLoss":
+        return self
+
+    def __float__(self) -> float:
+        self.log.append(f"read {self.step}")
+        return self.value
+
+
+@pytest.mark.parametrize("values,expected", [([0.5, 0.25, 0.125], None), ([0.5, float("nan"), 0.125], "step 2 ")])
+def test_each_loss_is_read_after_the_next_step_is_launched(values, expected):
+    """Reading a step's loss makes the host wait for that step: it is read once the next step is launched
+    (the last one when the pipeline has drained), and a non-finite loss still stops the run."""
+    import gc
+
+    from muse_torchrec.train.trainer import NonFiniteLossError, TrainProgress, _losses
+
+    log: List[str] = []
+
+    class Steps:
+        done = 0
+
+        def progress(self, batches):
+            if self.done == len(values):
+                raise StopIteration
+            self.done += 1
+            log.append(f"step {self.done}")
+            return _LoggedLoss(self.done, values[self.done - 1], log), None, None
+
+    progress = TrainProgress()
+    got = []
+    try:
+        for loss in _losses(Steps(), iter(()), progress):
+            got.append(loss)
+            progress.record(loss, 1)
+    except NonFiniteLossError as err:
+        assert expected is not None and expected in str(err)
+    finally:
+        gc.unfreeze()
+    if expected is None:
+        assert got == values
+        assert log == ["step 1", "step 2", "read 1", "step 3", "read 2", "read 3"]
+    else:
+        assert got == values[:1] and log == ["step 1", "step 2", "read 1", "step 3", "read 2"]

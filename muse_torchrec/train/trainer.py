@@ -249,28 +249,41 @@ def _losses(pipeline: TrainPipelineSparseDist, batches: Iterator[Batch], progres
     """The loss of each step until ``batches`` is exhausted and the pipeline drained; stops the run on
     a non-finite loss, before any checkpoint could save its parameters.
 
+    Each step's loss is read back once the next step is launched: read at once, it would hold the
+    host until the GPU finished the step, and the host-bound step has no time to lose. The last loss
+    is read when the pipeline has drained, before this segment ends (checkpoints come between
+    segments), so a checkpoint still never holds a step with a non-finite loss.
+
     After the first step, everything alive (the model, compiled graphs, the pipeline's state, built
     by then) is frozen out of the garbage collector's reach (``gc.freeze``): a full collection walks
     every tracked object, and with 2+ ranks its pause stalls the others at the next collective
     (1.09-1.10x samples/s on 2 H200, benchmarks/RESULTS.md row 27).
     """
-    first = True
+    pending: Optional[torch.Tensor] = None
     while True:
         try:
             loss, _, _ = pipeline.progress(batches)
         except StopIteration:
-            return
-        if first:
+            break
+        if pending is None:
             gc.freeze()
-            first = False
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise NonFiniteLossError(
-                f"step {progress.step + 1} (epoch {progress.epoch}): the training loss is {value}; "
-                "lower train.sparse_lr / train.dense_lr or check the inputs (the run stops here; "
-                "its checkpoints hold only earlier steps)"
-            )
-        yield value
+        else:
+            yield _finite(pending, progress)
+        pending = loss.detach()
+    if pending is not None:
+        yield _finite(pending, progress)
+
+
+def _finite(loss: torch.Tensor, progress: TrainProgress) -> float:
+    """The loss of step ``progress.step + 1`` as a float; NonFiniteLossError if it is nan or inf."""
+    value = float(loss)
+    if not math.isfinite(value):
+        raise NonFiniteLossError(
+            f"step {progress.step + 1} (epoch {progress.epoch}): the training loss is {value}; "
+            "lower train.sparse_lr / train.dense_lr or check the inputs (the run stops here; "
+            "its checkpoints hold only earlier steps)"
+        )
+    return value
 
 
 def _log_window(progress: TrainProgress, total: int, ctx: DistContext, log_file: Optional[Path]) -> None:
