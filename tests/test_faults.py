@@ -299,8 +299,8 @@ def test_torchx_job_with_a_killed_rank_restarts_from_the_last_checkpoint(tmp_pat
 
 
 def test_training_freezes_what_its_first_step_built():
-    """After the first step the trainer freezes every live object out of the garbage collector's reach
-    (a full collection's pause on one rank stalls the others); the losses are unchanged."""
+    """After the first step of a run the trainer freezes every live object out of the garbage
+    collector's reach (a full collection's pause on one rank stalls the others); the losses are unchanged."""
     import gc
 
     import torch
@@ -319,6 +319,8 @@ def test_training_freezes_what_its_first_step_built():
     gc.unfreeze()
     try:
         assert list(_losses(TwoSteps(), iter(()), TrainProgress())) == [0.25, 0.0]
+        assert gc.get_freeze_count() == 0  # only the run's first segment freezes
+        assert list(_losses(TwoSteps(), iter(()), TrainProgress(), freeze_gc=True)) == [0.25, 0.0]
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()

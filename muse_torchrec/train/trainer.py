@@ -218,6 +218,7 @@ def train(cfg: ExperimentConfig, data: PreparedData, sharded: ShardedModel, ctx:
     saved_step = progress.step
     start = time.perf_counter() - progress.seconds
     batches: Optional[Iterator[Batch]] = None
+    first_segment = True
     while progress.epoch < cfg.train.epochs:
         if batches is None:
             batches = iter(_loader(cfg, data, "train", ctx, path, cfg.train.batch_size, shuffle=True,
@@ -226,11 +227,12 @@ def train(cfg: ExperimentConfig, data: PreparedData, sharded: ShardedModel, ctx:
         segment = max(per_epoch - progress.epoch_step, 0)
         if every is not None:
             segment = min(segment, every - progress.step % every)
-        for loss in _losses(pipeline, itertools.islice(batches, segment), progress):
+        for loss in _losses(pipeline, itertools.islice(batches, segment), progress, freeze_gc=first_segment):
             progress.record(loss, cfg.train.batch_size * ctx.world_size)
             progress.seconds = time.perf_counter() - start
             if progress.step % cfg.train.log_every == 0 or progress.step == total:
                 _log_window(progress, total, ctx, log_file)
+        first_segment = False
         if progress.epoch_step >= per_epoch:
             progress.next_epoch()
             batches = None
@@ -245,7 +247,8 @@ def train(cfg: ExperimentConfig, data: PreparedData, sharded: ShardedModel, ctx:
                       final_loss=progress.last_loss)
 
 
-def _losses(pipeline: TrainPipelineSparseDist, batches: Iterator[Batch], progress: TrainProgress) -> Iterator[float]:
+def _losses(pipeline: TrainPipelineSparseDist, batches: Iterator[Batch], progress: TrainProgress,
+            freeze_gc: bool = False) -> Iterator[float]:
     """The loss of each step until ``batches`` is exhausted and the pipeline drained; stops the run on
     a non-finite loss, before any checkpoint could save its parameters.
 
@@ -254,10 +257,12 @@ def _losses(pipeline: TrainPipelineSparseDist, batches: Iterator[Batch], progres
     is read when the pipeline has drained, before this segment ends (checkpoints come between
     segments), so a checkpoint still never holds a step with a non-finite loss.
 
-    After the first step, everything alive (the model, compiled graphs, the pipeline's state, built
-    by then) is frozen out of the garbage collector's reach (``gc.freeze``): a full collection walks
-    every tracked object, and with 2+ ranks its pause stalls the others at the next collective
-    (1.09-1.10x samples/s on 2 H200, benchmarks/RESULTS.md row 27).
+    ``freeze_gc`` (the run's first segment): after the first step, everything alive (the model,
+    compiled graphs, the pipeline's state, built by then) is collected once and frozen out of the
+    garbage collector's reach (``gc.freeze``): a full collection walks every tracked object, and with
+    2+ ranks its pause stalls the others at the next collective (1.09-1.10x samples/s on 2 H200,
+    benchmarks/RESULTS.md row 27). Once per run: what later segments build (checkpoints, evaluation)
+    is left to the collector.
     """
     pending: Optional[torch.Tensor] = None
     while True:
@@ -265,9 +270,10 @@ def _losses(pipeline: TrainPipelineSparseDist, batches: Iterator[Batch], progres
             loss, _, _ = pipeline.progress(batches)
         except StopIteration:
             break
-        if pending is None:
+        if pending is None and freeze_gc:
+            gc.collect()
             gc.freeze()
-        else:
+        if pending is not None:
             yield _finite(pending, progress)
         pending = loss.detach()
     if pending is not None:
