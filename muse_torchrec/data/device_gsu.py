@@ -32,6 +32,8 @@ from muse_torchrec.data.packed import Packed
 from muse_torchrec.model import gsu as gsu_ops
 
 DEVICE_GSU_KINDS = ("scl_cosine", "category")
+# The kinds whose selection DeviceGsu replays as a CUDA graph (GraphedMuseSelection).
+GRAPHED_KINDS = ("scl_cosine",)
 
 
 @dataclass
@@ -130,13 +132,19 @@ def _long(array: np.ndarray) -> torch.Tensor:
 Selection = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
+def picked_ids(topk: gsu_ops.TopK, sample_user: torch.Tensor, hist_items: torch.Tensor,
+               hist_cates: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Item and category ids of the selected behaviors: ([B, K], [B, K]), 0 in padding slots."""
+    return (gsu_ops.gather_selected(hist_items, sample_user, topk),
+            gsu_ops.gather_selected(hist_cates, sample_user, topk))
+
+
 def select_by_sample(scl: torch.Tensor, item_scl_row: torch.Tensor, hist_items: torch.Tensor,
                      hist_cates: torch.Tensor, hist_lengths: torch.Tensor, sample_user: torch.Tensor,
                      target_items: torch.Tensor, k: int) -> Selection:
     """MUSE's selection of a batch with static shapes (``gsu.muse_gsu_by_sample``) and the picked ids."""
     topk = gsu_ops.muse_gsu_by_sample(scl, item_scl_row, hist_items, hist_lengths, sample_user, target_items, k)
-    items, cates = (gsu_ops.gather_selected(ids, sample_user, topk) for ids in (hist_items, hist_cates))
-    return topk.scores, topk.lengths, items, cates
+    return (topk.scores, topk.lengths, *picked_ids(topk, sample_user, hist_items, hist_cates))
 
 
 class GraphedMuseSelection:
@@ -216,7 +224,7 @@ class DeviceGsu:
         self.k = k
         self.kind = kind
         self.graphed: Optional[GraphedMuseSelection] = None
-        if graph_shape is not None and kind == "scl_cosine" and device.type == "cuda":
+        if graph_shape is not None and kind in GRAPHED_KINDS and device.type == "cuda":
             self.graphed = GraphedMuseSelection(self.scl, self.item_scl_row, *graph_shape, k)
 
     def _vectors(self, items: torch.Tensor) -> torch.Tensor:
@@ -234,7 +242,7 @@ class DeviceGsu:
         else:
             su = raw.sample_user
             topk = gsu_ops.category_match_topk(raw.hist_cates[su], raw.hist_lengths[su], raw.target_cates, self.k)
-            items, cates = (gsu_ops.gather_selected(ids, su, topk) for ids in (raw.hist_items, raw.hist_cates))
+            items, cates = picked_ids(topk, su, raw.hist_items, raw.hist_cates)
             # The ESU's similarity is the SCL cosine of each selected behavior, whatever selected it.
             unit = gsu_ops.normalize_scl(self._vectors(items))
             real = gsu_ops.length_mask(topk.lengths, self.k)
@@ -256,8 +264,7 @@ class DeviceGsu:
         slots = gsu_ops.UserSlots(raw.user_rank, raw.max_user_samples)
         topk = gsu_ops.muse_gsu(self._vectors(raw.hist_items), raw.hist_lengths, self._vectors(raw.target_items),
                                 raw.sample_user, self.k, slots)
-        items, cates = (gsu_ops.gather_selected(ids, raw.sample_user, topk) for ids in (raw.hist_items, raw.hist_cates))
-        return topk.scores, topk.lengths, items, cates
+        return (topk.scores, topk.lengths, *picked_ids(topk, raw.sample_user, raw.hist_items, raw.hist_cates))
 
     def over(self, batches: Iterable[Union[GsuBatch, Packed]]) -> Iterator[Batch]:
         """Apply to every batch of a loader, in the calling thread."""
@@ -276,10 +283,12 @@ class GsuAhead:
     """``DeviceGsu`` over a loader in a background thread (on CUDA: on its own stream), ``depth``
     batches ahead of the consumer; batches come out in loader order, errors are raised in order.
 
-    Why: the GSU's ~100 small kernels are host time, and the training thread is host-bound. PyTorch
-    releases the GIL while it launches an op, so the thread overlaps most of that time with the
-    training step's own launches. On CUDA each batch carries an event recorded after its GSU; the
-    consumer's current stream waits for it and the batch's memory is recorded as used there.
+    Why: the GSU's launches (a graph replay and its copies, or dozens of small kernels eagerly) are
+    host time, and the training thread is host-bound. PyTorch releases the GIL while it launches an
+    op, so the thread overlaps part of that time with the training step's own launches (measured
+    0.98-1.11x end to end against the training thread, benchmarks/RESULTS.md rows 16, 20, 21, 25).
+    On CUDA each batch carries an event recorded after its GSU; the consumer's current stream waits
+    for it and the batch's memory is recorded as used there.
     """
 
     def __init__(self, gsu: DeviceGsu, batches: Iterable[Union[GsuBatch, Packed]], depth: int = 2) -> None:

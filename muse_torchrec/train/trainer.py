@@ -34,7 +34,8 @@ from muse_torchrec.data.batch import Batch, BatchBuilder, sequence_features
 from muse_torchrec.data.block import SampleBlock
 from muse_torchrec.data.integrity import check_prepared_config
 from muse_torchrec.data.loader import PreparedData, count_batches, make_loader
-from muse_torchrec.data.device_gsu import DEVICE_GSU_KINDS, DeferredGsuBuilder, DeviceGsu, GraphedMuseSelection
+from muse_torchrec.data.device_gsu import (DEVICE_GSU_KINDS, GRAPHED_KINDS, DeferredGsuBuilder, DeviceGsu,
+                                            GraphedMuseSelection)
 from muse_torchrec.data.packed import Packed, PackingTransform
 from muse_torchrec.metrics import EvalAccumulator, EvalMetrics
 from muse_torchrec.model.methods import build_model, get_method
@@ -106,9 +107,11 @@ def batch_path(cfg: ExperimentConfig, data: PreparedData, device: torch.device, 
 def device_data_bytes(cfg: ExperimentConfig, data: PreparedData) -> int:
     """Bytes the batch path keeps on the training device: the SCL table and item map of the device GSU
     (checks ``data.gsu_placement`` before anything is built)."""
-    if _device_gsu_kind(cfg) is None:
+    kind = _device_gsu_kind(cfg)
+    if kind is None:
         return 0
-    workspace = GraphedMuseSelection.workspace_bytes(cfg.train.batch_size, cfg.data.max_history)
+    graphed = kind in GRAPHED_KINDS
+    workspace = GraphedMuseSelection.workspace_bytes(cfg.train.batch_size, cfg.data.max_history) if graphed else 0
     return data.scl_vectors().nbytes + data.item_scl_row().nbytes + workspace
 
 
