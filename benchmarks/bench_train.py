@@ -47,6 +47,7 @@ from muse_torchrec.model.methods import build_model, get_method
 from muse_torchrec.train.distributed import DistContext, init_distributed, shutdown
 from muse_torchrec.data.loader import PreparedData, count_batches, make_loader
 from muse_torchrec.data.packed import PackingTransform
+from muse_torchrec.data.slots import SlotReceiver, SlotTransform
 from muse_torchrec.train.sharded import embedding_parameters, shard_model
 from make_prepared import make_prepared, zipf_rows
 
@@ -179,12 +180,13 @@ def bench_sharded(cfg: ExperimentConfig, vocab: Mapping[str, int], batches: Iter
 
 
 def e2e_batches(cfg: ExperimentConfig, work: Path, ctx: DistContext, num_workers: int, needed: int,
-                device_gsu: bool, pack_batches: bool, gsu_thread: bool = False,
+                device_gsu: bool, handover: str = "slots", gsu_thread: bool = False,
                 graphed_gsu: bool = True) -> Iterable[Batch]:
     """Ready batches from prepared shards on local disk through the real loader: the GSU in the loader
     workers (host), or on the training device after the workers built the rest (``device_gsu``; in
     the training thread, or ahead of it in a background thread with ``gsu_thread``);
-    ``pack_batches``: the workers hand each batch over as one buffer (``data.packed``, as the trainer);
+    ``handover``: how the workers hand each batch over: in their rings of shared slots ("slots",
+    ``data.slots``, as the trainer), as one new buffer ("packed", ``data.packed``), or as is ("unpacked");
     ``graphed_gsu``: the device GSU replays batches of the configured size as one CUDA graph (as the trainer)."""
     data = PreparedData(work)
     available = count_batches(data, "train", cfg.train.batch_size, rank=ctx.rank, world_size=ctx.world_size,
@@ -198,10 +200,12 @@ def e2e_batches(cfg: ExperimentConfig, work: Path, ctx: DistContext, num_workers
     else:
         builder = BatchBuilder(data.scl_vectors(), data.item_scl_row(), gsu=gsu, k=cfg.model.k,
                                recent=cfg.data.recent, max_history=cfg.data.max_history)
-    transform = PackingTransform(builder) if pack_batches else builder
+    transform = {"slots": SlotTransform, "packed": PackingTransform, "unpacked": lambda b: b}[handover](builder)
     loader = make_loader(data, "train", cfg.train.batch_size, transform, rank=ctx.rank, world_size=ctx.world_size,
                          num_workers=num_workers, seed=cfg.data.seed, shuffle=True, drop_last=True,
                          pin_memory=ctx.device.type == "cuda")
+    if handover == "slots":
+        loader = SlotReceiver(loader)
     if not device_gsu:
         return loader
     device = DeviceGsu(data.scl_vectors(), data.item_scl_row(), ctx.device, k=cfg.model.k, kind=gsu,
@@ -279,8 +283,9 @@ def main() -> None:
     parser.add_argument("--gsu-places", nargs="+", default=["device"], choices=["host", "device", "device_ahead"],
                         help="e2e: run the GSU in the loader workers (host) and/or on the GPU in the training "
                              "thread (device) or in a background thread (device_ahead)")
-    parser.add_argument("--packing", nargs="+", default=["packed"], choices=["packed", "unpacked"],
-                        help="e2e: batches from the workers as one buffer (packed, as the trainer) and/or as is")
+    parser.add_argument("--packing", nargs="+", default=["slots"], choices=["slots", "packed", "unpacked"],
+                        help="e2e: batches from the workers through their shared slots (as the trainer), "
+                             "as one new buffer each, and/or as is")
     parser.add_argument("--gsu-graphs", nargs="+", default=["graphed"], choices=["graphed", "eager"],
                         help="e2e with the GSU on the device: its selection as one CUDA graph (as the trainer) "
                              "and/or eager")
@@ -332,12 +337,12 @@ def main() -> None:
                 for graph in (args.gsu_graphs if place != "host" else ["graphed"]) for sharing in args.sharing]
         for place, packed, graph, sharing in runs:
             name = mode + {"host": "", "device": "_device_gsu", "device_ahead": "_device_gsu_ahead"}[place]
-            name += ("" if packed == "packed" else ":unpacked") + ("" if graph == "graphed" else ":eager")
+            name += ("" if packed == "slots" else f":{packed}") + ("" if graph == "graphed" else ":eager")
             if sharing is not None:
                 torch.multiprocessing.set_sharing_strategy(sharing)
                 name += f":{sharing}"
             loader = e2e_batches(cfg, work, ctx, args.workers, args.warmup + args.steps + args.profile_steps,
-                                 place != "host", packed == "packed", gsu_thread=place == "device_ahead",
+                                 place != "host", packed, gsu_thread=place == "device_ahead",
                                  graphed_gsu=graph == "graphed")
             if mode == "loader":
                 results[name] = bench_loader(loader, cfg.train.batch_size, ctx.device, args.warmup, args.steps,

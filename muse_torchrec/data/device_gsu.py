@@ -29,6 +29,7 @@ from muse_torchrec import features as F
 from muse_torchrec.data.batch import Batch, BatchBuilder, _compact, _padded_rows, pad_block
 from muse_torchrec.data.block import SampleBlock
 from muse_torchrec.data.packed import Packed
+from muse_torchrec.data.slots import SlotRef
 from muse_torchrec.model import gsu as gsu_ops
 
 DEVICE_GSU_KINDS = ("scl_cosine", "category")
@@ -231,8 +232,8 @@ class DeviceGsu:
         return self.scl[self.item_scl_row[items].long()]
 
     @torch.no_grad()
-    def __call__(self, raw: Union[GsuBatch, Packed]) -> Batch:
-        """``raw``: a GsuBatch, or one packed by the loader workers (``data.packed``)."""
+    def __call__(self, raw: Union[GsuBatch, Packed, SlotRef]) -> Batch:
+        """``raw``: a GsuBatch, or one packed by the loader workers (``data.packed``, ``data.slots``)."""
         raw = raw.to(self.device, non_blocking=True)
         if raw.k != self.k:
             raise ValueError(f"the batch was built for a top-{raw.k} (DeferredGsuBuilder k), this GSU selects {self.k}")
@@ -266,12 +267,12 @@ class DeviceGsu:
                                 raw.sample_user, self.k, slots)
         return (topk.scores, topk.lengths, *picked_ids(topk, raw.sample_user, raw.hist_items, raw.hist_cates))
 
-    def over(self, batches: Iterable[Union[GsuBatch, Packed]]) -> Iterator[Batch]:
+    def over(self, batches: Iterable[Union[GsuBatch, Packed, SlotRef]]) -> Iterator[Batch]:
         """Apply to every batch of a loader, in the calling thread."""
         for raw in batches:
             yield self(raw)
 
-    def ahead(self, batches: Iterable[Union[GsuBatch, Packed]], depth: int = 2) -> "GsuAhead":
+    def ahead(self, batches: Iterable[Union[GsuBatch, Packed, SlotRef]], depth: int = 2) -> "GsuAhead":
         """Apply to every batch of a loader in a background thread, ``depth`` batches ahead."""
         return GsuAhead(self, batches, depth)
 
@@ -291,7 +292,7 @@ class GsuAhead:
     for it and the batch's memory is recorded as used there.
     """
 
-    def __init__(self, gsu: DeviceGsu, batches: Iterable[Union[GsuBatch, Packed]], depth: int = 2) -> None:
+    def __init__(self, gsu: DeviceGsu, batches: Iterable[Union[GsuBatch, Packed, SlotRef]], depth: int = 2) -> None:
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
         self.gsu, self.batches, self.depth = gsu, batches, depth

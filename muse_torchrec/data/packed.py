@@ -74,11 +74,14 @@ class _Collector:
         return ("value", obj)
 
 
-def pack(obj: Any) -> Packed:
-    """Copy every tensor of ``obj`` (CPU) into one buffer; tensors may be of any dtype and shape."""
+def pack(obj: Any, allocate: Callable[[int], torch.Tensor] = lambda size: torch.empty(size, dtype=torch.uint8)) -> Packed:
+    """Copy every tensor of ``obj`` (CPU) into one buffer; tensors may be of any dtype and shape.
+
+    ``allocate(size)``: a uint8 buffer of at least ``size`` bytes to fill (default: a new one).
+    """
     collector = _Collector()
     layout = collector.layout(obj)
-    buffer = torch.empty(collector.size, dtype=torch.uint8)
+    buffer = allocate(collector.size)
     for tensor, offset in collector.placed:
         _view(buffer, offset, tensor.dtype, tuple(tensor.shape)).copy_(tensor)
     return Packed(buffer, layout)

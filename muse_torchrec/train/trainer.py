@@ -22,7 +22,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, Optional, Union
+from typing import Callable, Dict, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ from muse_torchrec.data.integrity import check_prepared_config
 from muse_torchrec.data.loader import PreparedData, count_batches, make_loader
 from muse_torchrec.data.device_gsu import (DEVICE_GSU_KINDS, GRAPHED_KINDS, DeferredGsuBuilder, DeviceGsu,
                                             GraphedMuseSelection)
-from muse_torchrec.data.packed import Packed, PackingTransform
+from muse_torchrec.data.slots import SlotReceiver, SlotTransform
 from muse_torchrec.metrics import EvalAccumulator, EvalMetrics
 from muse_torchrec.model.methods import build_model, get_method
 from muse_torchrec.train.checkpoint import (
@@ -168,15 +168,16 @@ class NonFiniteLossError(ValueError):
 
 
 def _loader(cfg: ExperimentConfig, data: PreparedData, split: str, ctx: DistContext, path: BatchPath,
-            batch_size: int, shuffle: bool, drop_last: bool, seed: int, skip: int = 0) -> Iterable[Union[Batch, Packed]]:
-    """Batches of ``split``; from worker processes they come packed (one buffer each, ``data.packed``):
-    ``.to(device)`` gives the Batch."""
-    transform = PackingTransform(path.transform) if cfg.data.num_workers > 0 else path.transform
-    return path.finish(make_loader(
-        data, split, batch_size, transform,
-        rank=ctx.rank, world_size=ctx.world_size, num_workers=cfg.data.num_workers,
+            batch_size: int, shuffle: bool, drop_last: bool, seed: int, skip: int = 0) -> Iterable[object]:
+    """Batches of ``split``; from worker processes they come packed in the workers' shared slots
+    (``data.slots``): ``.to(device)`` gives the Batch."""
+    workers = cfg.data.num_workers
+    loader = make_loader(
+        data, split, batch_size, SlotTransform(path.transform) if workers > 0 else path.transform,
+        rank=ctx.rank, world_size=ctx.world_size, num_workers=workers,
         seed=seed, shuffle=shuffle, drop_last=drop_last, skip=skip,
-    ))
+    )
+    return path.finish(SlotReceiver(loader) if workers > 0 else loader)
 
 
 def steps_per_epoch(cfg: ExperimentConfig, data: PreparedData, ctx: DistContext) -> int:
