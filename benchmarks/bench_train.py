@@ -196,7 +196,7 @@ def e2e_batches(cfg: ExperimentConfig, work: Path, ctx: DistContext, num_workers
     gsu = get_method(cfg.model.method).gsu
     if device_gsu:
         builder = DeferredGsuBuilder(data.scl_vectors(), data.item_scl_row(), recent=cfg.data.recent,
-                                     max_history=cfg.data.max_history, k=cfg.model.k)
+                                     max_history=cfg.data.max_history, k=cfg.model.k, kind=gsu)
     else:
         builder = BatchBuilder(data.scl_vectors(), data.item_scl_row(), gsu=gsu, k=cfg.model.k,
                                recent=cfg.data.recent, max_history=cfg.data.max_history)

@@ -7,7 +7,7 @@ code uses the table and feature names defined here.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Dict, Iterable, List, Tuple
 
 # Raw column names.
 LABEL = "label_0"
@@ -63,3 +63,22 @@ HISTORY_FEATURES: Dict[str, str] = {"item_hist": ITEM.name, "cate_hist": CATE.na
 USER_FEATURES: Dict[str, str] = {USER.name: USER.name, **{t.name: t.name for t in PROFILE}}
 TARGET_SIDE_FEATURES: Dict[str, str] = {CITY.name: CITY.name, PROVINCE.name: PROVINCE.name}
 SIDE_FEATURES: Dict[str, str] = {**USER_FEATURES, **TARGET_SIDE_FEATURES}
+
+# Every feature in the embedding collection's order: each table's features (tables in ``TABLES``
+# order, a table's features in the order above), so the side features come last.
+_LOOKUP_ORDER: Dict[str, int] = {
+    feature: rank for rank, feature in enumerate(
+        f for table in TABLES for f, t in {**SEQUENCE_FEATURES, **HISTORY_FEATURES, **SIDE_FEATURES}.items()
+        if t == table.name
+    )
+}
+
+
+def lookup_order(features: Iterable[str]) -> List[str]:
+    """``features`` in the embedding collection's order (``model.embeddings.build_collection``).
+
+    Why: TorchRec permutes a KJT whose keys come in another order than its sharding's before every
+    input distribution; batches built in this order need no permute (one rank, or every table
+    sharded one way, as the GPU configs do). Raises KeyError for a feature no table serves.
+    """
+    return sorted(features, key=_LOOKUP_ORDER.__getitem__)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from muse_torchrec import features as F
-from muse_torchrec.data.batch import Batch, BatchBuilder, sequence_features
+from muse_torchrec.data.batch import GSU_KINDS, Batch, BatchBuilder, sequence_features
 from random_data import random_block, random_scl
 
 K, RECENT, MAX_HISTORY = 6, 5, 40
@@ -128,3 +128,21 @@ def test_batch_is_pipelineable():
 def test_unknown_gsu_kind_is_an_error():
     with pytest.raises(ValueError, match="unknown GSU kind"):
         BatchBuilder(np.zeros((1, 128), np.int8), np.zeros(1, np.int32), gsu="nope")
+
+
+@pytest.mark.parametrize("gsu", GSU_KINDS)
+def test_batch_keys_come_in_the_collections_feature_order(gsu):
+    """The order TorchRec's input distribution expects on one rank: no per-step permute of the KJT."""
+    from muse_torchrec.config import EmbeddingConfig
+    from muse_torchrec.model.embeddings import build_collection
+
+    rng = np.random.default_rng(2)
+    scl, item_scl_row = random_scl(rng)
+    batch = BatchBuilder(scl, item_scl_row, gsu=gsu, k=K, recent=RECENT, max_history=MAX_HISTORY)(
+        random_block(rng, num_users=4, max_len=30))
+    vocab = {table.name: 100 for table in F.TABLES}
+    collection = build_collection(vocab, EmbeddingConfig(), sequence_features(gsu))
+    collection_order = [f for table in collection.embedding_configs() for f in table.feature_names]
+    assert batch.sparse_features.keys() == collection_order
+    with pytest.raises(KeyError):
+        F.lookup_order(["item_target", "no_such_feature"])

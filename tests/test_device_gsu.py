@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from muse_torchrec import features as F
 from muse_torchrec.data.batch import BatchBuilder
 from muse_torchrec.data.device_gsu import DeferredGsuBuilder, DeviceGsu
 from random_data import random_block, random_scl
@@ -20,14 +21,14 @@ def test_device_gsu_equals_host_gsu(kind, pad_to, device):
     scl, item_scl_row = random_scl(rng)
     block = random_block(rng, num_users=15, max_len=70)
     host = BatchBuilder(scl, item_scl_row, gsu=kind, k=K, recent=RECENT, max_history=MAX_HISTORY, pad_to=pad_to)(block)
-    raw = DeferredGsuBuilder(scl, item_scl_row, recent=RECENT, max_history=MAX_HISTORY, pad_to=pad_to, k=K)(block)
+    raw = DeferredGsuBuilder(scl, item_scl_row, recent=RECENT, max_history=MAX_HISTORY, pad_to=pad_to, k=K,
+                             kind=kind)(block)
     moved = DeviceGsu(scl, item_scl_row, torch.device(device), k=K, kind=kind)(raw).to(torch.device("cpu"))
-    # The device appends the top-K after the side features: the same features in another key order.
-    got, want = moved.sparse_features.to_dict(), host.sparse_features.to_dict()
-    assert sorted(got) == sorted(want)
-    for key in want:
-        assert torch.equal(got[key].values(), want[key].values()), key
-        assert torch.equal(got[key].lengths().long(), want[key].lengths().long()), key
+    # The same KJT: keys in the collection's order, the placeholders overwritten with the host GSU's ids.
+    got, want = moved.sparse_features, host.sparse_features
+    assert got.keys() == want.keys() == F.lookup_order(want.keys())
+    assert torch.equal(got.values(), want.values())
+    assert torch.equal(got.lengths(), want.lengths())
     torch.testing.assert_close(moved.topk_scores, host.topk_scores, rtol=0, atol=1e-6)
     for name in ("recent_scores", "labels", "weights", "user_key", "true_prob"):
         assert torch.equal(getattr(moved, name), getattr(host, name)), name
@@ -38,13 +39,19 @@ def test_device_gsu_rejects_gsus_with_parameters():
         DeviceGsu(np.zeros((1, 128), np.int8), np.zeros(1, np.int32), torch.device("cpu"), kind="whole_history")
 
 
-def test_device_gsu_refuses_a_batch_built_for_another_k():
+def test_device_gsu_refuses_a_batch_built_for_another_k_or_kind():
     rng = np.random.default_rng(4)
     scl, item_scl_row = random_scl(rng)
     raw = DeferredGsuBuilder(scl, item_scl_row, recent=RECENT, max_history=MAX_HISTORY, k=K + 1)(
         random_block(rng, num_users=3, max_len=20))
-    with pytest.raises(ValueError, match="built for a top-7"):
+    with pytest.raises(ValueError, match="built for a scl_cosine top-7"):
         DeviceGsu(scl, item_scl_row, torch.device("cpu"), k=K)(raw)
+    raw = DeferredGsuBuilder(scl, item_scl_row, recent=RECENT, max_history=MAX_HISTORY, k=K, kind="category")(
+        random_block(rng, num_users=3, max_len=20))
+    with pytest.raises(ValueError, match="built for a category top-6"):
+        DeviceGsu(scl, item_scl_row, torch.device("cpu"), k=K)(raw)
+    with pytest.raises(ValueError, match="device GSU runs"):
+        DeferredGsuBuilder(scl, item_scl_row, kind="recent_only")
 
 
 def _raw_batches(count: int):

@@ -30,10 +30,11 @@ class Batch(Pipelineable):
     """One training/eval batch of B samples.
 
     Attributes:
-        sparse_features: KJT of every id the model's one EmbeddingCollection looks up: the item and
-            category sequences (keys among ``features.SEQUENCE_FEATURES`` + ``HISTORY_FEATURES``:
-            target (0/1 id per sample), top-K (<= K ids), recent (<= R ids), optional whole history
-            (<= L ids)), then the side features (``features.SIDE_FEATURES``, 0/1 id per sample).
+        sparse_features: KJT of every id the model's one EmbeddingCollection looks up, keys in its
+            order (``features.lookup_order``): the item and category sequences (keys among
+            ``features.SEQUENCE_FEATURES`` + ``HISTORY_FEATURES``: target (0/1 id per sample), top-K
+            (<= K ids), recent (<= R ids), optional whole history (<= L ids)) and the side features
+            (``features.SIDE_FEATURES``, 0/1 id per sample).
         topk_scores: [B, K] float32 GSU similarity of each selected behavior (0 on padding slots).
         recent_scores: [B, R] float32 SCL cosine of each recent behavior with the target.
         labels: [B] float32 click labels.
@@ -110,7 +111,8 @@ def _single(ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def _kjt(parts: Dict[str, Tuple[np.ndarray, np.ndarray]]) -> KeyedJaggedTensor:
-    keys = list(parts)
+    """(values, lengths) per feature -> one KJT, its keys in the embedding collection's order."""
+    keys = F.lookup_order(parts)
     values = np.concatenate([parts[k][0].astype(np.int64, copy=False) for k in keys])
     lengths = np.concatenate([parts[k][1].astype(np.int32, copy=False) for k in keys])
     return KeyedJaggedTensor(
@@ -119,14 +121,14 @@ def _kjt(parts: Dict[str, Tuple[np.ndarray, np.ndarray]]) -> KeyedJaggedTensor:
 
 
 def sequence_features(gsu: str) -> List[str]:
-    """The item and category sequence features that batches built for GSU kind ``gsu`` carry (their
-    ``sparse_features`` hold these, then ``features.SIDE_FEATURES``)."""
+    """The item and category sequence features that batches built for GSU kind ``gsu`` carry, in the
+    collection's order (their ``sparse_features`` hold these, then ``features.SIDE_FEATURES``)."""
     names = ["item_target", "cate_target", "item_recent", "cate_recent"]
     if gsu in ("scl_cosine", "category"):
         names += ["item_topk", "cate_topk"]
     if gsu in WHOLE_HISTORY_KINDS:
         names += list(F.HISTORY_FEATURES)
-    return names
+    return F.lookup_order(names)
 
 
 class BatchBuilder:
@@ -142,6 +144,9 @@ class BatchBuilder:
             ("whole_history_scl_vectors"), see :class:`Batch`.
         k: top-K size; recent: number of recent behaviors; max_history: L.
         pad_to: pad every batch to this many samples with weight-0 rows (eval), or None.
+        defer_topk: for "scl_cosine" / "category", leave the selection to the training device
+            (``device_gsu.DeviceGsu``): item_topk / cate_topk hold as many 0 ids as the GSU will select
+            (placeholders it overwrites: their count is known on the host) and topk_scores zeros.
     """
 
     def __init__(
@@ -153,6 +158,7 @@ class BatchBuilder:
         recent: int = 50,
         max_history: int = 1000,
         pad_to: Optional[int] = None,
+        defer_topk: bool = False,
     ) -> None:
         if gsu not in GSU_KINDS:
             raise ValueError(f"unknown GSU kind {gsu!r}; expected one of {GSU_KINDS}")
@@ -163,6 +169,7 @@ class BatchBuilder:
         self.recent = recent
         self.max_history = max_history
         self.pad_to = pad_to
+        self.defer_topk = defer_topk
 
     def _scl(self, item_rows: np.ndarray) -> torch.Tensor:
         """Item rows (any shape) -> int8 SCL vectors (shape + [128])."""
@@ -193,7 +200,10 @@ class BatchBuilder:
             "cate_recent": _jagged(recent_cates[su], recent_len),
         }
         topk_scores = torch.zeros(block.batch_size, self.k)
-        if self.gsu in ("scl_cosine", "category"):
+        if self.gsu in ("scl_cosine", "category") and self.defer_topk:
+            lengths = self._selected_lengths(block, cates, hist_len)
+            seq["item_topk"] = seq["cate_topk"] = (np.zeros(int(lengths.sum()), dtype=np.int64), lengths)
+        elif self.gsu in ("scl_cosine", "category"):
             topk = self._select(block, items, cates, hist_len, target_scl)
             selected_items = gsu_ops.gather_selected(torch.from_numpy(items), su_t, topk).numpy()
             lengths = topk.lengths.numpy()
@@ -243,6 +253,16 @@ class BatchBuilder:
         if self.gsu == "whole_history_scl_vectors":
             out.update(hist_scl=self._scl(hist_items), target_scl=target_scl, sample_user=sample_user)
         return out
+
+    def _selected_lengths(self, block: SampleBlock, hist_cates: np.ndarray, hist_len: np.ndarray) -> np.ndarray:
+        """[B] how many behaviors the GSU will select per sample: MUSE selects min(k, history length)
+        (behaviors without an SCL vector rank last but are selectable), SIM-hard min(k, matches)."""
+        su = block.sample_user
+        if self.gsu == "scl_cosine":
+            return np.minimum(hist_len[su], self.k)
+        target_cate = torch.from_numpy(block.target[F.CATE.name])
+        matches = gsu_ops.category_matches(torch.from_numpy(hist_cates[su]), torch.from_numpy(hist_len[su]), target_cate)
+        return matches.sum(dim=1).clamp(max=self.k).numpy()
 
     def _select(
         self,

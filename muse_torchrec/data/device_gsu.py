@@ -1,8 +1,9 @@
 """The parameter-free GSU on the training device instead of in the loader workers.
 
 The loader workers build everything but the top-K (``DeferredGsuBuilder`` -> ``GsuBatch``: the
-batch plus each user's history rows), and ``DeviceGsu`` selects the top-K on the device where the
-SCL table lives, then completes the batch's KJT (``DeviceGsu.over(loader)`` in the calling thread,
+batch, its top-K ids still placeholders, plus each user's history rows), and ``DeviceGsu`` selects
+the top-K on the device where the SCL table lives, then writes the selected ids over the
+placeholders of the batch's KJT (``DeviceGsu.over(loader)`` in the calling thread,
 ``DeviceGsu.ahead(loader)`` in a background thread: what the trainer runs with
 ``data.gsu_placement: device``). Only the selected and recent ids still reach the sharded item
 table, and TrainPipelineSparseDist receives ordinary batches. On CUDA, MUSE's selection for batches
@@ -22,7 +23,6 @@ from typing import Dict, Iterable, Iterator, Optional, Tuple, Union
 
 import numpy as np
 import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
 from muse_torchrec import features as F
@@ -42,16 +42,22 @@ class GsuBatch(Pipelineable):
     """A batch whose top-K is still to be selected.
 
     Attributes:
-        batch: everything but the top-K (its ``sparse_features`` KJT lacks item_topk/cate_topk).
+        batch: the batch, but for the top-K: item_topk / cate_topk of its ``sparse_features`` hold 0
+            ids, as many as the GSU selects, and ``topk_scores`` zeros.
         hist_items, hist_cates: [U, L] int64 item/category rows of each user's history, id 0 removed,
             left-aligned (oldest first); hist_lengths: [U] int64.
         sample_user: [B] int64 user of each sample; target_items, target_cates: [B] int64.
         user_rank, max_user_samples: ``gsu.user_slots`` of ``sample_user``.
-        topk_slots: [N] int64 flat positions in [B * k] of the top-K slots MUSE's GSU fills
-            (min(k, history length) per sample), for ``k`` slots per sample.
+        topk_slots: [N] int64 flat positions in [B * k] of the top-K slots the GSU fills (MUSE:
+            min(k, history length) per sample; SIM-hard: min(k, matching behaviors)), for ``k`` slots
+            per sample, in the order of the placeholders.
+        topk_values_at: where item_topk's and cate_topk's N placeholders start in
+            ``batch.sparse_features.values()``.
+        kind: the GSU kind the batch was built for.
 
-    The last three are host facts computed in the worker, so that the device GSU never reads
-    anything back from the GPU (a read would make the CPU wait for the training step before it).
+    ``user_rank``, ``max_user_samples``, ``topk_slots`` and ``topk_values_at`` are host facts computed
+    in the worker, so that the device GSU never reads anything back from the GPU (a read would make
+    the CPU wait for the training step before it).
     """
 
     batch: Batch
@@ -64,7 +70,9 @@ class GsuBatch(Pipelineable):
     user_rank: torch.Tensor
     max_user_samples: int
     topk_slots: torch.Tensor
+    topk_values_at: Tuple[int, int]
     k: int
+    kind: str
 
     def _tensors(self) -> Dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
@@ -89,15 +97,19 @@ def real_slots(lengths: torch.Tensor, k: int) -> torch.Tensor:
 
 class DeferredGsuBuilder:
     """SampleBlock -> GsuBatch in the loader workers: the host part of ``BatchBuilder`` without the top-K
-    (``k``: the top-K size of the ``DeviceGsu`` that completes it)."""
+    (``k``, ``kind``: the top-K size and GSU kind of the ``DeviceGsu`` that completes it)."""
 
     def __init__(self, scl_vectors: np.ndarray, item_scl_row: np.ndarray, recent: int = 50,
-                 max_history: int = 1000, pad_to: Optional[int] = None, k: int = 50) -> None:
-        self.base = BatchBuilder(scl_vectors, item_scl_row, gsu="recent_only", recent=recent,
-                                 max_history=max_history)
+                 max_history: int = 1000, pad_to: Optional[int] = None, k: int = 50,
+                 kind: str = "scl_cosine") -> None:
+        if kind not in DEVICE_GSU_KINDS:
+            raise ValueError(f"the device GSU runs {DEVICE_GSU_KINDS}, not {kind!r}")
+        self.base = BatchBuilder(scl_vectors, item_scl_row, gsu=kind, k=k, recent=recent,
+                                 max_history=max_history, defer_topk=True)
         self.max_history = max_history
         self.pad_to = pad_to
         self.k = k
+        self.kind = kind
 
     def __call__(self, block: SampleBlock) -> GsuBatch:
         weights = np.ones(block.batch_size, dtype=np.float32)
@@ -109,6 +121,8 @@ class DeferredGsuBuilder:
         batch = replace(self.base(block), weights=torch.from_numpy(weights))
         sample_user, hist_lengths = _long(block.sample_user), _long(lengths)
         slots = gsu_ops.user_slots(sample_user, len(hist_lengths))
+        kjt = batch.sparse_features
+        starts = dict(zip(kjt.keys(), kjt.offset_per_key()))
         return GsuBatch(
             batch=batch,
             hist_items=_long(items),
@@ -119,8 +133,10 @@ class DeferredGsuBuilder:
             target_cates=_long(block.target[F.CATE.name]),
             user_rank=slots.rank,
             max_user_samples=slots.max_samples,
-            topk_slots=real_slots(hist_lengths[sample_user], self.k),
+            topk_slots=real_slots(kjt["item_topk"].lengths(), self.k),
+            topk_values_at=(starts["item_topk"], starts["cate_topk"]),
             k=self.k,
+            kind=self.kind,
         )
 
 
@@ -128,9 +144,9 @@ def _long(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64))
 
 
-# A batch's MUSE selection: (scores [B, K] float, lengths [B] long, item ids [B, K], category ids [B, K]),
-# ids 0 and scores 0.0 in padding slots.
-Selection = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+# A batch's MUSE selection: (scores [B, K] float, item ids [B, K], category ids [B, K]), ids 0 and
+# scores 0.0 in padding slots.
+Selection = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def picked_ids(topk: gsu_ops.TopK, sample_user: torch.Tensor, hist_items: torch.Tensor,
@@ -145,7 +161,7 @@ def select_by_sample(scl: torch.Tensor, item_scl_row: torch.Tensor, hist_items: 
                      target_items: torch.Tensor, k: int) -> Selection:
     """MUSE's selection of a batch with static shapes (``gsu.muse_gsu_by_sample``) and the picked ids."""
     topk = gsu_ops.muse_gsu_by_sample(scl, item_scl_row, hist_items, hist_lengths, sample_user, target_items, k)
-    return (topk.scores, topk.lengths, *picked_ids(topk, sample_user, hist_items, hist_cates))
+    return (topk.scores, *picked_ids(topk, sample_user, hist_items, hist_cates))
 
 
 class GraphedMuseSelection:
@@ -205,7 +221,8 @@ class GraphedMuseSelection:
 
 
 class DeviceGsu:
-    """GsuBatch -> Batch on ``device``: select the top-K there and add item_topk/cate_topk to the KJT.
+    """GsuBatch -> Batch on ``device``: select the top-K there and write the selected ids over the
+    batch's item_topk / cate_topk placeholders (in place: a GsuBatch is made to be completed once).
 
     Args:
         scl_vectors: [S + 1, 128] int8 SCL table, copied to ``device`` once (4.5 GB for Taobao-MM).
@@ -235,11 +252,11 @@ class DeviceGsu:
     def __call__(self, raw: Union[GsuBatch, Packed, SlotRef]) -> Batch:
         """``raw``: a GsuBatch, or one packed by the loader workers (``data.packed``, ``data.slots``)."""
         raw = raw.to(self.device, non_blocking=True)
-        if raw.k != self.k:
-            raise ValueError(f"the batch was built for a top-{raw.k} (DeferredGsuBuilder k), this GSU selects {self.k}")
+        if (raw.k, raw.kind) != (self.k, self.kind):
+            raise ValueError(f"the batch was built for a {raw.kind} top-{raw.k} (DeferredGsuBuilder k, kind), "
+                             f"this GSU selects a {self.kind} top-{self.k}")
         if self.kind == "scl_cosine":
-            scores, lengths, items, cates = self._muse(raw)
-            selected = raw.topk_slots
+            scores, items, cates = self._muse(raw)
         else:
             su = raw.sample_user
             topk = gsu_ops.category_match_topk(raw.hist_cates[su], raw.hist_lengths[su], raw.target_cates, self.k)
@@ -248,15 +265,12 @@ class DeviceGsu:
             unit = gsu_ops.normalize_scl(self._vectors(items))
             real = gsu_ops.length_mask(topk.lengths, self.k)
             target = gsu_ops.normalize_scl(self._vectors(raw.target_items))
-            scores, lengths = torch.einsum("bkd,bd->bk", unit, target) * real, topk.lengths
-            selected = real.view(-1).nonzero().squeeze(1)  # the lengths are known on the device only: a sync
-        topk_kjt = KeyedJaggedTensor(
-            keys=["item_topk", "cate_topk"],
-            values=torch.cat([items.view(-1)[selected], cates.view(-1)[selected]]),
-            lengths=torch.cat([lengths, lengths]).int(),
-        )
-        sparse_features = KeyedJaggedTensor.concat([raw.batch.sparse_features, topk_kjt])
-        return replace(raw.batch, sparse_features=sparse_features, topk_scores=scores.float().contiguous())
+            scores = torch.einsum("bkd,bd->bk", unit, target) * real
+        values, selected = raw.batch.sparse_features.values(), raw.topk_slots
+        count = selected.numel()
+        for start, ids in zip(raw.topk_values_at, (items, cates)):
+            values[start:start + count] = ids.view(-1)[selected]
+        return replace(raw.batch, topk_scores=scores.float().contiguous())
 
     def _muse(self, raw: GsuBatch) -> Selection:
         """MUSE's selection of a batch on the device: one graph replay for batches of the captured size."""
@@ -265,7 +279,7 @@ class DeviceGsu:
         slots = gsu_ops.UserSlots(raw.user_rank, raw.max_user_samples)
         topk = gsu_ops.muse_gsu(self._vectors(raw.hist_items), raw.hist_lengths, self._vectors(raw.target_items),
                                 raw.sample_user, self.k, slots)
-        return (topk.scores, topk.lengths, *picked_ids(topk, raw.sample_user, raw.hist_items, raw.hist_cates))
+        return (topk.scores, *picked_ids(topk, raw.sample_user, raw.hist_items, raw.hist_cates))
 
     def over(self, batches: Iterable[Union[GsuBatch, Packed, SlotRef]]) -> Iterator[Batch]:
         """Apply to every batch of a loader, in the calling thread."""

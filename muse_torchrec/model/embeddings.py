@@ -20,7 +20,7 @@ is never read nor trained: an unknown target or side feature gives a zero embedd
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Mapping
+from typing import Dict, Iterable, Mapping
 
 import torch
 from torchrec.modules.embedding_configs import EmbeddingConfig
@@ -60,10 +60,6 @@ def side_dims(dims: EmbeddingDims) -> Dict[str, int]:
     return out
 
 
-def _features_of(table: str, feature_map: Mapping[str, str]) -> List[str]:
-    return [feature for feature, t in feature_map.items() if t == table]
-
-
 def build_collection(
     vocab_sizes: Mapping[str, int],
     dims: EmbeddingDims,
@@ -85,12 +81,13 @@ def build_collection(
     feature_map.update(F.SIDE_FEATURES)
     width = sequence_dim(dims)
     side_dims(dims)  # refuses side widths above the collection's
+    ordered = F.lookup_order(feature_map)
     tables = [
         EmbeddingConfig(
             name=table,
             num_embeddings=int(vocab_sizes[table]),
             embedding_dim=width,
-            feature_names=_features_of(table, feature_map),
+            feature_names=[f for f in ordered if feature_map[f] == table],
         )
         for table in (F.ITEM.name, F.CATE.name, *F.SIDE_FEATURES.values())
     ]

@@ -212,10 +212,16 @@ def category_match_topk(
         target_cate: B long, target categories.
         k: number of slots per sample.
     """
-    same = hist_cates.eq(target_cate.unsqueeze(1)) & target_cate.ne(0).unsqueeze(1)
-    match = same & length_mask(hist_lengths, hist_cates.shape[1])
+    match = category_matches(hist_cates, hist_lengths, target_cate)
     # Equal scores everywhere: the recency tie-break gives "most recent first".
     return select_topk(match.float(), match, None, k)
+
+
+def category_matches(hist_cates: Tensor, hist_lengths: Tensor, target_cate: Tensor) -> Tensor:
+    """B x L bool: the behaviors SIM-hard may select (category equal to the target's, 0 never matches);
+    ``category_match_topk`` selects min(k, matches per row) of them."""
+    same = hist_cates.eq(target_cate.unsqueeze(1)) & target_cate.ne(0).unsqueeze(1)
+    return same & length_mask(hist_lengths, hist_cates.shape[1])
 
 
 @torch.no_grad()

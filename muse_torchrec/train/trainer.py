@@ -98,7 +98,7 @@ def batch_path(cfg: ExperimentConfig, data: PreparedData, device: torch.device, 
     if kind is None:
         return BatchPath(make_builder(cfg, data, pad_to))
     deferred = DeferredGsuBuilder(data.scl_vectors(), data.item_scl_row(), recent=cfg.data.recent,
-                                  max_history=cfg.data.max_history, pad_to=pad_to, k=cfg.model.k)
+                                  max_history=cfg.data.max_history, pad_to=pad_to, k=cfg.model.k, kind=kind)
     gsu = DeviceGsu(data.scl_vectors(), data.item_scl_row(), device, k=cfg.model.k, kind=kind,
                     graph_shape=(cfg.train.batch_size, cfg.data.max_history))
     return BatchPath(deferred, gsu)
