@@ -144,5 +144,8 @@ def test_batch_keys_come_in_the_collections_feature_order(gsu):
     collection = build_collection(vocab, EmbeddingConfig(), sequence_features(gsu))
     collection_order = [f for table in collection.embedding_configs() for f in table.feature_names]
     assert batch.sparse_features.keys() == collection_order
+    # The ids per key come with the KJT (TorchRec would otherwise compute them from the lengths).
+    kjt = batch.sparse_features
+    assert kjt._length_per_key == [int(n) for n in kjt.lengths().view(len(kjt.keys()), -1).sum(1)]
     with pytest.raises(KeyError):
         F.lookup_order(["item_target", "no_such_feature"])

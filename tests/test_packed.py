@@ -21,6 +21,7 @@ def assert_same(a, b, path="batch"):
         for part in ("values", "lengths"):
             assert_same(getattr(a, part)(), getattr(b, part)(), f"{path}.{part}")
         assert (a.weights_or_none() is None) == (b.weights_or_none() is None), path
+        assert b._length_per_key == a.length_per_key(), path  # given to the rebuilt KJT, not computed
     elif hasattr(a, "__dataclass_fields__"):
         assert type(a) is type(b), path
         for name in a.__dataclass_fields__:

@@ -111,12 +111,17 @@ def _single(ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def _kjt(parts: Dict[str, Tuple[np.ndarray, np.ndarray]]) -> KeyedJaggedTensor:
-    """(values, lengths) per feature -> one KJT, its keys in the embedding collection's order."""
+    """(values, lengths) per feature -> one KJT, its keys in the embedding collection's order.
+
+    The ids per key are given as host numbers, which ``to(device)`` keeps: computed from the lengths
+    on the device, TorchRec would read them back (a sync) in every input distribution.
+    """
     keys = F.lookup_order(parts)
     values = np.concatenate([parts[k][0].astype(np.int64, copy=False) for k in keys])
     lengths = np.concatenate([parts[k][1].astype(np.int32, copy=False) for k in keys])
     return KeyedJaggedTensor(
-        keys=keys, values=torch.from_numpy(values), lengths=torch.from_numpy(lengths)
+        keys=keys, values=torch.from_numpy(values), lengths=torch.from_numpy(lengths),
+        length_per_key=[len(parts[k][0]) for k in keys],
     )
 
 

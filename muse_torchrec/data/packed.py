@@ -25,7 +25,8 @@ _ALIGN = 16
 
 # Layout nodes (plain tuples, cheap to pickle):
 #   ("tensor", offset, dtype, shape)
-#   ("kjt", keys, values, lengths, weights)      children are layouts, weights may be ("value", None)
+#   ("kjt", keys, values, lengths, weights, length_per_key)   children are layouts, weights may be
+#                                                ("value", None); length_per_key a list of ints
 #   ("dataclass", cls, ((field name, layout), ...))
 #   ("value", obj)                               anything else, kept as is (ints, None, strings)
 Layout = Tuple[Any, ...]
@@ -66,8 +67,10 @@ class _Collector:
             self.placed.append((obj, offset))
             return ("tensor", offset, obj.dtype, tuple(obj.shape))
         if isinstance(obj, KeyedJaggedTensor):
+            # The ids per key travel as host numbers: computed on the device, TorchRec would read them
+            # back (a sync) in every input distribution.
             return ("kjt", obj.keys(), self.layout(obj.values()), self.layout(obj.lengths()),
-                    self.layout(obj.weights_or_none()))
+                    self.layout(obj.weights_or_none()), obj.length_per_key())
         if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
             return ("dataclass", type(obj), tuple((f.name, self.layout(getattr(obj, f.name)))
                                                   for f in dataclasses.fields(obj)))
@@ -97,8 +100,10 @@ def _rebuild(layout: Layout, buffer: torch.Tensor) -> Any:
     if kind == "tensor":
         return _view(buffer, *layout[1:])
     if kind == "kjt":
-        keys, values, lengths, weights = layout[1], *(_rebuild(child, buffer) for child in layout[2:])
-        return KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, weights=weights)
+        keys, length_per_key = layout[1], layout[5]
+        values, lengths, weights = (_rebuild(child, buffer) for child in layout[2:5])
+        return KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, weights=weights,
+                                 length_per_key=length_per_key)
     if kind == "dataclass":
         cls, fields = layout[1], layout[2]
         return cls(**{name: _rebuild(child, buffer) for name, child in fields})
