@@ -72,17 +72,24 @@ def test_odd_dtypes_shapes_and_plain_values():
     assert_same(mixed, unpack(pack(mixed)))
 
 
-def test_packed_loader_batches_equal_plain_ones(tmp_path):
-    """Through real worker processes: the packed batches, moved, equal the plain ones."""
+def small_prepared(tmp_path):
+    """A small prepared set under ``tmp_path`` and a MUSE batch builder for it."""
     from muse_torchrec.config import SynthConfig
-    from muse_torchrec.data.loader import PreparedData, make_loader
+    from muse_torchrec.data.loader import PreparedData
     from muse_torchrec.data.prepare import prepare
     from muse_torchrec.data.synthetic import synthesize
 
     synthesize(tmp_path / "raw", SynthConfig(train_users=60, test_users=20, num_items=500, seed=2))
     prepare(tmp_path / "raw", tmp_path / "prepared", max_history=50, progress=False)
     data = PreparedData(tmp_path / "prepared")
-    builder = BatchBuilder(data.scl_vectors(), data.item_scl_row(), gsu="scl_cosine", k=6, recent=5, max_history=50)
+    return data, BatchBuilder(data.scl_vectors(), data.item_scl_row(), gsu="scl_cosine", k=6, recent=5, max_history=50)
+
+
+def test_packed_loader_batches_equal_plain_ones(tmp_path):
+    """Through real worker processes: the packed batches, moved, equal the plain ones."""
+    from muse_torchrec.data.loader import make_loader
+
+    data, builder = small_prepared(tmp_path)
     args = dict(num_workers=2, seed=3, shuffle=True)
     plain = list(make_loader(data, "train", 64, builder, **args))
     packed = list(make_loader(data, "train", 64, PackingTransform(builder), **args))

@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from muse_torchrec.data.batch import BatchBuilder
 from muse_torchrec.data.device_gsu import DeferredGsuBuilder
 from muse_torchrec.data.packed import Packed
 from muse_torchrec.data.slots import SlotReceiver, SlotRef, SlotTransform
 from random_data import random_block, random_scl
-from test_packed import assert_same
+from test_packed import assert_same, small_prepared
 
 
 def _batches(count, seed=7, num_users=10, samples_per_user=3):
@@ -102,15 +101,9 @@ def test_bad_slot_count():
 
 def test_slot_loader_batches_equal_plain_ones(tmp_path):
     """Through real worker processes and two passes: the moved batches equal the plain ones."""
-    from muse_torchrec.config import SynthConfig
-    from muse_torchrec.data.loader import PreparedData, make_loader
-    from muse_torchrec.data.prepare import prepare
-    from muse_torchrec.data.synthetic import synthesize
+    from muse_torchrec.data.loader import make_loader
 
-    synthesize(tmp_path / "raw", SynthConfig(train_users=60, test_users=20, num_items=500, seed=2))
-    prepare(tmp_path / "raw", tmp_path / "prepared", max_history=50, progress=False)
-    data = PreparedData(tmp_path / "prepared")
-    builder = BatchBuilder(data.scl_vectors(), data.item_scl_row(), gsu="scl_cosine", k=6, recent=5, max_history=50)
+    data, builder = small_prepared(tmp_path)
     args = dict(num_workers=2, seed=3, shuffle=True)
     plain = list(make_loader(data, "train", 32, builder, **args))
     slots = SlotReceiver(make_loader(data, "train", 32, SlotTransform(builder, slots=2), **args))

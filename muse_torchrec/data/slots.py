@@ -3,7 +3,8 @@
 ``packed.PackingTransform`` gives every batch a new buffer. Each new shared-memory buffer costs the
 training process a file-descriptor handshake with the worker (torch's ``resource_sharer``: a socket
 connection and an HMAC challenge, answered by a thread of the busy worker) and fresh pages: ~1 ms
-of the host-bound training process per batch on an H100 host (benchmarks/RESULTS.md rows 19-21).
+of the host-bound training process per batch on an H100 host (benchmarks/RESULTS.md rows 19-21;
+the slots made the data path alone 1.45-2.0x faster, row 28).
 Here each worker packs its batches into the few buffers of its own ring: a buffer crosses the
 process boundary once, after that only its slot number does (``SlotRef``). The consumer copies the
 bytes out when it moves the batch (``SlotRef.to``) and frees the slot. A worker whose slots are all
