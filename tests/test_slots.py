@@ -28,7 +28,10 @@ def _cross(item):
     return ForkingPickler.loads(ForkingPickler.dumps(item))
 
 
-def test_slots_are_reused_and_batches_stay_equal():
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_slots_are_reused_and_batches_stay_equal(device):
+    """Each batch moved as taken, its slot refilled at once: batches compared only at the end, so a
+    copy that read its slot late would show."""
     batches = _batches(12, samples_per_user=1)
     transform = SlotTransform(lambda b: b, slots=3)
     crossed, buffers_sent = [], 0
@@ -44,13 +47,13 @@ def test_slots_are_reused_and_batches_stay_equal():
     following = iter(batches[2:])
     moved = []
     for ref in SlotReceiver(crossed):  # each batch moved as taken, then the worker packs the next
-        moved.append(ref.to(torch.device("cpu")))
+        moved.append(ref.to(torch.device(device), non_blocking=True))
         batch = next(following, None)
         if batch is not None:
             hand_over(batch)
     assert len(moved) == len(batches)
     for a, b in zip(batches, moved):
-        assert_same(a, b)
+        assert_same(a, b.to(torch.device("cpu")))
     assert all(isinstance(c, SlotRef) for c in crossed)  # no batch needed a buffer of its own
     # Each slot's buffer crossed once (these batches are within 1.25x of each other: no slot grew).
     assert max(c.nbytes for c in crossed) < 1.25 * min(c.nbytes for c in crossed)
