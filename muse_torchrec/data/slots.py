@@ -4,7 +4,7 @@
 training process a file-descriptor handshake with the worker (torch's ``resource_sharer``: a socket
 connection and an HMAC challenge, answered by a thread of the busy worker) and fresh pages: ~1 ms
 of the host-bound training process per batch on an H100 host (benchmarks/RESULTS.md rows 19-21;
-the slots made the data path alone 1.45-2.0x faster, row 28).
+the slots made the data path alone 1.4-2.0x faster, rows 28 and 32).
 Here each worker packs its batches into the few buffers of its own ring: a buffer crosses the
 process boundary once, after that only its slot number does (``SlotRef``). The consumer copies the
 bytes out when it moves the batch (``SlotRef.to``) and frees the slot. A worker whose slots are all
@@ -56,8 +56,9 @@ class SlotRef(Pipelineable):
                                "after it came through a SlotReceiver")
         data = self.buffer[:self.nbytes]
         # To a GPU the copy reads the slot before it returns (CUDA stages pageable memory itself;
-        # staging it into pinned memory first cost a host allocation and ~3 ms a batch on an H100
-        # host); on the CPU the batch must not be a view of a slot that the worker will reuse.
+        # staging it into pinned memory first cost a host allocation and ~4 ms a batch on an H100
+        # host, benchmarks/RESULTS.md row 32); on the CPU the batch must not be a view of a slot
+        # that the worker will reuse.
         moved = data.to(device, non_blocking=non_blocking) if device.type != "cpu" else data.clone()
         self.flags[self.slot] = 0
         self.buffer = None
