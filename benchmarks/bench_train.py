@@ -28,7 +28,7 @@ import json
 import pstats
 import time
 from dataclasses import dataclass, replace
-from itertools import cycle, islice, product
+from itertools import cycle, product
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Mapping, Optional
 

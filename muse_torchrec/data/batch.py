@@ -182,16 +182,14 @@ class BatchBuilder:
         return torch.from_numpy(np.asarray(self.scl_vectors[rows])).view(*item_rows.shape, F.SCL_DIM)
 
     def __call__(self, block: SampleBlock) -> Batch:
-        if self.pad_to is not None:
-            block, weights = pad_block(block, self.pad_to)
-        else:
-            weights = np.ones(block.batch_size, dtype=np.float32)
+        block, weights = padded_block(block, self.pad_to)
+        return self.assemble(block, weights, *user_histories(block, self.max_history))
+
+    def assemble(self, block: SampleBlock, weights: np.ndarray, items: np.ndarray, cates: np.ndarray,
+                 hist_len: np.ndarray) -> Batch:
+        """The batch of an already padded ``block`` (``weights`` [B]) from its ``user_histories``."""
         su = block.sample_user
         su_t = torch.from_numpy(su)
-        # Each user's history as [U, L], id-0 entries (padding / out-of-vocabulary) removed.
-        items, valid = _padded_rows(block.hist_offsets, block.hist_items, self.max_history)
-        cates, _ = _padded_rows(block.hist_offsets, block.hist_cates, self.max_history)
-        hist_len, (items, cates) = _compact(valid & (items != 0), items, cates)
         target_scl = self._scl(block.target[F.ITEM.name])
         target_unit = gsu_ops.normalize_scl(target_scl)
 
@@ -284,6 +282,22 @@ class BatchBuilder:
             target_cate = torch.from_numpy(block.target[F.CATE.name])
             return gsu_ops.category_match_topk(torch.from_numpy(hist_cates)[su], lengths[su], target_cate, self.k)
         return gsu_ops.muse_gsu(self._scl(hist_items), lengths, target_scl, su, self.k)
+
+
+def user_histories(block: SampleBlock, max_history: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each user's last ``max_history`` behaviors: ([U, L] item rows, [U, L] category rows, lengths [U]),
+    id-0 entries (padding / out-of-vocabulary) removed, the rest left-aligned (oldest first), zeros after."""
+    items, valid = _padded_rows(block.hist_offsets, block.hist_items, max_history)
+    cates, _ = _padded_rows(block.hist_offsets, block.hist_cates, max_history)
+    lengths, (items, cates) = _compact(valid & (items != 0), items, cates)
+    return items, cates, lengths
+
+
+def padded_block(block: SampleBlock, size: Optional[int]) -> Tuple[SampleBlock, np.ndarray]:
+    """``pad_block(block, size)``, or ``block`` as is with weights all 1 when ``size`` is None."""
+    if size is None:
+        return block, np.ones(block.batch_size, dtype=np.float32)
+    return pad_block(block, size)
 
 
 def _last(items: np.ndarray, cates: np.ndarray, lengths: np.ndarray, width: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -26,7 +26,7 @@ import torch
 from torchrec.streamable import Pipelineable
 
 from muse_torchrec import features as F
-from muse_torchrec.data.batch import Batch, BatchBuilder, _compact, _padded_rows, pad_block
+from muse_torchrec.data.batch import Batch, BatchBuilder, padded_block, user_histories
 from muse_torchrec.data.block import SampleBlock
 from muse_torchrec.data.packed import Packed
 from muse_torchrec.data.slots import SlotRef
@@ -112,13 +112,9 @@ class DeferredGsuBuilder:
         self.kind = kind
 
     def __call__(self, block: SampleBlock) -> GsuBatch:
-        weights = np.ones(block.batch_size, dtype=np.float32)
-        if self.pad_to is not None:
-            block, weights = pad_block(block, self.pad_to)
-        items, valid = _padded_rows(block.hist_offsets, block.hist_items, self.max_history)
-        cates, _ = _padded_rows(block.hist_offsets, block.hist_cates, self.max_history)
-        lengths, (items, cates) = _compact(valid & (items != 0), items, cates)
-        batch = replace(self.base(block), weights=torch.from_numpy(weights))
+        block, weights = padded_block(block, self.pad_to)
+        items, cates, lengths = user_histories(block, self.max_history)
+        batch = self.base.assemble(block, weights, items, cates, lengths)
         sample_user, hist_lengths = _long(block.sample_user), _long(lengths)
         slots = gsu_ops.user_slots(sample_user, len(hist_lengths))
         kjt = batch.sparse_features
