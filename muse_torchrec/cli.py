@@ -89,20 +89,17 @@ def _config(args: argparse.Namespace) -> ExperimentConfig:
 def cmd_train(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
-    from muse_torchrec.train.distributed import init_distributed, shutdown
+    from muse_torchrec.train.distributed import distributed
     from muse_torchrec.train.trainer import run
 
     cfg = _config(args)
-    ctx = init_distributed(args.device)
-    try:
+    with distributed(args.device) as ctx:
         if ctx.is_main:
             ensure_prepared(cfg)
         dist.barrier()
         metrics = run(cfg, ctx)
         if ctx.is_main:
             print(format_metrics(metrics))
-    finally:
-        shutdown()
     return 0
 
 
@@ -116,19 +113,16 @@ def _checkpoint_config(args: argparse.Namespace) -> Tuple[CheckpointInfo, Experi
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a checkpoint on the test split, on any number of ranks; writes only ``--out``."""
-    from muse_torchrec.train.distributed import init_distributed, shutdown
+    from muse_torchrec.train.distributed import distributed
     from muse_torchrec.train.trainer import evaluate_checkpoint
 
     info, cfg = _checkpoint_config(args)
-    ctx = init_distributed(args.device)
-    try:
+    with distributed(args.device) as ctx:
         metrics = evaluate_checkpoint(info, cfg, ctx)
         if ctx.is_main:
             print(f"checkpoint {info.path} (step {info.step})\n{format_metrics(metrics)}")
             if args.out:
                 Path(args.out).write_text(json.dumps(metrics, indent=2))
-    finally:
-        shutdown()
     return 0
 
 

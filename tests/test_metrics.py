@@ -21,6 +21,7 @@ from muse_torchrec.metrics import (
     grouped_auc,
     log_loss,
 )
+from muse_torchrec.train.distributed import shutdown
 
 Batch = Dict[str, np.ndarray]
 
@@ -246,13 +247,11 @@ def _rank_worker(
     """One gloo rank: accumulates its batches of each scenario and writes its metrics as JSON."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        for index, per_rank in enumerate(scenarios):
-            metrics = _accumulate(per_rank[rank]).compute()
-            out_file = Path(out_dir, f"scenario{index}_rank{rank}.json")
-            out_file.write_text(json.dumps(metrics.to_dict()))
-    finally:
-        dist.destroy_process_group()
+    for index, per_rank in enumerate(scenarios):
+        metrics = _accumulate(per_rank[rank]).compute()
+        out_file = Path(out_dir, f"scenario{index}_rank{rank}.json")
+        out_file.write_text(json.dumps(metrics.to_dict()))
+    shutdown()
 
 
 def test_two_gloo_ranks_match_one_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -71,13 +71,11 @@ def use_one_rank(monkeypatch) -> None:
 def process_group(monkeypatch) -> Iterator[Any]:
     """A 1-rank gloo group in this process (cheaper than spawning: the imports are done); yields the
     DistContext and destroys the group afterwards."""
-    from muse_torchrec.train.distributed import init_distributed, shutdown
+    from muse_torchrec.train.distributed import distributed
 
     use_one_rank(monkeypatch)
-    try:
-        yield init_distributed("cpu")
-    finally:
-        shutdown()
+    with distributed("cpu") as ctx:
+        yield ctx
 
 
 def _entry(rank: int, world_size: int, port: str, tmp: str, fn: Callable[..., None], args: tuple) -> None:

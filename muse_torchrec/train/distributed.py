@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import socket
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -70,6 +72,33 @@ def all_reduce_int(value: int, op: dist.ReduceOp, device: torch.device) -> int:
     return int(t.item())
 
 
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(wait_for_ranks: bool = True) -> None:
+    """Destroy the process group; with ``wait_for_ranks`` (the end of a successful run), after a barrier.
+
+    Why the barrier: gloo's worker threads release a finished collective's tensors (which needs the
+    GIL) after the calling thread has been woken. A rank that went straight from its last all_gather
+    into interpreter shutdown sometimes had that release run during finalization, and the process
+    aborted ("terminate called without an active exception", core: ~AsyncAllgatherWork in
+    ProcessGroupGloo::runLoop; 1 in 12-50 runs of the 2-rank torchx test). The gloo group outlives
+    ``destroy_process_group`` (it has no shutdown), so destroying it does not help; a barrier does: it
+    releases the GIL and takes the group's work lock, which a worker holds until that release is done.
+    Error paths pass False: a failed rank must not wait for the others.
+    """
+    if not dist.is_initialized():
+        return
+    if wait_for_ranks:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+@contextmanager
+def distributed(device: str = "auto") -> Iterator[DistContext]:
+    """``init_distributed`` for a block of work; ``shutdown`` after it, waiting for the other ranks
+    only when the block completed."""
+    ctx = init_distributed(device)
+    try:
+        yield ctx
+    except BaseException:
+        shutdown(wait_for_ranks=False)
+        raise
+    shutdown()
