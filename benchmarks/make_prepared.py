@@ -1,9 +1,12 @@
 """Write a prepared dir (the format of data/prepare.py) of random Taobao-MM-shaped data at a realistic
 vocabulary size, directly, without raw files: for throughput benchmarks on hosts where the real
 data is absent. Ids follow a Zipf-like popularity over the whole table; every user has ``--history``
-behaviors; ~11 samples per user; the SCL table has ``--scl-rows`` random int8 vectors.
+behaviors; ~11 samples per user; the SCL table has ``--scl-rows`` random int8 vectors. With
+``--test-samples`` it also writes a test split, so the trainer itself runs on it: every id is in the
+vocabulary, so the dir's rule is ``full``:
 
     python benchmarks/make_prepared.py --config configs/taobao_mm_p90.yaml --out /tmp/prepared --samples 400000
+    muse-torchrec train --config configs/taobao_mm_p90.yaml --set data.prepared_dir=/tmp/prepared --set data.vocab=full
 """
 
 from __future__ import annotations
@@ -38,9 +41,9 @@ def _list(values: np.ndarray, users: int, history: int) -> pa.ListArray:
     return pa.ListArray.from_arrays(offsets, pa.array(values, type=pa.int32()))
 
 
-def write_shard(out: Path, index: int, vocab: Mapping[str, int], users: int, samples_per_user: int,
+def write_shard(out: Path, split: str, index: int, vocab: Mapping[str, int], users: int, samples_per_user: int,
                 history: int, chunk_users: int, seed: int) -> dict:
-    """One shard of ``users`` users, row groups of ``chunk_users`` users; returns its meta entry."""
+    """One shard of ``split`` with ``users`` users, row groups of ``chunk_users`` users; returns its meta entry."""
     rng = np.random.default_rng(seed)
     samples = users * samples_per_user
     user_index = np.repeat(np.arange(users, dtype=np.int32), samples_per_user)
@@ -55,16 +58,16 @@ def write_shard(out: Path, index: int, vocab: Mapping[str, int], users: int, sam
         P.HIST_ITEMS: _list(zipf_rows(rng, vocab["item"], users * history), users, history),
         P.HIST_CATES: _list(zipf_rows(rng, vocab["cate"], users * history), users, history),
     }, schema=P.USERS_SCHEMA)
-    name = f"shard-{index:05d}"
+    name = f"{split}/shard-{index:05d}"
     chunks: List[List[int]] = []
-    with pq.ParquetWriter(out / "train" / f"{name}.samples.parquet", sample_table.schema, **PARQUET) as ws, \
-            pq.ParquetWriter(out / "train" / f"{name}.users.parquet", user_table.schema, **PARQUET) as wu:
+    with pq.ParquetWriter(out / f"{name}.samples.parquet", sample_table.schema, **PARQUET) as ws, \
+            pq.ParquetWriter(out / f"{name}.users.parquet", user_table.schema, **PARQUET) as wu:
         for lo in range(0, users, chunk_users):
             n = min(chunk_users, users - lo)
             ws.write_table(sample_table.slice(lo * samples_per_user, n * samples_per_user))
             wu.write_table(user_table.slice(lo, n))
             chunks.append([n * samples_per_user, n])
-    return {"samples_file": f"train/{name}.samples.parquet", "users_file": f"train/{name}.users.parquet",
+    return {"samples_file": f"{name}.samples.parquet", "users_file": f"{name}.users.parquet",
             "num_samples": samples, "num_users": users, "chunks": chunks}
 
 
@@ -84,29 +87,37 @@ def write_scl(out: Path, item_rows: int, scl_rows: int, seed: int) -> None:
 
 
 def make_prepared(out: Path, vocab: Mapping[str, int], samples: int, samples_per_user: int, history: int,
-                  scl_rows: int, shards: int, chunk_users: int, seed: int) -> Dict[str, object]:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train").mkdir(exist_ok=True)
+                  scl_rows: int, shards: int, chunk_users: int, seed: int, test_samples: int = 0) -> Dict[str, object]:
+    """Write the dir: ``samples`` training samples over ``shards`` shards, and ``test_samples`` (if any)
+    over a quarter as many. Returns {"samples": training samples, "seconds": time taken}."""
+    splits = {"train": (samples, shards)}
+    if test_samples > 0:
+        splits["test"] = (test_samples, max(1, shards // 4))
     start = time.perf_counter()
-    users_per_shard = -(-samples // (samples_per_user * shards))
     # Forked after CUDA may be in use: the workers must not free the parent's CUDA tensors.
     with ProcessPoolExecutor(initializer=keep_inherited_objects) as pool:
         scl_job = pool.submit(write_scl, out, vocab["item"], scl_rows, seed)
-        shard_jobs = [pool.submit(write_shard, out, i, vocab, users_per_shard, samples_per_user, history,
-                                  chunk_users, seed + 1 + i) for i in range(shards)]
-        entries = [job.result() for job in shard_jobs]
+        jobs = {}
+        for split_seed, (split, (split_samples, split_shards)) in enumerate(splits.items()):
+            (out / split).mkdir(parents=True, exist_ok=True)
+            users = -(-split_samples // (samples_per_user * split_shards))
+            jobs[split] = [pool.submit(write_shard, out, split, i, vocab, users, samples_per_user, history,
+                                       chunk_users, seed + 1 + i + split_seed * shards) for i in range(split_shards)]
+        entries = {split: [job.result() for job in split_jobs] for split, split_jobs in jobs.items()}
         scl_job.result()
-    total = sum(e["num_samples"] for e in entries)
     meta = {
         "format_version": P.FORMAT_VERSION, "raw_dir": None, "max_history": history,
-        "vocab": {"rule": "benchmark"}, "vocab_sizes": dict(vocab),
+        "vocab": {"rule": "full"}, "vocab_sizes": dict(vocab),
         "scl": {"rows": scl_rows + 1},
-        "splits": {"train": {"samples": total, "users": users_per_shard * shards, "has_truth": False,
-                             "interactions": users_per_shard * shards * history, "shards": entries}},
+        "splits": {split: {"samples": sum(e["num_samples"] for e in shard_entries),
+                           "users": sum(e["num_users"] for e in shard_entries), "has_truth": False,
+                           "interactions": sum(e["num_users"] for e in shard_entries) * history,
+                           "shards": shard_entries}
+                   for split, shard_entries in entries.items()},
         "stages": {},
     }
     (out / P.META_FILE).write_text(json.dumps(meta))
-    return {"samples": total, "seconds": time.perf_counter() - start}
+    return {"samples": meta["splits"]["train"]["samples"], "seconds": time.perf_counter() - start}
 
 
 def main() -> None:
@@ -114,6 +125,7 @@ def main() -> None:
     parser.add_argument("--config", default="configs/taobao_mm_p90.yaml")
     parser.add_argument("--out", required=True)
     parser.add_argument("--samples", type=int, default=400_000)
+    parser.add_argument("--test-samples", type=int, default=0, help="samples of a test split (0: none)")
     parser.add_argument("--samples-per-user", type=int, default=11)
     parser.add_argument("--history", type=int, default=1000)
     parser.add_argument("--scl-rows", type=int, default=35_458_467)
@@ -123,7 +135,7 @@ def main() -> None:
     args = parser.parse_args()
     vocab = dict(load_config(args.config).sharding.plan_vocab_sizes)
     info = make_prepared(Path(args.out), vocab, args.samples, args.samples_per_user, args.history,
-                         args.scl_rows, args.shards, args.chunk_users, args.seed)
+                         args.scl_rows, args.shards, args.chunk_users, args.seed, args.test_samples)
     print(json.dumps(info))
 
 
