@@ -28,3 +28,10 @@ def test_the_trainer_trains_and_evaluates_on_a_generated_dir(tmp_path, monkeypat
     assert metrics["train_steps"] == 3
     assert metrics["num_eval_samples"] == meta["splits"]["test"]["samples"]
     assert 0.0 < metrics["auc"] < 1.0
+    # The log's samples/s: since the start and since the previous line (steps 2 and 3: log_every=2).
+    logs = [json.loads(line) for line in (Path(cfg.train.run_dir) / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == [2, 3]
+    assert logs[0]["window_samples_per_s"] == logs[0]["samples_per_s"] > 0
+    seconds = [r["step"] * cfg.train.batch_size / r["samples_per_s"] for r in logs]
+    expected = cfg.train.batch_size / (seconds[1] - seconds[0])
+    assert abs(logs[1]["window_samples_per_s"] - expected) < 1e-6 * expected

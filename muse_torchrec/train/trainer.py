@@ -22,7 +22,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, Optional
+from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -223,6 +223,7 @@ def train(cfg: ExperimentConfig, data: PreparedData, sharded: ShardedModel, ctx:
     start = time.perf_counter() - progress.seconds
     batches: Optional[Iterator[Batch]] = None
     first_segment = True
+    last_logged = (progress.samples, progress.seconds)
     while progress.epoch < cfg.train.epochs:
         if batches is None:
             batches = iter(_loader(cfg, data, "train", ctx, path, cfg.train.batch_size, shuffle=True,
@@ -235,7 +236,8 @@ def train(cfg: ExperimentConfig, data: PreparedData, sharded: ShardedModel, ctx:
             progress.record(loss, cfg.train.batch_size * ctx.world_size)
             progress.seconds = time.perf_counter() - start
             if progress.step % cfg.train.log_every == 0 or progress.step == total:
-                _log_window(progress, total, ctx, log_file)
+                _log_window(progress, total, ctx, log_file, last_logged)
+                last_logged = (progress.samples, progress.seconds)
         first_segment = False
         if progress.epoch_step >= per_epoch:
             progress.next_epoch()
@@ -296,12 +298,17 @@ def _finite(loss: torch.Tensor, progress: TrainProgress) -> float:
     return value
 
 
-def _log_window(progress: TrainProgress, total: int, ctx: DistContext, log_file: Optional[Path]) -> None:
-    """Log the mean loss since the last log line (rank 0: console and train_log.jsonl)."""
+def _log_window(progress: TrainProgress, total: int, ctx: DistContext, log_file: Optional[Path],
+                last_logged: Tuple[int, float]) -> None:
+    """Log the mean loss since the last log line (rank 0: console and train_log.jsonl) and samples/s:
+    since the start (start-up and compilation included) and since ``last_logged`` (samples, seconds)."""
+    window_samples, window_seconds = progress.samples - last_logged[0], progress.seconds - last_logged[1]
     record = {"epoch": progress.epoch, "step": progress.step, "loss": progress.window_loss / progress.window_steps,
-              "samples_per_s": progress.samples / max(progress.seconds, 1e-9)}
+              "samples_per_s": progress.samples / max(progress.seconds, 1e-9),
+              "window_samples_per_s": window_samples / max(window_seconds, 1e-9)}
     if ctx.is_main:
-        log.info("step %d/%d  loss %.4f  %.0f samples/s", progress.step, total, record["loss"], record["samples_per_s"])
+        log.info("step %d/%d  loss %.4f  %.0f samples/s since the last line (%.0f since the start)", progress.step,
+                 total, record["loss"], record["window_samples_per_s"], record["samples_per_s"])
         if log_file is not None:
             with log_file.open("a") as f:
                 f.write(json.dumps(record) + "\n")
