@@ -144,13 +144,15 @@ def format_metrics(metrics: Mapping[str, object]) -> str:
         ("AUC", "auc"), ("GAUC (exact)", "gauc"), ("GAUC (per batch, reference)", "gauc_per_batch"),
         ("log loss", "logloss"), ("best achievable AUC", "best_auc"), ("best achievable GAUC", "best_gauc"),
         ("eval samples", "num_eval_samples"), ("train samples/s", "train_samples_per_s"),
+        ("  after the first log line", "train_samples_per_s_warm"),
     ]
+    counts = ("num_eval_samples", "train_samples_per_s", "train_samples_per_s_warm")
     lines = [f"{'metric':<30} {'value':>12}", "-" * 43]
     for label, key in rows:
         value = metrics.get(key)
         if value is None:
             continue
-        text = f"{value:>12,.0f}" if key in ("num_eval_samples", "train_samples_per_s") else f"{value:>12.4f}"
+        text = f"{value:>12,.0f}" if key in counts else f"{value:>12.4f}"
         lines.append(f"{label:<30} {text}")
     gauc, best = metrics.get("gauc"), metrics.get("best_gauc")
     if isinstance(gauc, float) and isinstance(best, float) and best > 0.5:

@@ -35,3 +35,5 @@ def test_the_trainer_trains_and_evaluates_on_a_generated_dir(tmp_path, monkeypat
     seconds = [r["step"] * cfg.train.batch_size / r["samples_per_s"] for r in logs]
     expected = cfg.train.batch_size / (seconds[1] - seconds[0])
     assert abs(logs[1]["window_samples_per_s"] - expected) < 1e-6 * expected
+    # metrics.json's speed after the first log line: the last window's here.
+    assert metrics["train_samples_per_s_warm"] == logs[1]["window_samples_per_s"]

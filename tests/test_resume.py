@@ -21,7 +21,7 @@ from muse_torchrec.data.loader import PreparedData, iter_blocks, make_loader, wo
 from muse_torchrec.train import checkpoint as ck  # noqa: E402
 
 EPOCHS, SAVE_EVERY = 2, 4  # 9 steps per epoch on 2 ranks: saves at 4, 8, 12, 16 and 18
-TIMING = ("train_samples_per_s", "train_seconds")
+TIMING = ("train_samples_per_s", "train_samples_per_s_warm", "train_seconds")
 
 
 def run_config(root: Path, name: str, extra=()):

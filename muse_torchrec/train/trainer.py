@@ -153,14 +153,24 @@ def build_sharded(cfg: ExperimentConfig, data: PreparedData, ctx: DistContext) -
 
 @dataclass
 class TrainStats:
+    """Totals of a run (a resumed run's include the steps before its checkpoint); ``warm_samples`` and
+    ``warm_seconds``: those of this process after its first log line, start-up and compilation done."""
+
     steps: int
     samples: int
     seconds: float
     final_loss: float
+    warm_samples: int = 0
+    warm_seconds: float = 0.0
 
     @property
     def samples_per_s(self) -> float:
         return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def warm_samples_per_s(self) -> Optional[float]:
+        """Samples/s after the first log line; None if the run logged only once."""
+        return self.warm_samples / self.warm_seconds if self.warm_seconds > 0 else None
 
 
 class NonFiniteLossError(ValueError):
@@ -224,6 +234,7 @@ def train(cfg: ExperimentConfig, data: PreparedData, sharded: ShardedModel, ctx:
     batches: Optional[Iterator[Batch]] = None
     first_segment = True
     last_logged = (progress.samples, progress.seconds)
+    first_logged: Optional[Tuple[int, float]] = None
     while progress.epoch < cfg.train.epochs:
         if batches is None:
             batches = iter(_loader(cfg, data, "train", ctx, path, cfg.train.batch_size, shuffle=True,
@@ -238,6 +249,7 @@ def train(cfg: ExperimentConfig, data: PreparedData, sharded: ShardedModel, ctx:
             if progress.step % cfg.train.log_every == 0 or progress.step == total:
                 _log_window(progress, total, ctx, log_file, last_logged)
                 last_logged = (progress.samples, progress.seconds)
+                first_logged = first_logged or last_logged
         first_segment = False
         if progress.epoch_step >= per_epoch:
             progress.next_epoch()
@@ -249,8 +261,10 @@ def train(cfg: ExperimentConfig, data: PreparedData, sharded: ShardedModel, ctx:
         checkpoint(progress)
     # The pipeline rewrote the sharded modules' forwards; give evaluation the plain model back.
     pipeline.detach()
+    warm_from = first_logged or (progress.samples, progress.seconds)
     return TrainStats(steps=progress.step, samples=progress.samples, seconds=progress.seconds,
-                      final_loss=progress.last_loss)
+                      final_loss=progress.last_loss, warm_samples=progress.samples - warm_from[0],
+                      warm_seconds=progress.seconds - warm_from[1])
 
 
 def _losses(pipeline: TrainPipelineSparseDist, batches: Iterator[Batch], progress: TrainProgress,
@@ -423,6 +437,7 @@ def run(cfg: ExperimentConfig, ctx: DistContext) -> Dict[str, float]:
     metrics = evaluate(cfg, data, sharded, ctx).to_dict()
     metrics.update(
         train_samples_per_s=stats.samples_per_s,
+        train_samples_per_s_warm=stats.warm_samples_per_s,
         train_steps=stats.steps,
         train_samples=stats.samples,
         train_seconds=stats.seconds,
