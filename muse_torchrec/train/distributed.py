@@ -79,7 +79,7 @@ def shutdown(wait_for_ranks: bool = True) -> None:
     GIL) after the calling thread has been woken. A rank that went straight from its last all_gather
     into interpreter shutdown sometimes had that release run during finalization, and the process
     aborted ("terminate called without an active exception"; core: ~AsyncAllgatherWork in
-    ProcessGroupGloo::runLoop): 4 of 105 runs of the 2-rank torchx test, 0 of 116 with the barrier.
+    ProcessGroupGloo::runLoop): 4 of 105 runs of the 2-rank torchx test, 0 of 129 with the barrier.
     The gloo group outlives ``destroy_process_group`` (it has no shutdown of its own), so destroying it
     does not help. The barrier releases the GIL, and gloo snapshots the work in progress under the lock
     that a worker holds while it releases a finished collective, so that release is done by then.
