@@ -25,12 +25,13 @@ import cProfile
 import gc
 import io
 import json
+import os
 import pstats
 import time
 from dataclasses import dataclass, replace
 from itertools import cycle, product
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Mapping, Optional
+from typing import Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -49,6 +50,7 @@ from muse_torchrec.data.loader import PreparedData, count_batches, make_loader
 from muse_torchrec.data.packed import PackingTransform
 from muse_torchrec.data.slots import SlotReceiver, SlotTransform
 from muse_torchrec.train.sharded import embedding_parameters, shard_model
+from cuda_sched import sync_mode, use_blocking_sync
 from make_prepared import make_prepared, zipf_rows
 
 GIB = 1024**3
@@ -104,9 +106,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class Timing(NamedTuple):
+    """Seconds of the timed steps: wall clock, and CPU time of this process's threads (the training
+    thread, the autograd engine's, a GSU thread; not the loader workers'). A spinning wait for the GPU
+    counts as CPU time: ``--cuda-sync blocking`` makes waits sleep, so wall - CPU shows them."""
+
+    wall: float
+    cpu: float
+
+    def per_step(self, steps: int, batch_size: int) -> Dict[str, float]:
+        return {"samples_per_s_per_gpu": steps * batch_size / self.wall, "step_ms": 1000 * self.wall / steps,
+                "cpu_ms": 1000 * self.cpu / steps}
+
+
 def timed_steps(step, batches: Iterator[Batch], warmup: int, steps: int, device: torch.device,
-                freeze_gc: bool = False) -> float:
-    """Seconds for ``steps`` calls of ``step(batches)`` after ``warmup`` calls; ``freeze_gc``: move every
+                freeze_gc: bool = False) -> Timing:
+    """Time ``steps`` calls of ``step(batches)`` after ``warmup`` calls; ``freeze_gc``: move every
     object alive after the warm-up out of the garbage collector's reach (``gc.freeze``) while timing."""
     for _ in range(warmup):
         step(batches)
@@ -115,14 +130,14 @@ def timed_steps(step, batches: Iterator[Batch], warmup: int, steps: int, device:
         gc.collect()
         gc.freeze()
     dist.barrier()
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step(batches)
     _sync(device)
-    seconds = time.perf_counter() - start
+    timing = Timing(wall=time.perf_counter() - start, cpu=time.process_time() - start_cpu)
     if freeze_gc:
         gc.unfreeze()
-    return seconds
+    return timing
 
 
 def _reset_peak(device: torch.device) -> None:
@@ -164,11 +179,10 @@ def bench_sharded(cfg: ExperimentConfig, vocab: Mapping[str, int], batches: Iter
     sharded = shard_model(model, cfg, ctx)
     pipeline = TrainPipelineSparseDist(sharded.model, sharded.optimizer, ctx.device)
     batch_iter = iter(batches)
-    seconds = timed_steps(pipeline.progress, batch_iter, warmup, steps, ctx.device, freeze_gc)
+    timing = timed_steps(pipeline.progress, batch_iter, warmup, steps, ctx.device, freeze_gc)
     planned = sharded.plan.per_rank_bytes()[ctx.rank]
     result = {
-        "samples_per_s_per_gpu": steps * cfg.train.batch_size / seconds,
-        "step_ms": 1000 * seconds / steps,
+        **timing.per_step(steps, cfg.train.batch_size),
         "peak_gib": _peak_gib(ctx.device),
         "planned_gib": (planned["hbm"] if ctx.device.type == "cuda" else planned["ddr"]) / GIB,
         "plan": sharded.plan.format(),
@@ -223,8 +237,7 @@ def bench_loader(batches: Iterable[Batch], batch_size: int, device: torch.device
         next(it).to(device, non_blocking=True)
 
     batch_iter = iter(batches)
-    seconds = timed_steps(step, batch_iter, warmup, steps, device)
-    result: Dict[str, object] = {"samples_per_s_per_gpu": steps * batch_size / seconds, "step_ms": 1000 * seconds / steps}
+    result: Dict[str, object] = {**timed_steps(step, batch_iter, warmup, steps, device).per_step(steps, batch_size)}
     if profile_steps:
         profiler = cProfile.Profile()
         profiler.runcall(lambda: [step(batch_iter) for _ in range(profile_steps)])
@@ -254,10 +267,8 @@ def bench_replicated(cfg: ExperimentConfig, vocab: Mapping[str, int], batches: L
         loss.backward()
         optimizer.step()
 
-    seconds = timed_steps(step, cycle(batches), warmup, steps, ctx.device)
     result = {
-        "samples_per_s_per_gpu": steps * cfg.train.batch_size / seconds,
-        "step_ms": 1000 * seconds / steps,
+        **timed_steps(step, cycle(batches), warmup, steps, ctx.device).per_step(steps, cfg.train.batch_size),
         "peak_gib": _peak_gib(ctx.device),
     }
     del ddp, model, optimizer
@@ -301,10 +312,15 @@ def main() -> None:
                         help="model mode: one run per --variant (config overrides, ';'-separated), named v0, v1...")
     parser.add_argument("--compile-modes", nargs="+", default=None, metavar="MODE",
                         help="model mode: one run per train.compile_mode (default: the config's)")
+    parser.add_argument("--cuda-sync", default="auto", choices=["auto", "blocking"],
+                        help="how host threads wait for the GPU: CUDA's default (spins on hosts with spare cores: "
+                             "the wait counts as CPU time) or blocking (they sleep: wall - CPU ms is the waiting)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
     cfg = load_config(args.config, args.set)
+    if args.cuda_sync == "blocking":
+        use_blocking_sync(int(os.environ.get("LOCAL_RANK", "0")))
     ctx = init_distributed(args.device)
     vocab = dict(cfg.sharding.plan_vocab_sizes) or {t.name: 1000 for t in F.TABLES}
     shapes = Shapes(cfg.train.batch_size, cfg.data.max_history, args.samples_per_user, args.scl_rows)
@@ -313,6 +329,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
         "batch_size_per_gpu": cfg.train.batch_size, "history": cfg.data.max_history,
         "k": cfg.model.k, "vocab_sizes": vocab, "sparse_optimizer": cfg.train.sparse_optimizer,
+        "cuda_sync": sync_mode(ctx.device.index) if ctx.device.type == "cuda" else None,
     }
     batches = staged_batches(cfg, vocab, shapes, args.distinct_batches, seed=1000 + ctx.rank, device=ctx.device)
     if "model" in args.modes:
@@ -366,13 +383,14 @@ def main() -> None:
 def format_results(results: Mapping[str, object]) -> str:
     lines = [f"device {results['device']} x {results['world_size']}, batch {results['batch_size_per_gpu']}/GPU, "
              f"history {results['history']}, K {results['k']}, item rows {results['vocab_sizes']['item']:,}", "",
-             f"{'run':<34} {'samples/s/GPU':>14} {'step ms':>9} {'peak GiB':>9} {'planned GiB':>12}"]
+             f"{'run':<34} {'samples/s/GPU':>14} {'step ms':>9} {'CPU ms':>7} {'peak GiB':>9} {'planned GiB':>12}"]
     for name, r in results.items():
         if not isinstance(r, dict) or "samples_per_s_per_gpu" not in r:
             continue
         peak = "-" if r.get("peak_gib") is None else f"{r['peak_gib']:.2f}"
         planned = "-" if r.get("planned_gib") is None else f"{r['planned_gib']:.2f}"
-        lines.append(f"{name:<34} {r['samples_per_s_per_gpu']:>14,.0f} {r['step_ms']:>9.1f} {peak:>9} {planned:>12}")
+        lines.append(f"{name:<34} {r['samples_per_s_per_gpu']:>14,.0f} {r['step_ms']:>9.1f} {r['cpu_ms']:>7.1f} "
+                     f"{peak:>9} {planned:>12}")
     base = results.get("baseline")
     for name, r in results.items():
         if isinstance(base, dict) and name.startswith("model") and isinstance(r, dict):
