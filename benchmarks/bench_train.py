@@ -322,6 +322,8 @@ def main() -> None:
     if args.cuda_sync == "blocking":
         use_blocking_sync(int(os.environ.get("LOCAL_RANK", "0")))
     ctx = init_distributed(args.device)
+    if args.cuda_sync == "blocking" and sync_mode(ctx.device.index) != "blocking":
+        raise RuntimeError(f"--cuda-sync blocking did not take: device {ctx.device} waits by {sync_mode(ctx.device.index)}")
     vocab = dict(cfg.sharding.plan_vocab_sizes) or {t.name: 1000 for t in F.TABLES}
     shapes = Shapes(cfg.train.batch_size, cfg.data.max_history, args.samples_per_user, args.scl_rows)
     results: Dict[str, object] = {
@@ -329,7 +331,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
         "batch_size_per_gpu": cfg.train.batch_size, "history": cfg.data.max_history,
         "k": cfg.model.k, "vocab_sizes": vocab, "sparse_optimizer": cfg.train.sparse_optimizer,
-        "cuda_sync": sync_mode(ctx.device.index) if ctx.device.type == "cuda" else None,
+        "cuda_sync": args.cuda_sync,
     }
     batches = staged_batches(cfg, vocab, shapes, args.distinct_batches, seed=1000 + ctx.rank, device=ctx.device)
     if "model" in args.modes:
