@@ -320,6 +320,8 @@ def main() -> None:
 
     cfg = load_config(args.config, args.set)
     if args.cuda_sync == "blocking":
+        if args.device == "cpu":
+            parser.error("--cuda-sync blocking needs a GPU (--device auto or cuda)")
         use_blocking_sync(int(os.environ.get("LOCAL_RANK", "0")))
     ctx = init_distributed(args.device)
     if args.cuda_sync == "blocking" and sync_mode(ctx.device.index) != "blocking":
