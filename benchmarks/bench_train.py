@@ -109,7 +109,8 @@ def _sync(device: torch.device) -> None:
 class Timing(NamedTuple):
     """Seconds of the timed steps: wall clock, and CPU time of this process's threads (the training
     thread, the autograd engine's, a GSU thread; not the loader workers'). A spinning wait for the GPU
-    counts as CPU time: ``--cuda-sync blocking`` makes waits sleep, so wall - CPU shows them."""
+    counts as CPU time: ``--cuda-sync blocking`` makes waits sleep. In model mode the training and
+    autograd threads take turns, so with blocking sync wall - CPU is about the time spent waiting."""
 
     wall: float
     cpu: float
@@ -314,7 +315,7 @@ def main() -> None:
                         help="model mode: one run per train.compile_mode (default: the config's)")
     parser.add_argument("--cuda-sync", default="auto", choices=["auto", "blocking"],
                         help="how host threads wait for the GPU: CUDA's default (spins on hosts with spare cores: "
-                             "the wait counts as CPU time) or blocking (they sleep: wall - CPU ms is the waiting)")
+                             "the wait counts as CPU time) or blocking (they sleep: a wait no longer counts)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
