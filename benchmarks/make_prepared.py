@@ -93,13 +93,14 @@ def make_prepared(out: Path, vocab: Mapping[str, int], samples: int, samples_per
     splits = {"train": (samples, shards)}
     if test_samples > 0:
         splits["test"] = (test_samples, max(1, shards // 4))
+    for split in splits:
+        (out / split).mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     # Forked after CUDA may be in use: the workers must not free the parent's CUDA tensors.
     with ProcessPoolExecutor(initializer=keep_inherited_objects) as pool:
         scl_job = pool.submit(write_scl, out, vocab["item"], scl_rows, seed)
         jobs = {}
         for split_seed, (split, (split_samples, split_shards)) in enumerate(splits.items()):
-            (out / split).mkdir(parents=True, exist_ok=True)
             users = -(-split_samples // (samples_per_user * split_shards))
             jobs[split] = [pool.submit(write_shard, out, split, i, vocab, users, samples_per_user, history,
                                        chunk_users, seed + 1 + i + split_seed * shards) for i in range(split_shards)]
