@@ -105,16 +105,13 @@ class DeferredGsuBuilder:
         if kind not in DEVICE_GSU_KINDS:
             raise ValueError(f"the device GSU runs {DEVICE_GSU_KINDS}, not {kind!r}")
         self.base = BatchBuilder(scl_vectors, item_scl_row, gsu=kind, k=k, recent=recent,
-                                 max_history=max_history, defer_topk=True)
-        self.max_history = max_history
-        self.pad_to = pad_to
-        self.k = k
-        self.kind = kind
+                                 max_history=max_history, pad_to=pad_to, defer_topk=True)
 
     def __call__(self, block: SampleBlock) -> GsuBatch:
-        block, weights = padded_block(block, self.pad_to)
-        items, cates, lengths = user_histories(block, self.max_history)
-        batch = self.base.assemble(block, weights, items, cates, lengths)
+        base = self.base
+        block, weights = padded_block(block, base.pad_to)
+        items, cates, lengths = user_histories(block, base.max_history)
+        batch = base.assemble(block, weights, items, cates, lengths)
         sample_user, hist_lengths = _long(block.sample_user), _long(lengths)
         slots = gsu_ops.user_slots(sample_user, len(hist_lengths))
         kjt = batch.sparse_features
@@ -129,10 +126,10 @@ class DeferredGsuBuilder:
             target_cates=_long(block.target[F.CATE.name]),
             user_rank=slots.rank,
             max_user_samples=slots.max_samples,
-            topk_slots=real_slots(kjt["item_topk"].lengths(), self.k),
+            topk_slots=real_slots(kjt["item_topk"].lengths(), base.k),
             topk_values_at=(starts["item_topk"], starts["cate_topk"]),
-            k=self.k,
-            kind=self.kind,
+            k=base.k,
+            kind=base.gsu,
         )
 
 
