@@ -2,9 +2,10 @@
 
 Modes (one process per GPU; launch with torchrun for several GPUs):
 - ``model``: batches pre-built and pre-staged on the device, cycled: the model step alone
-  (TrainPipelineSparseDist over DistributedModelParallel).
+  (DistributedModelParallel stepped as the trainer steps it, ``train.step``; ``--pipelines``
+  compares TorchRec's pipelines).
 - ``e2e``: the real data path: prepared shards on local disk -> loader workers (host GSU, KJTs)
-  -> TrainPipelineSparseDist. The shards are written by this script (``--work``) with the
+  -> the model step. The shards are written by this script (``--work``) with the
   realistic vocabulary sizes of the config; they are generated, never carried.
 - ``baseline`` (with ``--baseline``): the same model with plain unsharded embedding tables copied on
   every GPU and DDP over everything, dense Adam on the tables (how the reference implementation
@@ -37,7 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.distributed.train_pipeline import TrainPipelineBase
 
 from muse_torchrec import features as F
 from muse_torchrec.config import ExperimentConfig, apply_overrides, load_config
@@ -50,6 +51,7 @@ from muse_torchrec.data.loader import PreparedData, count_batches, make_loader
 from muse_torchrec.data.packed import PackingTransform
 from muse_torchrec.data.slots import SlotReceiver, SlotTransform
 from muse_torchrec.train.sharded import embedding_parameters, shard_model
+from muse_torchrec.train.step import STEPPERS, make_stepper
 from cuda_sched import sync_mode, use_blocking_sync
 from make_prepared import make_prepared, zipf_rows
 
@@ -171,16 +173,48 @@ def profile_table(step, batches: Iterator[Batch], steps: int, device: torch.devi
     return "\n".join(tables)
 
 
+def python_profile(step, batches: Iterator[Batch], steps: int, device: torch.device) -> str:
+    """cProfile of ``steps`` steps in the calling thread (the autograd engine's thread is not seen:
+    a backward shows as the time the training thread waits in it): by own time, then cumulative."""
+    def run() -> None:
+        for _ in range(steps):
+            step(batches)
+        _sync(device)
+
+    profiler = cProfile.Profile()
+    profiler.runcall(run)
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    stats.sort_stats("tottime").print_stats(35)
+    stats.sort_stats("cumulative").print_stats(45)
+    return f"cProfile over {steps} steps (calling thread), by own time then cumulative:\n{text.getvalue()}"
+
+
+PROFILERS = {"torch": profile_table, "python": python_profile}
+
+
+# --pipelines: how the model steps: the trainer's steppers (``train.step``: "plain", its default, and
+# TorchRec's "sparse_dist"), or TorchRec's base pipeline (next batch copied ahead, input distribution
+# inside the forward).
+PIPELINES = {
+    **{name: lambda model, optimizer, device, name=name: make_stepper(name, model, optimizer, device).progress
+       for name in STEPPERS},
+    "base": lambda model, optimizer, device: TrainPipelineBase(model, optimizer, device).progress,
+}
+
+
 def bench_sharded(cfg: ExperimentConfig, vocab: Mapping[str, int], batches: Iterable[Batch], ctx: DistContext,
-                  warmup: int, steps: int, profile_steps: int = 0, freeze_gc: bool = False) -> Dict[str, object]:
-    """Samples/s of DMP + TrainPipelineSparseDist over ``batches`` (cycled if a list)."""
+                  warmup: int, steps: int, profile_steps: int = 0, freeze_gc: bool = False,
+                  profiler: str = "torch", pipeline: str = "plain") -> Dict[str, object]:
+    """Samples/s of DMP under ``pipeline`` (``PIPELINES``) over ``batches`` (cycled if a list);
+    ``profile_steps`` more steps under ``profiler`` ("torch": torch.profiler's op tables, "python": cProfile)."""
     _reset_peak(ctx.device)
     model = build_model(cfg.model, vocab, sequence_features(get_method(cfg.model.method).gsu),
                         cfg.data.recent, cfg.data.max_history)
     sharded = shard_model(model, cfg, ctx)
-    pipeline = TrainPipelineSparseDist(sharded.model, sharded.optimizer, ctx.device)
+    step = PIPELINES[pipeline](sharded.model, sharded.optimizer, ctx.device)
     batch_iter = iter(batches)
-    timing = timed_steps(pipeline.progress, batch_iter, warmup, steps, ctx.device, freeze_gc)
+    timing = timed_steps(step, batch_iter, warmup, steps, ctx.device, freeze_gc)
     planned = sharded.plan.per_rank_bytes()[ctx.rank]
     result = {
         **timing.per_step(steps, cfg.train.batch_size),
@@ -189,8 +223,8 @@ def bench_sharded(cfg: ExperimentConfig, vocab: Mapping[str, int], batches: Iter
         "plan": sharded.plan.format(),
     }
     if profile_steps:
-        result["profile"] = profile_table(pipeline.progress, batch_iter, profile_steps, ctx.device)
-    del pipeline, sharded, model
+        result["profile"] = PROFILERS[profiler](step, batch_iter, profile_steps, ctx.device)
+    del step, sharded, model
     return result
 
 
@@ -218,7 +252,9 @@ def e2e_batches(cfg: ExperimentConfig, work: Path, ctx: DistContext, num_workers
     transform = {"slots": SlotTransform, "packed": PackingTransform, "unpacked": lambda b: b}[handover](builder)
     loader = make_loader(data, "train", cfg.train.batch_size, transform, rank=ctx.rank, world_size=ctx.world_size,
                          num_workers=num_workers, seed=cfg.data.seed, shuffle=True, drop_last=True,
-                         pin_memory=ctx.device.type == "cuda")
+                         # Slots go to the GPU straight from shared memory (as in the trainer, which
+                         # pins nothing); pinning them would only add the DataLoader's pinning thread.
+                         pin_memory=ctx.device.type == "cuda" and handover != "slots")
     if handover == "slots":
         loader = SlotReceiver(loader)
     if not device_gsu:
@@ -232,7 +268,7 @@ def bench_loader(batches: Iterable[Batch], batch_size: int, device: torch.device
                  steps: int, profile_steps: int = 0) -> Dict[str, object]:
     """Samples/s of the data path alone (``e2e_batches``, each batch moved to the device as the
     pipeline moves it, no model): the most an e2e run with this data path could reach. The profile
-    is cProfile's (the data path's host time is Python's), of the calling thread only."""
+    is always cProfile's (the data path's host time is Python's)."""
 
     def step(it: Iterator[Batch]) -> None:
         next(it).to(device, non_blocking=True)
@@ -240,11 +276,7 @@ def bench_loader(batches: Iterable[Batch], batch_size: int, device: torch.device
     batch_iter = iter(batches)
     result: Dict[str, object] = {**timed_steps(step, batch_iter, warmup, steps, device).per_step(steps, batch_size)}
     if profile_steps:
-        profiler = cProfile.Profile()
-        profiler.runcall(lambda: [step(batch_iter) for _ in range(profile_steps)])
-        text = io.StringIO()
-        pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(45)
-        result["profile"] = f"cProfile of the data path over {profile_steps} batches:\n{text.getvalue()}"
+        result["profile"] = python_profile(step, batch_iter, profile_steps, device)
     return result
 
 
@@ -308,7 +340,13 @@ def main() -> None:
                         help="model mode: Python's garbage collector with everything alive after the warm-up "
                              "frozen (gc.freeze) while timing, as the trainer does after its first step "
                              "(frozen; e2e always), and/or as is (auto)")
+    parser.add_argument("--pipelines", nargs="+", default=["plain"], choices=sorted(PIPELINES),
+                        help="model and e2e modes: one run per entry, in order (repeat one to alternate): the "
+                             "trainer's plain step (its default), TorchRec's TrainPipelineSparseDist or TrainPipelineBase")
     parser.add_argument("--profile-steps", type=int, default=0, help="profile this many extra steps of each run")
+    parser.add_argument("--profiler", default="torch", choices=sorted(PROFILERS),
+                        help="model/e2e profiles: torch.profiler's op tables or cProfile's Python functions "
+                             "(loader mode: always cProfile)")
     parser.add_argument("--variant", action="append", default=None, metavar="KEY=VALUE;...",
                         help="model mode: one run per --variant (config overrides, ';'-separated), named v0, v1...")
     parser.add_argument("--compile-modes", nargs="+", default=None, metavar="MODE",
@@ -340,12 +378,15 @@ def main() -> None:
     if "model" in args.modes:
         for variant, overrides in enumerate(args.variant or [""]):
             variant_cfg = apply_overrides(cfg, [o for o in overrides.split(";") if o])
-            for mode, gc_mode in product(args.compile_modes or [cfg.train.compile_mode], args.gc_modes):
+            runs = product(args.compile_modes or [cfg.train.compile_mode], args.gc_modes, enumerate(args.pipelines))
+            for mode, gc_mode, (run, pipeline) in runs:
                 mode_cfg = replace(variant_cfg, train=replace(variant_cfg.train, compile_mode=mode))
                 name = "model" + ("" if args.compile_modes is None else f":{mode}") + (f":v{variant}" if args.variant else "")
                 name += "" if len(args.gc_modes) == 1 else f":gc_{gc_mode}"
+                name += "" if args.pipelines == ["plain"] else f":{pipeline}:{run}"
                 results[name] = bench_sharded(mode_cfg, vocab, cycle(batches), ctx, args.warmup, args.steps,
-                                              args.profile_steps, freeze_gc=gc_mode == "frozen")
+                                              args.profile_steps, freeze_gc=gc_mode == "frozen",
+                                              profiler=args.profiler, pipeline=pipeline)
                 results[name].update(compile_mode=mode, overrides=overrides)
     data_modes = [m for m in ("loader", "e2e") if m in args.modes]
     if data_modes:
@@ -355,11 +396,13 @@ def main() -> None:
                                                 cfg.data.max_history, args.scl_rows, shards=16, chunk_users=256, seed=0)
         dist.barrier()
     for mode in data_modes:
-        runs = [(place, packed, graph, sharing) for place in args.gsu_places for packed in args.packing
-                for graph in (args.gsu_graphs if place != "host" else ["graphed"]) for sharing in args.sharing]
-        for place, packed, graph, sharing in runs:
+        runs = [(place, packed, graph, sharing, pipe) for place in args.gsu_places for packed in args.packing
+                for graph in (args.gsu_graphs if place != "host" else ["graphed"]) for sharing in args.sharing
+                for pipe in (enumerate(args.pipelines) if mode == "e2e" else [(0, "plain")])]
+        for place, packed, graph, sharing, (run, pipeline) in runs:
             name = mode + {"host": "", "device": "_device_gsu", "device_ahead": "_device_gsu_ahead"}[place]
             name += ("" if packed == "slots" else f":{packed}") + ("" if graph == "graphed" else ":eager")
+            name += "" if mode == "loader" or args.pipelines == ["plain"] else f":{pipeline}:{run}"
             if sharing is not None:
                 torch.multiprocessing.set_sharing_strategy(sharing)
                 name += f":{sharing}"
@@ -371,7 +414,7 @@ def main() -> None:
                                              args.profile_steps)
             else:
                 results[name] = bench_sharded(cfg, vocab, loader, ctx, args.warmup, args.steps, args.profile_steps,
-                                              freeze_gc=True)
+                                              freeze_gc=True, profiler=args.profiler, pipeline=pipeline)
             results[name]["loader_workers"] = args.workers
     if args.baseline:
         results["baseline"] = bench_replicated(cfg, vocab, batches, ctx, args.warmup, args.steps)

@@ -120,6 +120,10 @@ class TrainConfig:
     # torch.compile of the dense tower (model.muse.COMPILE_MODES): "none" runs it eagerly; "default"
     # fuses its kernels; "reduce-overhead" also replays them as CUDA graphs (GPU).
     compile_mode: str = "none"
+    # How a step runs (train.step.STEPPERS): "plain" (forward, backward, optimizer; nothing prefetched)
+    # or "sparse_dist" (TorchRec's TrainPipelineSparseDist: overlaps the next batch's copy and input
+    # distribution; costs more host time per step, see train/step.py).
+    pipeline: str = "plain"
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Sharded (2 gloo ranks, row-wise tables) versus unsharded training: same losses step by step.
+"""Sharded (2 gloo ranks, row-wise tables) versus unsharded training: same losses step by step,
+for both of the trainer's steppers (``train.step``: the plain step and TrainPipelineSparseDist).
 
 Semantics the reference reproduces: each rank's loss is the mean over its own samples; DDP averages
 dense gradients over ranks, and TorchRec's backward all-to-all divides embedding-row gradients by the
@@ -29,8 +30,8 @@ K, RECENT, MAX_HISTORY = 6, 5, 40
 SPARSE_LR, DENSE_LR = 0.5, 0.01
 
 
-def config(method: str, compile_mode: str = "none") -> ExperimentConfig:
-    return load_config(None, [
+def config(method: str, compile_mode: str = "none", pipeline: str = "plain") -> ExperimentConfig:
+    return load_config(None, [f"train.pipeline={pipeline}",
         f"model.method={method}", f"train.compile_mode={compile_mode}", f"model.k={K}", f"data.recent={RECENT}", f"data.max_history={MAX_HISTORY}",
         "train.sparse_optimizer=sgd", f"train.sparse_lr={SPARSE_LR}", f"train.dense_lr={DENSE_LR}",
         "train.batch_size=24", "model.mlp=[32, 16]",
@@ -55,28 +56,29 @@ def reference_model(cfg: ExperimentConfig):
                        device=torch.device("cpu"))
 
 
-def sharded_worker(rank: int, method: str, compile_mode: str, tmp: str) -> None:
+def sharded_worker(rank: int, method: str, compile_mode: str, pipeline: str, tmp: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=Path(tmp, "port").read_text(), OMP_NUM_THREADS="1")
-    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-
     from muse_torchrec.train.distributed import init_distributed, shutdown
     from muse_torchrec.train.sharded import load_unsharded_state, shard_model
+    from muse_torchrec.train.step import make_stepper
 
-    cfg = config(method, compile_mode)
+    cfg = config(method, compile_mode, pipeline)
     ctx = init_distributed("cpu")
     start_state = reference_model(cfg).state_dict()
     model = build_model(cfg.model, VOCAB, sequence_features(get_method(method).gsu), RECENT, MAX_HISTORY)
     sharded = shard_model(model, cfg, ctx)
     load_unsharded_state(sharded.model, start_state)
-    pipeline = TrainPipelineSparseDist(sharded.model, sharded.optimizer, ctx.device)
+    stepper = make_stepper(cfg.train.pipeline, sharded.model, sharded.optimizer, ctx.device)
     batches = iter([step[rank] for step in half_batches(method)])
     losses = []
     for _ in range(STEPS):
-        loss, _, _ = pipeline.progress(batches)
+        loss, _, _ = stepper.progress(batches)
         losses.append(float(loss))
+    with pytest.raises(StopIteration):  # the batches are exhausted (and a pipeline drained)
+        stepper.progress(batches)
     Path(tmp, f"losses{rank}.json").write_text(json.dumps(losses))
-    # Graphs torch.compile made: the pipeline must call the compiled tower, not trace through it.
+    # Graphs torch.compile made: a pipeline must call the compiled tower, not trace through it.
     Path(tmp, f"compiled{rank}.json").write_text(json.dumps(torch._dynamo.utils.counters["stats"]["unique_graphs"]))
     torch.save(local_state(sharded.model), Path(tmp, f"state{rank}.pt"))
     shutdown()
@@ -130,15 +132,19 @@ def reference_losses(method: str):
     return losses, model.state_dict()
 
 
-@pytest.mark.parametrize("method,compile_mode", [("muse", "none"), ("din", "none"), ("muse", "default")])
-def test_sharded_matches_unsharded(tmp_path, method, compile_mode):
+@pytest.mark.parametrize("method,compile_mode,pipeline", [
+    ("muse", "none", "plain"), ("din", "none", "plain"), ("muse", "default", "plain"),
+    ("muse", "none", "sparse_dist"), ("muse", "default", "sparse_dist"),
+])
+def test_sharded_matches_unsharded(tmp_path, method, compile_mode, pipeline):
     """The unsharded reference runs eagerly: a compiled tower must compute the same."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         (tmp_path / "port").write_text(str(s.getsockname()[1]))
-    mp.start_processes(sharded_worker, args=(method, compile_mode, str(tmp_path)), nprocs=WORLD, start_method="spawn")
+    mp.start_processes(sharded_worker, args=(method, compile_mode, pipeline, str(tmp_path)), nprocs=WORLD,
+                       start_method="spawn")
     sharded = [json.loads((tmp_path / f"losses{r}.json").read_text()) for r in range(WORLD)]
     compiled = [json.loads((tmp_path / f"compiled{r}.json").read_text()) for r in range(WORLD)]
     assert all((graphs > 0) == (compile_mode != "none") for graphs in compiled), compiled

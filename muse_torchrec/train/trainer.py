@@ -1,4 +1,4 @@
-"""Train then evaluate MUSE (or another method) with DMP and TrainPipelineSparseDist.
+"""Train then evaluate MUSE (or another method) with DMP, stepped as ``train.pipeline`` says (``step``).
 
 Invariants:
 - every rank runs the same number of training steps (the minimum over ranks of their batch counts,
@@ -27,7 +27,6 @@ from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple
 import numpy as np
 import torch
 import torch.distributed as dist
-from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from muse_torchrec.config import ExperimentConfig, save_config
 from muse_torchrec.data.batch import Batch, BatchBuilder, sequence_features
@@ -52,6 +51,7 @@ from muse_torchrec.train.checkpoint import (
 )
 from muse_torchrec.train.distributed import DistContext, all_reduce_int
 from muse_torchrec.train.sharded import ShardedModel, shard_model
+from muse_torchrec.train.step import TrainStepper, check_pipeline, make_stepper
 
 log = logging.getLogger("muse_torchrec")
 
@@ -217,17 +217,17 @@ def train(cfg: ExperimentConfig, data: PreparedData, sharded: ShardedModel, ctx:
 
     Same number of steps on every rank. Epoch e reads the data in the order of seed
     ``data.seed + e``; a resumed epoch skips the batches already trained. ``checkpoint`` is called
-    every ``train.checkpoint_every`` steps and after the last step, with the pipeline drained: the
-    pipeline prefetches batches, and stopping it at the checkpoint step keeps the saved data
-    position equal to the trained one (TrainPipelineSparseDist computes the same as a plain loop,
-    so draining it changes no number).
+    every ``train.checkpoint_every`` steps and after the last step, with the stepper drained: a
+    pipeline (``train.pipeline: sparse_dist``) prefetches batches, and stopping it at the checkpoint
+    step keeps the saved data position equal to the trained one (it computes the same as the plain
+    step, so draining it changes no number).
     """
     progress = progress or TrainProgress()
     per_epoch = steps_per_epoch(cfg, data, ctx)
     total = per_epoch * cfg.train.epochs
     every = cfg.train.checkpoint_every if checkpoint is not None else None
     path = batch_path(cfg, data, ctx.device)
-    pipeline = TrainPipelineSparseDist(sharded.model, sharded.optimizer, ctx.device, execute_all_batches=True)
+    stepper = make_stepper(cfg.train.pipeline, sharded.model, sharded.optimizer, ctx.device)
     sharded.model.train()
     saved_step = progress.step
     start = time.perf_counter() - progress.seconds
@@ -243,7 +243,7 @@ def train(cfg: ExperimentConfig, data: PreparedData, sharded: ShardedModel, ctx:
         segment = max(per_epoch - progress.epoch_step, 0)
         if every is not None:
             segment = min(segment, every - progress.step % every)
-        for loss in _losses(pipeline, itertools.islice(batches, segment), progress, freeze_gc=first_segment):
+        for loss in _losses(stepper, itertools.islice(batches, segment), progress, freeze_gc=first_segment):
             progress.record(loss, cfg.train.batch_size * ctx.world_size)
             progress.seconds = time.perf_counter() - start
             if progress.step % cfg.train.log_every == 0 or progress.step == total:
@@ -259,17 +259,17 @@ def train(cfg: ExperimentConfig, data: PreparedData, sharded: ShardedModel, ctx:
             saved_step = progress.step
     if checkpoint is not None and progress.step != saved_step:
         checkpoint(progress)
-    # The pipeline rewrote the sharded modules' forwards; give evaluation the plain model back.
-    pipeline.detach()
+    # A pipeline rewrote the sharded modules' forwards; give evaluation the plain model back.
+    stepper.detach()
     warm_from = first_logged or (progress.samples, progress.seconds)
     return TrainStats(steps=progress.step, samples=progress.samples, seconds=progress.seconds,
                       final_loss=progress.last_loss, warm_samples=progress.samples - warm_from[0],
                       warm_seconds=progress.seconds - warm_from[1])
 
 
-def _losses(pipeline: TrainPipelineSparseDist, batches: Iterator[Batch], progress: TrainProgress,
+def _losses(stepper: TrainStepper, batches: Iterator[Batch], progress: TrainProgress,
             freeze_gc: bool = False) -> Iterator[float]:
-    """The loss of each step until ``batches`` is exhausted and the pipeline drained; stops the run on
+    """The loss of each step until ``batches`` is exhausted (and a pipeline drained); stops the run on
     a non-finite loss, before any checkpoint could save its parameters.
 
     Each step's loss is read back once the next step is launched: read at once, it would hold the
@@ -287,7 +287,7 @@ def _losses(pipeline: TrainPipelineSparseDist, batches: Iterator[Batch], progres
     pending: Optional[torch.Tensor] = None
     while True:
         try:
-            loss, _, _ = pipeline.progress(batches)
+            loss, _, _ = stepper.progress(batches)
         except StopIteration:
             break
         if pending is None and freeze_gc:
@@ -416,6 +416,7 @@ def run(cfg: ExperimentConfig, ctx: DistContext) -> Dict[str, float]:
     the sharding plan) is checked before run_dir is touched. Returns the metrics.
     """
     check_checkpoint_settings(cfg)
+    check_pipeline(cfg.train.pipeline)
     run_dir = Path(cfg.train.run_dir)
     data = open_prepared(cfg)
     resume = resume_point(cfg, vocab_sizes(data), ctx)
