@@ -59,12 +59,14 @@ def killed_during_second_save(rank: int, root: str) -> None:
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     tiny_run.prepare(root)
-    # Checkpoints only at the end: also shows that stopping the pipeline at checkpoints changes nothing.
+    # Checkpoints only at the end, with the plain step (the default); "pipelined" checkpoints every
+    # SAVE_EVERY steps through TrainPipelineSparseDist, drained at each.
     tiny_run.spawn(full_run, 2, root, str(root), "uninterrupted", ("train.checkpoint_every=null",))
     with pytest.raises(ProcessExitedException):
         tiny_run.spawn(killed_during_second_save, 2, root, str(root))
     after_kill = sorted(p.name for p in ck.checkpoints_dir(root / "resumed").iterdir())
     tiny_run.spawn(full_run, 2, root, str(root), "resumed", ())
+    tiny_run.spawn(full_run, 2, root, str(root), "pipelined", ("train.pipeline=sparse_dist",))
     return root, after_kill
 
 
@@ -144,3 +146,14 @@ def test_loader_skip_with_two_workers(data):
     args = dict(batch_size=100, num_workers=2, seed=1, shuffle=True)
     full = [b.tolist() for b in make_loader(data, "train", transform=user_keys, **args)]
     assert [b.tolist() for b in make_loader(data, "train", transform=user_keys, skip=9, **args)] == full[9:]
+
+
+def test_pipelined_run_with_checkpoints_equals_the_plain_run_bit_for_bit(runs):
+    """TrainPipelineSparseDist, drained at every checkpoint step, ends where the plain step ends."""
+    root, _ = runs
+    a, b = _final_checkpoint(root, "uninterrupted"), _final_checkpoint(root, "pipelined")
+    _assert_equal_trees(a["shared"], b["shared"])
+    for rank in range(2):
+        _assert_equal_trees(a["ranks"][rank], b["ranks"][rank])
+    assert a["progress"] == b["progress"]
+    assert sorted(p.name for p in ck.checkpoints_dir(root / "pipelined").iterdir()) == ["step_00000016", "step_00000018"]

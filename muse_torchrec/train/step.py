@@ -7,10 +7,11 @@
   starts batch i+1's input distribution on side streams while batch i trains.
 
 Why plain is the default: the step is bound by host (Python) time at 1,000 samples per GPU, and the
-pipeline's overlap costs more host time per step than it hides. Measured side by side in one process
-each (benchmarks/RESULTS.md row 36): the model step 1.17-1.35x on one H100 and 1.05-1.16x per GPU
-on 2 H200, end to end 1.16x (means) on one H100. The pipeline may still pay off where the input
-distribution's communication is slow (across nodes); it is one setting away.
+pipeline's overlap costs more host time per step than it hides. Alternated processes on the same
+machines (benchmarks/RESULTS.md rows 36-38): the model step 1.23-1.31x on one H100 and 1.13x per GPU
+on 2 H200, end to end 1.16x on one H100 (means of each set); the trainer itself ran 150 k and 162 k
+samples/s there against 110 k and 132 k. The pipeline may still pay off where the input distribution's
+communication is slow (across nodes); it is one setting away.
 
 Both compute the same as an unsharded model step for step (tests/test_sharded.py).
 """
