@@ -59,13 +59,14 @@ def killed_during_second_save(rank: int, root: str) -> None:
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     tiny_run.prepare(root)
-    # Checkpoints only at the end, with the plain step (the default); "pipelined" checkpoints every
-    # SAVE_EVERY steps through TrainPipelineSparseDist, drained at each.
-    tiny_run.spawn(full_run, 2, root, str(root), "uninterrupted", ("train.checkpoint_every=null",))
+    # Checkpoints only at the end, with the plain step. The killed run trains through
+    # TrainPipelineSparseDist (the CPU configs' choice), drained at each checkpoint, and its restart
+    # resumes with the plain step; "pipelined" checkpoints every SAVE_EVERY steps through the pipeline.
+    tiny_run.spawn(full_run, 2, root, str(root), "uninterrupted", ("train.checkpoint_every=null", "train.pipeline=plain"))
     with pytest.raises(ProcessExitedException):
         tiny_run.spawn(killed_during_second_save, 2, root, str(root))
     after_kill = sorted(p.name for p in ck.checkpoints_dir(root / "resumed").iterdir())
-    tiny_run.spawn(full_run, 2, root, str(root), "resumed", ())
+    tiny_run.spawn(full_run, 2, root, str(root), "resumed", ("train.pipeline=plain",))
     tiny_run.spawn(full_run, 2, root, str(root), "pipelined", ("train.pipeline=sparse_dist",))
     return root, after_kill
 

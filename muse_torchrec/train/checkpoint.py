@@ -59,6 +59,7 @@ RESUME_FREE_KEYS: Tuple[str, ...] = (
     "data.raw_dir", "data.prepared_dir", "data.synthesize", "data.synth", "data.gsu_placement", "sharding",
     "train.run_dir", "train.epochs", "train.eval_batch_size", "train.limit_eval_batches", "train.log_every",
     "train.checkpoint_every", "train.keep_checkpoints", "train.resume", "train.compile_mode",
+    "train.pipeline",
 )
 
 
