@@ -10,11 +10,12 @@ Why plain is the default (and the GPU configs' choice): on a GPU the step is bou
 time at 1,000 samples per GPU, and the pipeline's overlap costs more host time per step than it
 hides. Alternated processes on the same machines (benchmarks/RESULTS.md rows 36-38): the model step
 1.23-1.31x on one H100 and 1.13x per GPU on 2 H200, end to end 1.16x on one H100 (means of each
-set); the trainer itself ran 150 k and 162 k samples/s there against 110 k and 132 k. On CPU the
-overlap is real (gloo runs its collectives on its own threads while the step computes): the demo
-config on 2 ranks trained 1.11x faster with the pipeline (means of three alternated pairs on the
-2-core development machine), so the CPU configs choose it. It may also pay off where the input
-distribution's communication is slow (across nodes; not measured).
+set); the trainer itself ran 150 k and 162 k samples/s there against 110 k and 132 k (on a slower
+H100 host, 112 k against 113 k in one pair, row 40). On CPU the overlap is real (gloo runs its
+collectives on its own threads while the step computes): the demo config on 2 ranks trained 1.11x
+faster with the pipeline (means of three alternated pairs on the 2-core development machine), so
+the CPU configs choose it. It may also pay off where the input distribution's communication is
+slow (across nodes; not measured).
 
 Both compute the same as an unsharded model step for step (tests/test_sharded.py).
 """
