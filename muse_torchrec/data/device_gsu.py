@@ -6,7 +6,7 @@ the top-K on the device where the SCL table lives, then writes the selected ids 
 placeholders of the batch's KJT (``DeviceGsu.over(loader)`` in the calling thread,
 ``DeviceGsu.ahead(loader)`` in a background thread: what the trainer runs with
 ``data.gsu_placement: device``). Only the selected and recent ids still reach the sharded item
-table, and TrainPipelineSparseDist receives ordinary batches. On CUDA, MUSE's selection for batches
+table, and the training step receives ordinary batches. On CUDA, MUSE's selection for batches
 of the training size is one CUDA graph replay (``GraphedMuseSelection``).
 
 Why: on the host the GSU costs ~100-200 ms per 1,000-sample batch per core (it reads every
