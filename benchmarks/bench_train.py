@@ -193,26 +193,29 @@ def python_profile(step, batches: Iterator[Batch], steps: int, device: torch.dev
 PROFILERS = {"torch": profile_table, "python": python_profile}
 
 
-# --pipelines: how the model steps: the trainer's steppers (``train.step``: "plain", its default, and
-# TorchRec's "sparse_dist"), or TorchRec's base pipeline (next batch copied ahead, input distribution
-# inside the forward).
-PIPELINES = {
-    **{name: lambda model, optimizer, device, name=name: make_stepper(name, model, optimizer, device).progress
-       for name in STEPPERS},
-    "base": lambda model, optimizer, device: TrainPipelineBase(model, optimizer, device).progress,
-}
+# --pipelines: the trainer's steppers (``train.step``: "plain", "sparse_dist"), or TorchRec's base
+# pipeline (next batch copied ahead, input distribution inside the forward).
+PIPELINES = sorted([*STEPPERS, "base"])
+
+
+def step_function(pipeline: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device):
+    """``step(batches)`` of the named pipeline (``PIPELINES``)."""
+    if pipeline == "base":
+        return TrainPipelineBase(model, optimizer, device).progress
+    return make_stepper(pipeline, model, optimizer, device).progress
 
 
 def bench_sharded(cfg: ExperimentConfig, vocab: Mapping[str, int], batches: Iterable[Batch], ctx: DistContext,
                   warmup: int, steps: int, profile_steps: int = 0, freeze_gc: bool = False,
-                  profiler: str = "torch", pipeline: str = "plain") -> Dict[str, object]:
-    """Samples/s of DMP under ``pipeline`` (``PIPELINES``) over ``batches`` (cycled if a list);
+                  profiler: str = "torch", pipeline: Optional[str] = None) -> Dict[str, object]:
+    """Samples/s of DMP under ``pipeline`` (``PIPELINES``; None: the config's ``train.pipeline``, as the
+    trainer) over ``batches`` (cycled if a list);
     ``profile_steps`` more steps under ``profiler`` ("torch": torch.profiler's op tables, "python": cProfile)."""
     _reset_peak(ctx.device)
     model = build_model(cfg.model, vocab, sequence_features(get_method(cfg.model.method).gsu),
                         cfg.data.recent, cfg.data.max_history)
     sharded = shard_model(model, cfg, ctx)
-    step = PIPELINES[pipeline](sharded.model, sharded.optimizer, ctx.device)
+    step = step_function(pipeline or cfg.train.pipeline, sharded.model, sharded.optimizer, ctx.device)
     batch_iter = iter(batches)
     timing = timed_steps(step, batch_iter, warmup, steps, ctx.device, freeze_gc)
     planned = sharded.plan.per_rank_bytes()[ctx.rank]
@@ -340,9 +343,10 @@ def main() -> None:
                         help="model mode: Python's garbage collector with everything alive after the warm-up "
                              "frozen (gc.freeze) while timing, as the trainer does after its first step "
                              "(frozen; e2e always), and/or as is (auto)")
-    parser.add_argument("--pipelines", nargs="+", default=["plain"], choices=sorted(PIPELINES),
+    parser.add_argument("--pipelines", nargs="+", default=None, choices=PIPELINES,
                         help="model and e2e modes: one run per entry, in order (repeat one to alternate): the "
-                             "trainer's plain step (its default), TorchRec's TrainPipelineSparseDist or TrainPipelineBase")
+                             "plain step, TorchRec's TrainPipelineSparseDist or TrainPipelineBase "
+                             "(default: the config's train.pipeline, as the trainer)")
     parser.add_argument("--profile-steps", type=int, default=0, help="profile this many extra steps of each run")
     parser.add_argument("--profiler", default="torch", choices=sorted(PROFILERS),
                         help="model/e2e profiles: torch.profiler's op tables or cProfile's Python functions "
@@ -378,12 +382,13 @@ def main() -> None:
     if "model" in args.modes:
         for variant, overrides in enumerate(args.variant or [""]):
             variant_cfg = apply_overrides(cfg, [o for o in overrides.split(";") if o])
-            runs = product(args.compile_modes or [cfg.train.compile_mode], args.gc_modes, enumerate(args.pipelines))
+            runs = product(args.compile_modes or [cfg.train.compile_mode], args.gc_modes,
+                           enumerate(args.pipelines or [None]))
             for mode, gc_mode, (run, pipeline) in runs:
                 mode_cfg = replace(variant_cfg, train=replace(variant_cfg.train, compile_mode=mode))
                 name = "model" + ("" if args.compile_modes is None else f":{mode}") + (f":v{variant}" if args.variant else "")
                 name += "" if len(args.gc_modes) == 1 else f":gc_{gc_mode}"
-                name += "" if args.pipelines == ["plain"] else f":{pipeline}:{run}"
+                name += "" if args.pipelines is None else f":{pipeline}:{run}"
                 results[name] = bench_sharded(mode_cfg, vocab, cycle(batches), ctx, args.warmup, args.steps,
                                               args.profile_steps, freeze_gc=gc_mode == "frozen",
                                               profiler=args.profiler, pipeline=pipeline)
@@ -398,11 +403,11 @@ def main() -> None:
     for mode in data_modes:
         runs = [(place, packed, graph, sharing, pipe) for place in args.gsu_places for packed in args.packing
                 for graph in (args.gsu_graphs if place != "host" else ["graphed"]) for sharing in args.sharing
-                for pipe in (enumerate(args.pipelines) if mode == "e2e" else [(0, "plain")])]
+                for pipe in enumerate(args.pipelines if mode == "e2e" and args.pipelines else [None])]
         for place, packed, graph, sharing, (run, pipeline) in runs:
             name = mode + {"host": "", "device": "_device_gsu", "device_ahead": "_device_gsu_ahead"}[place]
             name += ("" if packed == "slots" else f":{packed}") + ("" if graph == "graphed" else ":eager")
-            name += "" if mode == "loader" or args.pipelines == ["plain"] else f":{pipeline}:{run}"
+            name += "" if pipeline is None else f":{pipeline}:{run}"
             if sharing is not None:
                 torch.multiprocessing.set_sharing_strategy(sharing)
                 name += f":{sharing}"
