@@ -354,7 +354,7 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=None, metavar="KEY=VALUE;...",
                         help="model mode: one run per --variant (config overrides, ';'-separated), named v0, v1...")
     parser.add_argument("--compile-modes", nargs="+", default=None, metavar="MODE",
-                        help="model mode: one run per train.compile_mode (default: the config's)")
+                        help="model mode: one run per train.compile_mode (default: the config's; repeat one to alternate)")
     parser.add_argument("--cuda-sync", default="auto", choices=["auto", "blocking"],
                         help="how host threads wait for the GPU: CUDA's default (spins on hosts with spare cores: "
                              "the wait counts as CPU time) or blocking (they sleep: a wait no longer counts)")
@@ -382,11 +382,12 @@ def main() -> None:
     if "model" in args.modes:
         for variant, overrides in enumerate(args.variant or [""]):
             variant_cfg = apply_overrides(cfg, [o for o in overrides.split(";") if o])
-            runs = product(args.compile_modes or [cfg.train.compile_mode], args.gc_modes,
-                           enumerate(args.pipelines or [None]))
-            for mode, gc_mode, (run, pipeline) in runs:
+            modes = args.compile_modes or [cfg.train.compile_mode]
+            runs = product(enumerate(modes), args.gc_modes, enumerate(args.pipelines or [None]))
+            for (mode_run, mode), gc_mode, (run, pipeline) in runs:
                 mode_cfg = replace(variant_cfg, train=replace(variant_cfg.train, compile_mode=mode))
                 name = "model" + ("" if args.compile_modes is None else f":{mode}") + (f":v{variant}" if args.variant else "")
+                name += "" if len(set(modes)) == len(modes) else f":{mode_run}"
                 name += "" if len(args.gc_modes) == 1 else f":gc_{gc_mode}"
                 name += "" if args.pipelines is None else f":{pipeline}:{run}"
                 results[name] = bench_sharded(mode_cfg, vocab, cycle(batches), ctx, args.warmup, args.steps,

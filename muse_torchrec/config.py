@@ -117,8 +117,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     # Continue from the latest checkpoint in run_dir, if any (how a torchelastic restart resumes).
     resume: bool = True
-    # torch.compile of the dense tower (model.muse.COMPILE_MODES): "none" runs it eagerly; "default"
-    # fuses its kernels; "reduce-overhead" also replays them as CUDA graphs (GPU).
+    # torch.compile of the dense tower (model.muse.TOWER_MODES): "none" runs it eagerly; "default"
+    # fuses its kernels; "reduce-overhead" also replays them as CUDA graphs (GPU); "graphs" replays
+    # the compiled tower's forward and backward as CUDA graphs of our own, with less host time per
+    # step (GPU; model/cuda_graphs.py).
     compile_mode: str = "none"
     # How a step runs (train.step.STEPPERS): "plain" (forward, backward, optimizer; nothing prefetched)
     # or "sparse_dist" (TorchRec's TrainPipelineSparseDist: overlaps the next batch's copy and input

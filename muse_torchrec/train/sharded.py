@@ -92,7 +92,7 @@ def shard_model(model: nn.Module, cfg: ExperimentConfig, ctx: DistContext, reser
     the combined (fused sparse + dense Adam) optimizer. ``reserved_bytes``: device memory the plan
     must leave free (data the training process keeps on the GPU besides the model)."""
     device_type = ctx.device.type
-    compile_tower(model, cfg.train.compile_mode)
+    compile_tower(model, cfg.train.compile_mode, ctx.device)
     attach_sparse_optimizer(model, cfg.train.sparse_optimizer, cfg.train.sparse_lr, device_type)
     sharders = make_sharders()
     report = plan_model(

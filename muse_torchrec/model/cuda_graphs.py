@@ -1,0 +1,73 @@
+"""A module's function replayed as CUDA graphs, forward and backward, captured on first use.
+
+Why not ``torch.compile(mode="reduce-overhead")``: its CUDA graph trees spend host time on every
+call (output reconstruction, liveness checks, input copies through AOTAutograd's wrappers), and the
+training step is bound by host time. ``torch.cuda.make_graphed_callables`` replays a captured
+forward and backward with a thin autograd function around them. ``GraphedFunction`` adds what a
+training loop needs around it: capture at the first call (the shapes are the batch's), calls with
+other shapes, dtypes or devices run the function as is, buffers (BatchNorm's running statistics)
+are left as they were before capture's warm-up runs, and outputs are fresh tensors (a graph's
+outputs are overwritten by its next replay).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch import nn
+
+Signature = Tuple[Tuple[Tuple[int, ...], torch.dtype, torch.device, bool], ...]
+
+
+def _signature(args: Tuple[torch.Tensor, ...]) -> Signature:
+    return tuple((tuple(a.shape), a.dtype, a.device, a.requires_grad) for a in args)
+
+
+class _Call(nn.Module):
+    """``fn`` as a module over ``owner``'s parameters: the graphs compute their gradients."""
+
+    def __init__(self, owner: nn.Module, fn: Callable[..., torch.Tensor]) -> None:
+        super().__init__()
+        self.owner = owner
+        self.fn = fn
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return self.fn(*args)
+
+
+class GraphedFunction:
+    """``fn(*tensors) -> tensor`` over ``owner``'s parameters, replayed as CUDA graphs for inputs like the first call's.
+
+    Args:
+        owner: the module whose parameters ``fn`` reads (they get their gradients through the graphs).
+        fn: the function (e.g. the owner's compiled forward); it must be capturable: no host syncs,
+            no data-dependent shapes.
+    """
+
+    def __init__(self, owner: nn.Module, fn: Callable[..., torch.Tensor]) -> None:
+        self.owner, self.fn = owner, fn
+        self.signature: Optional[Signature] = None
+        self.graphed: Optional[nn.Module] = None
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        signature = _signature(args)
+        if self.graphed is None:
+            self._capture(args)
+            self.signature = signature
+        if signature != self.signature:
+            return self.fn(*args)
+        assert self.graphed is not None
+        return self.graphed(*args).clone()
+
+    def _capture(self, args: Tuple[torch.Tensor, ...]) -> None:
+        if not all(a.is_cuda for a in args):
+            raise ValueError("GraphedFunction: CUDA graphs need every input on a CUDA device")
+        samples = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
+        # The warm-up runs before capture train-mode BatchNorm as real steps would; undo that.
+        buffers = [(b, b.clone()) for b in self.owner.buffers()]
+        self.graphed = torch.cuda.make_graphed_callables(_Call(self.owner, self.fn), samples,
+                                                         allow_unused_input=True)
+        with torch.no_grad():
+            for buffer, before in buffers:
+                buffer.copy_(before)
