@@ -14,9 +14,9 @@ from random_data import VOCAB  # noqa: E402
 CPU = torch.device("cpu")
 
 
-def _model(device: torch.device = CPU):
+def _model():
     cfg = load_config(None, ["model.k=6", "data.recent=5", "model.mlp=[16]"])
-    return build_model(cfg.model, VOCAB, sequence_features(get_method("muse").gsu), 5, 40, device=device)
+    return build_model(cfg.model, VOCAB, sequence_features(get_method("muse").gsu), 5, 40, device=CPU)
 
 
 def _tower(model) -> DenseTower:
@@ -62,7 +62,7 @@ def test_graphed_tower_trains_as_the_compiled_tower():
     towers = {}
     for mode in ("compiled", "graphs"):
         torch.manual_seed(0)
-        model = _model(cuda)
+        model = _model().to(cuda)
         side_dim = model.model.sparse_arch.side_dim
         compile_tower(model, "graphs", cuda)
         towers[mode] = _tower(model)
