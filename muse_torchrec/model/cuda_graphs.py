@@ -66,6 +66,12 @@ class GraphedFunction:
         samples = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
         # The warm-up runs before capture train-mode BatchNorm as real steps would; undo that.
         buffers = [(b, b.clone()) for b in self.owner.buffers()]
+        # The graphs' outputs keep the parameters' gradient accumulators that capture created on its
+        # side stream, so every backward warns that they run on another stream than the gradients'
+        # producer. Benign: the engine orders the accumulation after the producer and the caller's
+        # stream after every leaf's stream at the end of backward (tests/test_tower.py compares
+        # training steps with the ungraphed function).
+        torch.autograd.graph.set_warn_on_accumulate_grad_stream_mismatch(False)
         self.graphed = torch.cuda.make_graphed_callables(_Call(self.owner, self.fn), samples,
                                                          allow_unused_input=True)
         with torch.no_grad():
