@@ -125,6 +125,20 @@ def test_batch_is_pipelineable():
     assert isinstance(moved, Batch) and torch.equal(moved.labels, batch.labels)
 
 
+def test_to_returns_the_batch_itself_only_when_every_tensor_is_there():
+    rng = np.random.default_rng(8)
+    scl, item_scl_row = random_scl(rng)
+    batch = BatchBuilder(scl, item_scl_row, k=K, recent=RECENT)(random_block(rng, 3, 10))
+    assert batch.to(torch.device("cpu")) is batch
+    meta = torch.device("meta")
+    moved = batch.to(meta)
+    assert moved.sparse_features.device() == meta
+    assert all(getattr(moved, name).device == meta for name in batch.__dataclass_fields__ if name != "sparse_features")
+    # One field elsewhere (a batch assembled by hand) and the whole batch moves.
+    mixed = Batch(**{**batch.__dict__, "labels": batch.labels.to(meta)})
+    assert mixed.to(meta).weights.device == meta
+
+
 def test_unknown_gsu_kind_is_an_error():
     with pytest.raises(ValueError, match="unknown GSU kind"):
         BatchBuilder(np.zeros((1, 128), np.int8), np.zeros(1, np.int32), gsu="nope")

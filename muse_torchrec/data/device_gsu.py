@@ -164,9 +164,11 @@ class GraphedMuseSelection:
     Why: the device GSU runs on the training process's host, whose step is host-bound and shares the
     GIL with it; eager, the selection is dozens of small kernel launches a batch. The graph reads
     static buffers: a batch's U users' histories are copied into their first U rows, and rows past U
-    are never read (every sample's user is < U). Outputs are copied out of the graph's memory, so a
-    batch stays valid when the next one replays the graph. Same selection, bit for bit, as
-    ``gsu.muse_gsu`` (exact integer statistics; tests/test_gpu.py).
+    are never read (every sample's user is < U). The scores are copied out of the graph's memory (a
+    batch keeps them); the picked ids are the graph's own outputs, which the next replay overwrites:
+    read them on the replay's stream before replaying again (``DeviceGsu`` copies them into the
+    batch at once). Same selection, bit for bit, as ``gsu.muse_gsu`` (exact integer statistics;
+    tests/test_gpu.py).
 
     Captured at construction (compiling takes ~10-60 s); the buffers and the graph's workspace take
     about ``workspace_bytes(batch_size, max_history)`` of device memory.
@@ -202,7 +204,8 @@ class GraphedMuseSelection:
         return raw.sample_user.numel() == self.batch_size and raw.hist_items.shape[1] == self.max_history
 
     def __call__(self, raw: GsuBatch) -> Selection:
-        """Replay on the current stream; ``raw`` on the graph's device, ``fits(raw)``."""
+        """Replay on the current stream; ``raw`` on the graph's device, ``fits(raw)``. The ids are
+        valid until the next replay (see the class docstring)."""
         users = raw.hist_items.shape[0]
         self.hist_items[:users].copy_(raw.hist_items)
         self.hist_cates[:users].copy_(raw.hist_cates)
@@ -210,7 +213,8 @@ class GraphedMuseSelection:
         self.sample_user.copy_(raw.sample_user)
         self.target_items.copy_(raw.target_items)
         self.graph.replay()
-        return tuple(out.clone() for out in self.outputs)
+        scores, items, cates = self.outputs
+        return scores.clone(), items, cates
 
 
 class DeviceGsu:
@@ -262,8 +266,8 @@ class DeviceGsu:
         values, selected = raw.batch.sparse_features.values(), raw.topk_slots
         count = selected.numel()
         for start, ids in zip(raw.topk_values_at, (items, cates)):
-            values[start:start + count] = ids.view(-1)[selected]
-        return replace(raw.batch, topk_scores=scores.float().contiguous())
+            torch.index_select(ids.view(-1), 0, selected, out=values.narrow(0, start, count))
+        return replace(raw.batch, topk_scores=scores)
 
     def _muse(self, raw: GsuBatch) -> Selection:
         """MUSE's selection of a batch on the device: one graph replay for batches of the captured size."""
