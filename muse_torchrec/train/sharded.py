@@ -12,7 +12,7 @@ concatenated batch (tests/test_sharded.py checks this against an unsharded model
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Dict, Type
+from typing import Dict, List, Type
 
 import torch
 from torch import nn
@@ -28,6 +28,7 @@ from muse_torchrec.config import ExperimentConfig, ShardingConfig
 from muse_torchrec.model.muse import compile_tower
 from muse_torchrec.sharding import GIB, PlanReport, make_sharders, plan_model
 from muse_torchrec.train.distributed import DistContext
+from muse_torchrec.train.graphed_adam import GraphedAdam
 
 SPARSE_OPTIMIZERS: Dict[str, Type[torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam,
@@ -80,6 +81,14 @@ class SingleRankDense(DataParallelWrapper):
         dmp._dmp_wrapped_module.to(device)
 
 
+def dense_adam(params: List[nn.Parameter], lr: float, compile_mode: str, device: torch.device) -> torch.optim.Optimizer:
+    """The dense parameters' Adam: on GPU the fused (single-kernel) one, which saves launches on a
+    host-bound step, and with ``train.compile_mode: graphs`` its step replayed as a CUDA graph too."""
+    if compile_mode == "graphs" and device.type == "cuda":
+        return GraphedAdam(params, lr=lr)
+    return torch.optim.Adam(params, lr=lr, fused=device.type == "cuda")
+
+
 @dataclass
 class ShardedModel:
     model: DistributedModelParallel
@@ -109,8 +118,7 @@ def shard_model(model: nn.Module, cfg: ExperimentConfig, ctx: DistContext, reser
                                    data_parallel_wrapper=SingleRankDense() if ctx.world_size == 1 else None)
     dense = KeyedOptimizerWrapper(
         dict(in_backward_optimizer_filter(dmp.named_parameters())),
-        # The fused (single-kernel) Adam saves launches on GPU, where the step is host-bound.
-        lambda params: torch.optim.Adam(params, lr=cfg.train.dense_lr, fused=ctx.device.type == "cuda"),
+        lambda params: dense_adam(params, cfg.train.dense_lr, cfg.train.compile_mode, ctx.device),
     )
     return ShardedModel(model=dmp, optimizer=CombinedOptimizer([dmp.fused_optimizer, dense]), plan=report)
 

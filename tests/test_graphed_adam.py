@@ -1,0 +1,63 @@
+"""GraphedAdam (the dense Adam step as a CUDA graph) against torch's fused Adam, step for step."""
+
+import pytest
+import torch
+from torchrec.optim.keyed import KeyedOptimizerWrapper
+
+from muse_torchrec.train.graphed_adam import GraphedAdam
+from muse_torchrec.train.sharded import dense_adam
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_cpu_parameters_are_refused():
+    with pytest.raises(ValueError, match="CUDA"):
+        GraphedAdam([torch.nn.Parameter(torch.zeros(3))], lr=0.1)
+
+
+def test_cpu_runs_get_the_plain_adam_whatever_the_compile_mode():
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    for mode in ("graphs", "none"):
+        optimizer = dense_adam(params, 0.1, mode, torch.device("cpu"))
+        assert type(optimizer) is torch.optim.Adam and not optimizer.param_groups[0]["fused"]
+
+
+def _params(seed: int, device: torch.device):
+    torch.manual_seed(seed)
+    shapes = [(7, 5), (5,), (3, 4, 2), ()]
+    return {f"p{i}": torch.nn.Parameter(torch.randn(s, device=device)) for i, s in enumerate(shapes)}
+
+
+@needs_cuda
+def test_graphed_steps_update_as_fused_adam():
+    cuda = torch.device("cuda")
+    ours, ref = _params(0, cuda), _params(0, cuda)
+    graphed = KeyedOptimizerWrapper(ours, lambda p: GraphedAdam(p, lr=0.01))
+    plain = KeyedOptimizerWrapper(ref, lambda p: torch.optim.Adam(p, lr=0.01, fused=True))
+    graphs = []
+    for step in range(12):
+        torch.manual_seed(100 + step)
+        grads = {name: torch.randn_like(p) for name, p in ours.items()}
+        if step == 4:
+            grads["p1"] = None  # a parameter without gradient: an eager step, p1 left alone
+        if step == 7:
+            for optimizer in (graphed, plain):
+                optimizer.param_groups[0]["lr"] = 0.003  # new hyperparameters: captured again
+        if step == 9:
+            # A checkpoint round trip: KeyedOptimizer copies into the existing state tensors.
+            graphed.load_state_dict(plain.state_dict())
+        for params in (ours, ref):
+            for name, p in params.items():
+                # Fresh tensors every step: the graph must not depend on where gradients live.
+                p.grad = None if grads[name] is None else grads[name].clone()
+        graphed.step()
+        plain.step()
+        graphs.append(graphed._optimizer._graph)
+        for name in ours:
+            torch.testing.assert_close(ours[name], ref[name], rtol=1e-6, atol=1e-7, msg=f"step {step} {name}")
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                torch.testing.assert_close(graphed.state[ours[name]][key], plain.state[ref[name]][key],
+                                           rtol=1e-6, atol=1e-7)
+    # Steps 0 (no state yet) and 4 (a missing gradient) ran eagerly; captures at steps 1 and 7 only.
+    assert graphs[0] is None and graphs[1] is graphs[3] is graphs[4] is graphs[6]
+    assert graphs[7] is not graphs[6] and graphs[7] is graphs[11]
