@@ -61,3 +61,17 @@ def test_graphed_steps_update_as_fused_adam():
     # Steps 0 (no state yet) and 4 (a missing gradient) ran eagerly; captures at steps 1 and 7 only.
     assert graphs[0] is None and graphs[1] is graphs[3] is graphs[4] is graphs[6]
     assert graphs[7] is not graphs[6] and graphs[7] is graphs[11]
+
+
+@needs_cuda
+def test_torchs_own_state_loading_drops_the_graph():
+    cuda = torch.device("cuda")
+    params = list(_params(0, cuda).values())
+    optimizer = GraphedAdam(params, lr=0.01)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        optimizer.step()
+    assert optimizer._graph is not None
+    optimizer.load_state_dict(optimizer.state_dict())  # new state tensors
+    assert optimizer._graph is None

@@ -102,7 +102,8 @@ def pack(obj: Any, allocate: Callable[[int], torch.Tensor] = lambda size: torch.
     layout = collector.layout(obj)
     buffer = allocate(_aligned(collector.size))
     for tensor, offset in collector.placed:
-        buffer[offset:offset + tensor.numel() * tensor.element_size()].view(tensor.dtype).view(tensor.shape).copy_(tensor)
+        nbytes = tensor.numel() * tensor.element_size()
+        buffer[offset:offset + nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor)
     return Packed(buffer, layout)
 
 

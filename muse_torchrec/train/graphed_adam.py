@@ -8,7 +8,8 @@ Replayed, the step is one copy of the gradients into the graph's own buffers and
 What the graph bakes in, and how ``GraphedAdam`` keeps it right:
 
 - the parameters' and the optimizer state's addresses: both are updated in place (TorchRec's
-  ``KeyedOptimizer.load_state_dict`` copies into the existing state tensors);
+  ``KeyedOptimizer.load_state_dict`` copies into the existing state tensors; torch's own
+  ``load_state_dict`` replaces them, so it drops the graph);
 - the gradients' addresses: the graph reads buffers of its own, into which every step copies the
   gradients first, wherever autograd put them;
 - the hyperparameters (lr, betas, ...): a step whose param_groups differ from the captured ones
@@ -44,6 +45,11 @@ class GraphedAdam(torch.optim.Adam):
 
     def _hyperparameters(self) -> Tuple[Any, ...]:
         return tuple(tuple((k, v) for k, v in group.items() if k != "params") for group in self.param_groups)
+
+    def load_state_dict(self, state_dict: Any) -> None:
+        """torch's loading replaces the state tensors (TorchRec's copies into them): capture again."""
+        super().load_state_dict(state_dict)
+        self._graph = None
 
     @torch.no_grad()
     def step(self, closure: None = None) -> None:
