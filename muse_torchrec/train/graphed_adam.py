@@ -65,14 +65,14 @@ class GraphedAdam(torch.optim.Adam):
             return
         hyperparameters = self._hyperparameters()
         if self._graph is None or hyperparameters != self._captured_with:
-            self._capture(params, hyperparameters)
+            self._capture(params, grads, hyperparameters)
         torch._foreach_copy_(self._static_grads, grads)
         self._graph.replay()
 
-    def _capture(self, params: List[Tensor], hyperparameters: Tuple[Any, ...]) -> None:
-        """Record the step over static gradient buffers (nothing runs during capture)."""
+    def _capture(self, params: List[Tensor], grads: List[Tensor], hyperparameters: Tuple[Any, ...]) -> None:
+        """Record the step over static gradient buffers (nothing runs during capture); ``grads``:
+        the parameters' gradients, put back afterwards."""
         self._static_grads = [torch.zeros_like(p) for p in params]
-        grads = [p.grad for p in params]
         for p, static in zip(params, self._static_grads):
             p.grad = static
         graph = torch.cuda.CUDAGraph()
