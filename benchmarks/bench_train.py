@@ -238,7 +238,8 @@ def e2e_batches(cfg: ExperimentConfig, work: Path, ctx: DistContext, num_workers
     workers (host), or on the training device after the workers built the rest (``device_gsu``; in
     the training thread, or ahead of it in a background thread with ``gsu_thread``);
     ``handover``: how the workers hand each batch over: in their rings of shared slots ("slots",
-    ``data.slots``, as the trainer), as one new buffer ("packed", ``data.packed``), or as is ("unpacked");
+    ``data.slots``, as the trainer: on a GPU page-locked by the receiver; "pageable_slots": not), as
+    one new buffer ("packed", ``data.packed``), or as is ("unpacked");
     ``graphed_gsu``: the device GSU replays batches of the configured size as one CUDA graph (as the trainer)."""
     data = PreparedData(work)
     available = count_batches(data, "train", cfg.train.batch_size, rank=ctx.rank, world_size=ctx.world_size,
@@ -252,14 +253,15 @@ def e2e_batches(cfg: ExperimentConfig, work: Path, ctx: DistContext, num_workers
     else:
         builder = BatchBuilder(data.scl_vectors(), data.item_scl_row(), gsu=gsu, k=cfg.model.k,
                                recent=cfg.data.recent, max_history=cfg.data.max_history)
-    transform = {"slots": SlotTransform, "packed": PackingTransform, "unpacked": lambda b: b}[handover](builder)
+    transform = {"slots": SlotTransform, "pageable_slots": SlotTransform, "packed": PackingTransform,
+                 "unpacked": lambda b: b}[handover](builder)
     loader = make_loader(data, "train", cfg.train.batch_size, transform, rank=ctx.rank, world_size=ctx.world_size,
                          num_workers=num_workers, seed=cfg.data.seed, shuffle=True, drop_last=True,
                          # Slots go to the GPU straight from shared memory (as in the trainer, which
-                         # pins nothing); pinning them would only add the DataLoader's pinning thread.
-                         pin_memory=ctx.device.type == "cuda" and handover != "slots")
-    if handover == "slots":
-        loader = SlotReceiver(loader)
+                         # page-locks them in place); pinning copies would add the DataLoader's pinning thread.
+                         pin_memory=ctx.device.type == "cuda" and not handover.endswith("slots"))
+    if handover.endswith("slots"):
+        loader = SlotReceiver(loader, ctx.device if handover == "slots" else None)
     if not device_gsu:
         return loader
     device = DeviceGsu(data.scl_vectors(), data.item_scl_row(), ctx.device, k=cfg.model.k, kind=gsu,
@@ -311,6 +313,14 @@ def bench_replicated(cfg: ExperimentConfig, vocab: Mapping[str, int], batches: L
     return result
 
 
+def unique_name(name: str, taken: Mapping[str, object]) -> str:
+    """``name``, or ``name:i`` with the first i >= 1 not in ``taken`` (a repeated run)."""
+    unique, run = name, 1
+    while unique in taken:
+        unique, run = f"{name}:{run}", run + 1
+    return unique
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/taobao_mm_p90.yaml")
@@ -330,9 +340,11 @@ def main() -> None:
     parser.add_argument("--gsu-places", nargs="+", default=["device"], choices=["host", "device", "device_ahead"],
                         help="e2e: run the GSU in the loader workers (host) and/or on the GPU in the training "
                              "thread (device) or in a background thread (device_ahead)")
-    parser.add_argument("--packing", nargs="+", default=["slots"], choices=["slots", "packed", "unpacked"],
+    parser.add_argument("--packing", nargs="+", default=["slots"],
+                        choices=["slots", "pageable_slots", "packed", "unpacked"],
                         help="e2e: batches from the workers through their shared slots (as the trainer), "
-                             "as one new buffer each, and/or as is")
+                             "the slots not page-locked, as one new buffer each, and/or as is; repeat "
+                             "an entry to alternate")
     parser.add_argument("--gsu-graphs", nargs="+", default=["graphed"], choices=["graphed", "eager"],
                         help="e2e with the GSU on the device: its selection as one CUDA graph (as the trainer) "
                              "and/or eager")
@@ -412,6 +424,7 @@ def main() -> None:
             if sharing is not None:
                 torch.multiprocessing.set_sharing_strategy(sharing)
                 name += f":{sharing}"
+            name = unique_name(name, results)
             loader = e2e_batches(cfg, work, ctx, args.workers, args.warmup + args.steps + args.profile_steps,
                                  place != "host", packed, gsu_thread=place == "device_ahead",
                                  graphed_gsu=graph == "graphed")

@@ -12,22 +12,12 @@ from __future__ import annotations
 
 import ctypes
 
+from muse_torchrec.cuda_driver import check as _check, driver as _driver
+
 # CUctx_flags (cuda.h): the scheduling bits of a context's flags.
 SCHED_MASK = 0x07
 SCHED_NAMES = {0x00: "auto", 0x01: "spin", 0x02: "yield", 0x04: "blocking"}
 BLOCKING_SYNC = 0x04
-
-
-def _driver() -> ctypes.CDLL:
-    try:
-        return ctypes.CDLL("libcuda.so.1")
-    except OSError as err:
-        raise RuntimeError(f"the CUDA driver (libcuda.so.1) is not available: {err}") from err
-
-
-def _check(result: int, call: str) -> None:
-    if result != 0:
-        raise RuntimeError(f"{call} failed with CUresult {result}")
 
 
 def _device(driver: ctypes.CDLL, ordinal: int) -> ctypes.c_int:

@@ -1,6 +1,7 @@
 """Shared-slot handover: batches through worker rings come back equal to the plain ones, slots are
 reused only once freed, and misuse gets a clear error."""
 
+import threading
 from multiprocessing.reduction import ForkingPickler
 
 import numpy as np
@@ -9,7 +10,7 @@ import torch
 
 from muse_torchrec.data.device_gsu import DeferredGsuBuilder
 from muse_torchrec.data.packed import Packed
-from muse_torchrec.data.slots import SlotReceiver, SlotRef, SlotTransform
+from muse_torchrec.data.slots import PageLockedSlots, SlotReceiver, SlotRef, SlotTransform
 from random_data import random_block, random_scl
 from test_packed import assert_same, small_prepared
 
@@ -46,8 +47,12 @@ def test_slots_are_reused_and_batches_stay_equal(device):
         hand_over(batch)
     following = iter(batches[2:])
     moved = []
-    for ref in SlotReceiver(crossed):  # each batch moved as taken, then the worker packs the next
+    for ref in SlotReceiver(crossed, torch.device(device)):  # each batch moved as taken, then the worker packs the next
         moved.append(ref.to(torch.device(device), non_blocking=True))
+        if device == "cuda":
+            # A page-locked slot is freed once its copy is done, seen at the receiver's next batch:
+            # done copies keep the worker on its slots (the deferral itself is tested below).
+            torch.cuda.synchronize()
         batch = next(following, None)
         if batch is not None:
             hand_over(batch)
@@ -115,3 +120,76 @@ def test_slot_loader_batches_equal_plain_ones(tmp_path):
         assert len(plain) == len(moved) > 4
         for a, b in zip(plain, moved):
             assert_same(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locking needs a GPU")
+def test_a_page_locked_slot_is_freed_only_once_its_copy_is_done():
+    """The copy is held up behind a long kernel: the slot stays held until it is done, and the moved
+    batch is the one the slot held, even though the worker refills the slot at once after."""
+    batches = _batches(3)
+    transform = SlotTransform(lambda b: b, slots=1)
+    first = _cross(transform(batches[0]))
+    device = torch.device("cuda")
+    receiver = iter(SlotReceiver([first, _cross(transform(batches[1]))], device))
+    ref = next(receiver)
+    buffer = ref.buffer
+    assert ref.page_locked is not None and buffer.is_pinned()
+    torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU time ahead of the copy
+    moved = ref.to(device, non_blocking=True)
+    assert first.flags[0] == 1 and len(ref.page_locked.copying) == 1
+    ref.page_locked.free_copied()
+    assert first.flags[0] == 1  # the copy is still waiting behind the kernel
+    torch.cuda.synchronize()
+    ref.page_locked.free_copied()
+    assert first.flags[0] == 0
+    refill = transform(batches[2])  # the worker reuses the freed slot
+    assert isinstance(refill, SlotRef) and refill.slot == 0
+    assert_same(batches[0], moved.to(torch.device("cpu")))
+    assert isinstance(next(receiver), Packed)  # the second batch came while the one slot was held
+    assert next(receiver, None) is None and not buffer.is_pinned()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locking needs a GPU")
+def test_the_pass_end_waits_for_copies_frees_slots_and_unlocks():
+    batches = _batches(2)
+    transform = SlotTransform(lambda b: b, slots=2)
+    crossed = [_cross(transform(b)) for b in batches]
+    device = torch.device("cuda")
+    moved, buffers = [], []
+    for ref in SlotReceiver(crossed, device):
+        buffers.append(ref.buffer)
+        torch.cuda._sleep(200_000_000)
+        moved.append(ref.to(device, non_blocking=True))
+    assert crossed[0].flags.tolist() == [0, 0]
+    assert not any(b.is_pinned() for b in buffers)
+    for a, b in zip(batches, moved):
+        assert_same(a, b.to(torch.device("cpu")))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locking needs a GPU")
+def test_a_refused_page_lock_warns_and_leaves_cuda_working():
+    """CUDA refuses to lock a buffer twice: a warning, the slot then copies from pageable memory, and
+    the refusal does not surface as an error in a later CUDA call."""
+    page_locked = PageLockedSlots(torch.device("cuda"))
+    buffer = torch.zeros(1 << 20, dtype=torch.uint8).share_memory_()
+    assert page_locked.lock(buffer)
+    with pytest.warns(UserWarning, match="cuMemHostRegister. failed"):
+        assert not page_locked.lock(buffer)
+    assert not page_locked.lock(torch.zeros(16, dtype=torch.uint8))  # no further tries this pass
+    assert (torch.ones(4, device="cuda") + 1).sum().item() == 8
+    page_locked.release()
+    assert not buffer.is_pinned()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locking needs a GPU")
+def test_a_thread_new_to_cuda_page_locks_a_slot():
+    """The GSU thread may meet its first slot before any CUDA call of its own."""
+    page_locked = PageLockedSlots(torch.device("cuda"))
+    buffer = torch.zeros(1 << 20, dtype=torch.uint8).share_memory_()
+    results = []
+    thread = threading.Thread(target=lambda: results.append(page_locked.lock(buffer)))
+    thread.start()
+    thread.join()
+    assert results == [True] and buffer.is_pinned()
+    page_locked.release()
+    assert not buffer.is_pinned()

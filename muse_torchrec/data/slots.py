@@ -11,6 +11,14 @@ bytes out when it moves the batch (``SlotRef.to``) and frees the slot. A worker 
 still held hands the batch over in a buffer of its own (a ``Packed``) instead of waiting, so a slow
 consumer never stalls nor deadlocks it.
 
+For a GPU consumer the receiver page-locks each slot's buffer in place (``cuMemHostRegister``) when it
+first arrives, so that moving a batch is one DMA copy, and frees the slot once that copy is done.
+Why: from pageable memory CUDA copies through staging buffers with the calling thread's CPU, and
+while it does, the process's other threads cannot launch kernels: on an H100 host a background
+thread copying 20 MB batches slowed a launch-bound foreground loop from 2.3 to 354-404 ms a step,
+page-locked 2.7-3.2 ms (``benchmarks/bench_handover.py``, benchmarks/RESULTS.md row 48). The loader's
+batches are moved on a thread beside the host-bound training thread.
+
 Worker side: ``SlotTransform`` (the DataLoader's transform). Training side: ``SlotReceiver`` around
 the DataLoader, which keeps the slots' buffers as they first arrive, for one pass over the loader
 (the DataLoader starts new workers, with new rings, for every pass).
@@ -20,12 +28,15 @@ from __future__ import annotations
 
 import os
 import uuid
+import warnings
+from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Set, Tuple, Union
 
 import torch
 from torchrec.streamable import Pipelineable
 
+from muse_torchrec.cuda_driver import host_register, host_unregister
 from muse_torchrec.data.packed import Layout, Packed, pack
 
 # A slot grows to this many times the batch that did not fit (batch sizes vary a little: histories).
@@ -39,7 +50,8 @@ class SlotRef(Pipelineable):
 
     ``flags`` ([slots] int32, shared: 1 while a slot holds a batch not yet moved) and ``buffer`` (the
     slot's uint8 buffer, shared) travel with the first batch of a slot, and again when the worker
-    grew the slot; ``SlotReceiver`` fills them in for the other batches.
+    grew the slot; ``SlotReceiver`` fills them in for the other batches, and ``page_locked`` when it
+    page-locked the buffer.
     """
 
     ring: str
@@ -48,19 +60,26 @@ class SlotRef(Pipelineable):
     layout: Layout
     flags: Optional[torch.Tensor] = None
     buffer: Optional[torch.Tensor] = None
+    page_locked: Optional["PageLockedSlots"] = None
 
     def to(self, device: torch.device, non_blocking: bool = False) -> Any:
-        """Copy the batch out of its slot, free the slot, and return the batch rebuilt on ``device``."""
+        """Copy the batch out of its slot, free the slot (a page-locked one once the copy is done), and
+        return the batch rebuilt on ``device``."""
         if self.buffer is None or self.flags is None:
             raise RuntimeError(f"slot {self.slot} of ring {self.ring}: no buffer; a SlotRef is moved once, "
                                "after it came through a SlotReceiver")
         data = self.buffer[:self.nbytes]
-        # To a GPU the copy reads the slot before it returns (CUDA stages pageable memory itself;
-        # staging it into pinned memory first cost a host allocation and ~4 ms a batch on an H100
-        # host, benchmarks/RESULTS.md row 32); on the CPU the batch must not be a view of a slot
-        # that the worker will reuse.
-        moved = data.to(device, non_blocking=non_blocking) if device.type != "cpu" else data.clone()
-        self.flags[self.slot] = 0
+        if device.type == "cpu":
+            # The batch must not be a view of a slot that the worker will reuse.
+            moved = data.clone()
+            self.flags[self.slot] = 0
+        elif self.page_locked is not None:
+            moved = data.to(device, non_blocking=non_blocking)
+            self.page_locked.free_after_copy(self.flags, self.slot)
+        else:
+            # From pageable memory the copy has read the slot when it returns (CUDA stages it itself).
+            moved = data.to(device, non_blocking=non_blocking)
+            self.flags[self.slot] = 0
         self.buffer = None
         return Packed(moved, self.layout).to(device)
 
@@ -113,11 +132,11 @@ class SlotTransform:
     """``transform`` followed by packing into this worker's ring of ``slots`` shared buffers.
 
     ``slots``: batches a worker may have handed over and not yet seen moved; the DataLoader keeps
-    up to ``prefetch_factor`` (2) per worker in flight, and the consumer moves each batch as it
-    takes it, so 4 leaves room.
+    up to ``prefetch_factor`` (2) per worker in flight, the consumer moves each batch as it takes
+    it, and a page-locked slot stays held until its copy to the GPU is done, so 6 leaves room.
     """
 
-    def __init__(self, transform: Callable[[Any], Any], slots: int = 4) -> None:
+    def __init__(self, transform: Callable[[Any], Any], slots: int = 6) -> None:
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
         self.transform = transform
@@ -135,27 +154,97 @@ class SlotTransform:
         return self._ring.put(self.transform(block))
 
 
+class PageLockedSlots:
+    """One pass's slot buffers page-locked in place for DMA copies to ``device``, and the slots whose copy
+    is still in flight: a worker may refill a slot only once the copy out of it is done.
+
+    Used by one thread, the one that iterates the ``SlotReceiver`` and moves its batches.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.locked: List[torch.Tensor] = []
+        self.copying: Deque[Tuple[torch.cuda.Event, torch.Tensor, int]] = deque()
+        self.failed = False
+
+    def lock(self, buffer: torch.Tensor) -> bool:
+        """Page-lock ``buffer`` (until ``release``); False, with a warning, where CUDA refuses (and for
+        the rest of the pass)."""
+        if self.failed:
+            return False
+        with torch.cuda.device(self.device):
+            # The driver call locks for the thread's current context: a runtime call makes the
+            # device's primary context (PyTorch's) current in a thread that has not used CUDA yet.
+            torch.cuda.mem_get_info()
+            result = host_register(buffer.data_ptr(), buffer.numel())
+        if result != 0:
+            self.failed = True
+            warnings.warn(f"page-locking a {buffer.numel()}-byte loader slot (cuMemHostRegister) failed "
+                          f"(CUresult {result}): this pass copies batches from pageable memory, which stalls "
+                          "the training thread's kernel launches while it copies")
+            return False
+        self.locked.append(buffer)
+        return True
+
+    def free_after_copy(self, flags: torch.Tensor, slot: int) -> None:
+        """Free ``slot`` once the copy just issued on the current stream is done."""
+        event = torch.cuda.Event()
+        event.record()
+        self.copying.append((event, flags, slot))
+
+    def free_copied(self) -> None:
+        """Free the slots whose copies are done (in the order they were issued)."""
+        while self.copying and self.copying[0][0].query():
+            _, flags, slot = self.copying.popleft()
+            flags[slot] = 0
+
+    def release(self) -> None:
+        """Wait for the copies in flight, free their slots and unlock every buffer."""
+        while self.copying:
+            event, flags, slot = self.copying.popleft()
+            event.synchronize()
+            flags[slot] = 0
+        for buffer in self.locked:
+            host_unregister(buffer.data_ptr())
+        self.locked.clear()
+
+
 class SlotReceiver:
     """The loader's items with every ``SlotRef`` given its slot's buffer (``to`` then works).
 
     Each pass keeps the buffers that arrive during it, and drops them when it ends. Requires a
     DataLoader whose workers end with each pass (``persistent_workers`` off, the default).
+    ``device``: where the batches will be moved; a CUDA device page-locks the buffers for the pass
+    (``PageLockedSlots``).
     """
 
-    def __init__(self, loader: Iterable[Any]) -> None:
+    def __init__(self, loader: Iterable[Any], device: Optional[torch.device] = None) -> None:
         self.loader = loader
+        self.device = device
 
     def __iter__(self) -> Iterator[Any]:
         buffers: Dict[Tuple[str, int], torch.Tensor] = {}
         flags: Dict[str, torch.Tensor] = {}
-        for item in self.loader:
-            if isinstance(item, SlotRef):
-                key = (item.ring, item.slot)
-                if item.buffer is not None:
-                    buffers[key], flags[item.ring] = item.buffer, item.flags
-                elif key not in buffers:
-                    raise RuntimeError(f"slot {item.slot} of ring {item.ring} was never received: a SlotReceiver "
-                                       "must see every batch of its loader's pass, from the first")
-                else:
-                    item.buffer, item.flags = buffers[key], flags[item.ring]
-            yield item
+        locked_slots: Set[Tuple[str, int]] = set()
+        page_locked = PageLockedSlots(self.device) if self.device is not None and self.device.type == "cuda" else None
+        try:
+            for item in self.loader:
+                if page_locked is not None:
+                    page_locked.free_copied()
+                if isinstance(item, SlotRef):
+                    key = (item.ring, item.slot)
+                    if item.buffer is not None:
+                        buffers[key], flags[item.ring] = item.buffer, item.flags
+                        locked_slots.discard(key)
+                        if page_locked is not None and page_locked.lock(item.buffer):
+                            locked_slots.add(key)
+                    elif key not in buffers:
+                        raise RuntimeError(f"slot {item.slot} of ring {item.ring} was never received: a "
+                                           "SlotReceiver must see every batch of its loader's pass, from the first")
+                    else:
+                        item.buffer, item.flags = buffers[key], flags[item.ring]
+                    item.page_locked = page_locked if key in locked_slots else None
+                yield item
+        finally:
+            if page_locked is not None:
+                page_locked.release()

@@ -187,7 +187,7 @@ def _loader(cfg: ExperimentConfig, data: PreparedData, split: str, ctx: DistCont
         rank=ctx.rank, world_size=ctx.world_size, num_workers=workers,
         seed=seed, shuffle=shuffle, drop_last=drop_last, skip=skip,
     )
-    return path.finish(SlotReceiver(loader) if workers > 0 else loader)
+    return path.finish(SlotReceiver(loader, ctx.device) if workers > 0 else loader)
 
 
 def steps_per_epoch(cfg: ExperimentConfig, data: PreparedData, ctx: DistContext) -> int:
