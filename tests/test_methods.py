@@ -111,22 +111,37 @@ def test_sharded_pipeline_matches_unsharded(tmp_path, method):
     sharded_parity.test_sharded_matches_unsharded(tmp_path, method, "none", "sparse_dist")
 
 
-def test_single_ids_equals_padding_each_feature():
-    """The side features' one padding of all features equals padding and narrowing each on its own."""
+def _padded(jt, length):
+    """The plain reference: one feature's jagged rows padded to ``length`` ([B, length, D])."""
+    return torch.ops.fbgemm.jagged_to_padded_dense(jt.values(), [jt.offsets()], [length], 0.0)
+
+
+@pytest.mark.parametrize("widths", [[16, 8, 16, 4], [16, 16, 16]])
+def test_single_ids_equals_padding_each_feature(widths):
+    """The one padding of all single-id features equals padding and narrowing each on its own, and so
+    do the gradients that flow back to each feature's values."""
     from torchrec.sparse.jagged_tensor import JaggedTensor
 
-    from muse_torchrec.model.muse import padded, single_ids
+    from muse_torchrec.model.muse import single_id_columns, single_ids
 
     gen = torch.Generator().manual_seed(3)
-    batch, dim, widths = 7, 16, [16, 8, 16, 4]
+    batch, dim = 7, 16
     features = []
     for _ in widths:
         lengths = torch.randint(0, 2, (batch,), generator=gen)
-        features.append(JaggedTensor(values=torch.randn(int(lengths.sum()), dim, generator=gen), lengths=lengths))
-    want = torch.cat([padded(jt, 1).squeeze(1)[:, :w] for jt, w in zip(features, widths)], dim=1)
-    got = single_ids(features, widths)
+        values = torch.randn(int(lengths.sum()), dim, generator=gen, requires_grad=True)
+        features.append(JaggedTensor(values=values, lengths=lengths))
+    want = torch.cat([_padded(jt, 1).squeeze(1)[:, :w] for jt, w in zip(features, widths)], dim=1)
+    columns = single_id_columns(widths, dim)
+    assert (columns is None) == (widths == [dim] * len(widths))
+    got = single_ids(features, columns)
     assert got.shape == (batch, sum(widths)) and torch.equal(got, want)
     assert got.eq(0).all(dim=1).logical_not().any() and (features[0].lengths() == 0).any()
+    upstream = torch.randn(want.shape, generator=gen)
+    want_grads = torch.autograd.grad(want, [jt.values() for jt in features], upstream)
+    got_grads = torch.autograd.grad(got, [jt.values() for jt in features], upstream)
+    for a, b in zip(want_grads, got_grads):
+        assert torch.equal(a, b)
 
 
 def test_narrow_side_tables_train_only_their_columns():

@@ -22,24 +22,31 @@ from muse_torchrec.model.esu import SequenceInputs
 from muse_torchrec.model.mlp import MLP
 
 
-def padded(jt: JaggedTensor, length: int) -> torch.Tensor:
-    """Jagged embeddings (values [N, D]) -> [B, length, D], zero beyond each row's length."""
-    values = jt.values()
-    return torch.ops.fbgemm.jagged_to_padded_dense(values, [jt.offsets()], [length], 0.0)
+def single_id_columns(widths: Sequence[int], dim: int) -> Optional[torch.Tensor]:
+    """The columns ``single_ids`` keeps of F features' ``dim``-wide embeddings side by side: feature f's
+    first ``widths[f]``, as an index into the F * dim columns; None when every width is ``dim``."""
+    if all(width == dim for width in widths):
+        return None
+    return torch.cat([f * dim + torch.arange(width) for f, width in enumerate(widths)])
 
 
-def single_ids(features: Sequence[JaggedTensor], widths: Sequence[int]) -> torch.Tensor:
-    """Embeddings of F features of at most one id per sample -> [B, sum(widths)]: feature f's first
-    ``widths[f]`` columns, zeros where the sample has no id (what a sum-pooled bag of 0/1 ids gives).
+def single_ids(features: Sequence[JaggedTensor], columns: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Embeddings of F features of at most one id per sample -> [B, C]: the features' D-wide embeddings
+    side by side, zeros where a sample has no id (what a sum-pooled bag of 0/1 ids gives), of which
+    ``columns`` are kept (``single_id_columns``; None: all, C = F * D).
 
-    One padding for all F features (their rows stacked feature-major), not one per feature.
+    One padding, one transposing copy and one gather for all F features (their rows stacked
+    feature-major). Why: the step is host-bound, and a slice per feature cost the backward one
+    zero-filled tensor of the whole padding per feature (eight of ~0.07 ms each a step on an H100
+    host, benchmarks/RESULTS.md row 51).
     """
     values = torch.cat([jt.values() for jt in features])
     lengths = torch.cat([jt.lengths() for jt in features])
     offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths)
     dense = torch.ops.fbgemm.jagged_to_padded_dense(values, [offsets], [1], 0.0)  # [F * B, 1, D]
-    per_feature = dense.view(len(features), -1, dense.shape[-1])
-    return torch.cat([per_feature[f, :, :width] for f, width in enumerate(widths)], dim=1)
+    count, dim = len(features), dense.shape[-1]
+    side_by_side = dense.view(count, -1, dim).transpose(0, 1).reshape(-1, count * dim)  # [B, F * D]
+    return side_by_side if columns is None else side_by_side.index_select(1, columns)
 
 
 class SparseArch(nn.Module):
@@ -73,6 +80,11 @@ class SparseArch(nn.Module):
         self.max_history = max_history
         self.reads_topk = "item_topk" in sequence_features
         self.reads_history = "item_hist" in sequence_features
+        # The target's item and category and the side features: one id at most per sample each.
+        self.single_features = ["item_target", "cate_target", *self.side_dims]
+        columns = single_id_columns([sequence_dim, sequence_dim, *self.side_dims.values()], sequence_dim)
+        # Not persistent: a constant of the config, moved to the device with the model, not checkpointed.
+        self.register_buffer("single_columns", columns, persistent=False)
 
     @property
     def side_dim(self) -> int:
@@ -92,11 +104,15 @@ class SparseArch(nn.Module):
     def forward(self, batch: Batch) -> Tuple[SequenceInputs, torch.Tensor]:
         """Returns (sequence inputs, side features [B, side_dim])."""
         seq = self.tables(batch.sparse_features)
-        # The target's item and category are dropped separately when unknown (id 0): pad each.
-        target = torch.cat([padded(seq["item_target"], 1), padded(seq["cate_target"], 1)], dim=-1)
+        # The target's item and category are dropped separately when unknown (id 0): each its own feature.
+        singles = single_ids([seq[name] for name in self.single_features], self.single_columns)
+        # Contiguous: the graphed tower compiles its function for contiguous inputs when it captures
+        # (model/cuda_graphs.py), and evaluation calls that same function.
+        parts = singles.split([self.item_dim, self.side_dim], dim=1)
+        target, side = parts[0].contiguous(), parts[1].contiguous()
         recent, recent_lengths = self._sequence(seq, "recent", self.recent)
         inputs = SequenceInputs(
-            target=target.squeeze(1),
+            target=target,
             topk=target.new_zeros(0),
             topk_lengths=recent_lengths.new_zeros(0),
             topk_scores=batch.topk_scores,
@@ -108,7 +124,6 @@ class SparseArch(nn.Module):
             inputs.topk, inputs.topk_lengths = self._sequence(seq, "topk", self.k)
         if self.reads_history:
             inputs.history, inputs.history_lengths = self._sequence(seq, "hist", self.max_history)
-        side = single_ids([seq[name] for name in self.side_dims], list(self.side_dims.values()))
         return inputs, side
 
 
