@@ -18,10 +18,12 @@ each epoch.
 
 from __future__ import annotations
 
+import functools
 import gc
 import heapq
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, TypeVar
@@ -520,6 +522,7 @@ def make_loader(
     drop_last: bool = False,
     pin_memory: bool = False,
     skip: int = 0,
+    worker_cpus: Optional[Sequence[int]] = None,
 ) -> Iterable[T]:
     """A DataLoader yielding ``transform(block)`` for rank ``rank``'s blocks.
 
@@ -527,6 +530,7 @@ def make_loader(
     rank's units as one consumer, like ``count_batches(num_workers=0)``). The DataLoader takes the
     workers' outputs in turn, so the order is deterministic for a seed. ``skip``: start after the
     first ``skip`` outputs (a resumed run's position) without reading or transforming them.
+    ``worker_cpus``: the CPUs the workers run on (``affinity.loader_worker_cpus``; None: any).
     """
     counts = _worker_blocks(data, split, batch_size, rank, world_size, num_workers, drop_last)
     dataset = BlockDataset(
@@ -546,7 +550,9 @@ def make_loader(
     # RNG (a resumed run creates its iterators at other points of the RNG stream).
     return DataLoader(
         dataset, batch_size=None, num_workers=num_workers, collate_fn=_unchanged, pin_memory=pin_memory,
-        generator=torch.Generator().manual_seed(seed), worker_init_fn=keep_inherited_objects,
+        generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=keep_inherited_objects if worker_cpus is None else functools.partial(
+            start_worker_on, tuple(worker_cpus)),
     )
 
 
@@ -556,3 +562,9 @@ def keep_inherited_objects(worker_id: int = 0) -> None:
     that its collector has not freed yet; freeing one in the child calls into CUDA, which a forked
     process cannot use ("CUDA error: initialization error"). It also keeps the inherited pages shared."""
     gc.freeze()
+
+
+def start_worker_on(cpus: Tuple[int, ...], worker_id: int = 0) -> None:
+    """``keep_inherited_objects``, then run this worker on ``cpus`` only."""
+    keep_inherited_objects(worker_id)
+    os.sched_setaffinity(0, cpus)

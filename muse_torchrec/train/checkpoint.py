@@ -56,7 +56,8 @@ _STEP_PREFIX = "step_"
 MODEL_KEYS: Tuple[str, ...] = ("model", "data.vocab", "data.max_history", "data.recent")
 # Resuming training keeps everything that decides the trajectory: only these may change.
 RESUME_FREE_KEYS: Tuple[str, ...] = (
-    "data.raw_dir", "data.prepared_dir", "data.synthesize", "data.synth", "data.gsu_placement", "sharding",
+    "data.raw_dir", "data.prepared_dir", "data.synthesize", "data.synth", "data.gsu_placement",
+    "data.cpu_affinity", "sharding",
     "train.run_dir", "train.epochs", "train.eval_batch_size", "train.limit_eval_batches", "train.log_every",
     "train.checkpoint_every", "train.keep_checkpoints", "train.resume", "train.compile_mode",
     "train.pipeline",

@@ -33,6 +33,7 @@ from muse_torchrec.data.batch import Batch, BatchBuilder, sequence_features
 from muse_torchrec.data.block import SampleBlock
 from muse_torchrec.data.integrity import check_prepared_config
 from muse_torchrec.data.loader import PreparedData, count_batches, make_loader
+from muse_torchrec.data.affinity import loader_worker_cpus
 from muse_torchrec.data.device_gsu import (DEVICE_GSU_KINDS, GRAPHED_KINDS, DeferredGsuBuilder, DeviceGsu,
                                             GraphedMuseSelection)
 from muse_torchrec.data.slots import SlotReceiver, SlotTransform
@@ -186,6 +187,7 @@ def _loader(cfg: ExperimentConfig, data: PreparedData, split: str, ctx: DistCont
         data, split, batch_size, SlotTransform(path.transform) if workers > 0 else path.transform,
         rank=ctx.rank, world_size=ctx.world_size, num_workers=workers,
         seed=seed, shuffle=shuffle, drop_last=drop_last, skip=skip,
+        worker_cpus=loader_worker_cpus(cfg.data.cpu_affinity, ctx.local_rank, ctx.local_world_size),
     )
     return path.finish(SlotReceiver(loader, ctx.device) if workers > 0 else loader)
 
@@ -417,6 +419,7 @@ def run(cfg: ExperimentConfig, ctx: DistContext) -> Dict[str, float]:
     """
     check_checkpoint_settings(cfg)
     check_pipeline(cfg.train.pipeline)
+    loader_worker_cpus(cfg.data.cpu_affinity, ctx.local_rank, ctx.local_world_size)  # its ConfigError now
     run_dir = Path(cfg.train.run_dir)
     data = open_prepared(cfg)
     resume = resume_point(cfg, vocab_sizes(data), ctx)
