@@ -27,7 +27,7 @@ TRAINING_CORES = 2
 SYSFS_CPUS = Path("/sys/devices/system/cpu")
 
 
-def _cpu_list(text: str) -> List[int]:
+def cpu_list(text: str) -> List[int]:
     """A sysfs CPU list ("0,8", "0-1", "3") -> the CPU numbers."""
     cpus: List[int] = []
     for part in text.strip().split(","):
@@ -46,7 +46,7 @@ def physical_cores(cpus: Sequence[int], sysfs: Path = SYSFS_CPUS) -> List[List[i
         if cpu in placed:
             continue
         siblings_file = sysfs / f"cpu{cpu}" / "topology" / "thread_siblings_list"
-        siblings = _cpu_list(siblings_file.read_text()) if siblings_file.exists() else [cpu]
+        siblings = cpu_list(siblings_file.read_text()) if siblings_file.exists() else [cpu]
         core = sorted(wanted.intersection(siblings) | {cpu})
         placed.update(core)
         cores.append(core)
