@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Set
 
 from muse_torchrec.config import ConfigError
 
@@ -41,7 +41,7 @@ def physical_cores(cpus: Sequence[int], sysfs: Path = SYSFS_CPUS) -> List[List[i
     core's first CPU; a CPU whose topology sysfs does not show is a core of its own."""
     wanted = set(cpus)
     cores: List[List[int]] = []
-    placed: set = set()
+    placed: Set[int] = set()
     for cpu in sorted(wanted):
         if cpu in placed:
             continue
