@@ -6,9 +6,10 @@ Here a foreground thread runs launch-bound "steps" (``--ops`` tiny kernels each)
 thread copies a ``--mb`` MB buffer to the device again and again, from:
 
 - ``none``: no background thread (the foreground's own speed);
-- ``pageable``: a shared-memory buffer (what the loader's slots are): CUDA stages the bytes through
+- ``pageable``: a shared-memory buffer (what the loader's slots were): CUDA stages the bytes through
   its own pinned buffers with the calling thread's CPU;
-- ``registered``: the same kind of buffer page-locked in place with ``cudaHostRegister``: a DMA copy;
+- ``registered``: the same kind of buffer page-locked in place (``cuda_driver.host_register``, as the
+  loader's slots are for a GPU run): a DMA copy;
 - ``pinned``: a buffer from PyTorch's pinned allocator.
 
 It prints the foreground step time and the background copy rate for each. A copy that slows the
@@ -28,6 +29,8 @@ from typing import Dict, Optional
 
 import torch
 
+from muse_torchrec.cuda_driver import check, host_register, host_unregister
+
 SOURCES = ("none", "pageable", "registered", "pinned")
 
 
@@ -39,9 +42,7 @@ def host_buffer(source: str, nbytes: int) -> Optional[torch.Tensor]:
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).fill_(1)
     buffer = torch.empty(nbytes, dtype=torch.uint8).share_memory_().fill_(1)
     if source == "registered":
-        result = torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), nbytes, 0)
-        if int(result) != 0:
-            raise RuntimeError(f"cudaHostRegister failed: {result}")
+        check(host_register(buffer.data_ptr(), nbytes, torch.device("cuda", 0)), "cuMemHostRegister")
     return buffer
 
 
@@ -85,7 +86,7 @@ def measure(source: str, nbytes: int, device: torch.device, ops: int, steps: int
     if thread is not None:
         thread.join()
     if source == "registered":
-        torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
+        host_unregister(buffer.data_ptr())
     result = {"step_ms": 1000 * step_s}
     if counts["seconds"]:
         result["copy_gb_per_s"] = counts["copies"] * nbytes / counts["seconds"] / 1e9

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ctypes
 
-from muse_torchrec.cuda_driver import check as _check, driver as _driver
+from muse_torchrec.cuda_driver import check, driver
 
 # CUctx_flags (cuda.h): the scheduling bits of a context's flags.
 SCHED_MASK = 0x07
@@ -20,26 +20,26 @@ SCHED_NAMES = {0x00: "auto", 0x01: "spin", 0x02: "yield", 0x04: "blocking"}
 BLOCKING_SYNC = 0x04
 
 
-def _device(driver: ctypes.CDLL, ordinal: int) -> ctypes.c_int:
-    _check(driver.cuInit(0), "cuInit")
+def _device(lib: ctypes.CDLL, ordinal: int) -> ctypes.c_int:
+    check(lib.cuInit(0), "cuInit")
     device = ctypes.c_int()
-    _check(driver.cuDeviceGet(ctypes.byref(device), ordinal), f"cuDeviceGet({ordinal})")
+    check(lib.cuDeviceGet(ctypes.byref(device), ordinal), f"cuDeviceGet({ordinal})")
     return device
 
 
 def use_blocking_sync(ordinal: int) -> None:
     """Make host threads sleep while they wait for device ``ordinal`` (call before PyTorch uses it)."""
-    driver = _driver()
-    device = _device(driver, ordinal)
-    set_flags = getattr(driver, "cuDevicePrimaryCtxSetFlags_v2", None) or driver.cuDevicePrimaryCtxSetFlags
-    _check(set_flags(device, ctypes.c_uint(BLOCKING_SYNC)), "cuDevicePrimaryCtxSetFlags")
+    lib = driver()
+    device = _device(lib, ordinal)
+    set_flags = getattr(lib, "cuDevicePrimaryCtxSetFlags_v2", None) or lib.cuDevicePrimaryCtxSetFlags
+    check(set_flags(device, ctypes.c_uint(BLOCKING_SYNC)), "cuDevicePrimaryCtxSetFlags")
 
 
 def sync_mode(ordinal: int) -> str:
     """The scheduling mode of device ``ordinal``'s primary context: auto, spin, yield or blocking."""
-    driver = _driver()
-    device = _device(driver, ordinal)
+    lib = driver()
+    device = _device(lib, ordinal)
     flags, active = ctypes.c_uint(), ctypes.c_int()
-    _check(driver.cuDevicePrimaryCtxGetState(device, ctypes.byref(flags), ctypes.byref(active)),
-           "cuDevicePrimaryCtxGetState")
+    check(lib.cuDevicePrimaryCtxGetState(device, ctypes.byref(flags), ctypes.byref(active)),
+          "cuDevicePrimaryCtxGetState")
     return SCHED_NAMES.get(flags.value & SCHED_MASK, f"flags {flags.value:#x}")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import ctypes
 import functools
 
+import torch
+
 
 @functools.lru_cache(maxsize=None)
 def driver() -> ctypes.CDLL:
@@ -26,10 +28,14 @@ def check(result: int, call: str) -> None:
         raise RuntimeError(f"{call} failed with CUresult {result}")
 
 
-def host_register(address: int, nbytes: int) -> int:
-    """Page-lock ``nbytes`` of host memory at ``address`` for the current context (``cuMemHostRegister``):
-    copies from it to the device are DMA transfers. Returns the CUresult (0: locked)."""
-    return driver().cuMemHostRegister_v2(ctypes.c_void_p(address), ctypes.c_size_t(nbytes), ctypes.c_uint(0))
+def host_register(address: int, nbytes: int, device: torch.device) -> int:
+    """Page-lock ``nbytes`` of host memory at ``address`` for ``device``'s primary context (PyTorch's;
+    ``cuMemHostRegister``): copies from it to the device are DMA transfers. Returns the CUresult (0: locked)."""
+    with torch.cuda.device(device):
+        # The driver call locks for the calling thread's current context: a runtime call makes the
+        # device's primary context current in a thread that has not used CUDA yet.
+        torch.cuda.mem_get_info()
+        return driver().cuMemHostRegister_v2(ctypes.c_void_p(address), ctypes.c_size_t(nbytes), ctypes.c_uint(0))
 
 
 def host_unregister(address: int) -> None:

@@ -31,7 +31,7 @@ import uuid
 import warnings
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Set, Tuple, Union
+from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torchrec.streamable import Pipelineable
@@ -69,16 +69,12 @@ class SlotRef(Pipelineable):
             raise RuntimeError(f"slot {self.slot} of ring {self.ring}: no buffer; a SlotRef is moved once, "
                                "after it came through a SlotReceiver")
         data = self.buffer[:self.nbytes]
-        if device.type == "cpu":
-            # The batch must not be a view of a slot that the worker will reuse.
-            moved = data.clone()
-            self.flags[self.slot] = 0
-        elif self.page_locked is not None:
-            moved = data.to(device, non_blocking=non_blocking)
+        # On the CPU the batch must not be a view of a slot that the worker will reuse.
+        moved = data.clone() if device.type == "cpu" else data.to(device, non_blocking=non_blocking)
+        if self.page_locked is not None and device.type != "cpu":
             self.page_locked.free_after_copy(self.flags, self.slot)
         else:
-            # From pageable memory the copy has read the slot when it returns (CUDA stages it itself).
-            moved = data.to(device, non_blocking=non_blocking)
+            # A clone, or a copy from pageable memory, has read the slot when it returns.
             self.flags[self.slot] = 0
         self.buffer = None
         return Packed(moved, self.layout).to(device)
@@ -172,11 +168,7 @@ class PageLockedSlots:
         the rest of the pass)."""
         if self.failed:
             return False
-        with torch.cuda.device(self.device):
-            # The driver call locks for the thread's current context: a runtime call makes the
-            # device's primary context (PyTorch's) current in a thread that has not used CUDA yet.
-            torch.cuda.mem_get_info()
-            result = host_register(buffer.data_ptr(), buffer.numel())
+        result = host_register(buffer.data_ptr(), buffer.numel(), self.device)
         if result != 0:
             self.failed = True
             warnings.warn(f"page-locking a {buffer.numel()}-byte loader slot (cuMemHostRegister) failed "
@@ -223,9 +215,9 @@ class SlotReceiver:
         self.device = device
 
     def __iter__(self) -> Iterator[Any]:
-        buffers: Dict[Tuple[str, int], torch.Tensor] = {}
+        # (ring, slot) -> the slot's buffer, and the page lock it is under (None: pageable).
+        buffers: Dict[Tuple[str, int], Tuple[torch.Tensor, Optional[PageLockedSlots]]] = {}
         flags: Dict[str, torch.Tensor] = {}
-        locked_slots: Set[Tuple[str, int]] = set()
         page_locked = PageLockedSlots(self.device) if self.device is not None and self.device.type == "cuda" else None
         try:
             for item in self.loader:
@@ -234,16 +226,15 @@ class SlotReceiver:
                 if isinstance(item, SlotRef):
                     key = (item.ring, item.slot)
                     if item.buffer is not None:
-                        buffers[key], flags[item.ring] = item.buffer, item.flags
-                        locked_slots.discard(key)
-                        if page_locked is not None and page_locked.lock(item.buffer):
-                            locked_slots.add(key)
+                        locked = page_locked is not None and page_locked.lock(item.buffer)
+                        buffers[key] = (item.buffer, page_locked if locked else None)
+                        flags[item.ring] = item.flags
                     elif key not in buffers:
                         raise RuntimeError(f"slot {item.slot} of ring {item.ring} was never received: a "
                                            "SlotReceiver must see every batch of its loader's pass, from the first")
                     else:
-                        item.buffer, item.flags = buffers[key], flags[item.ring]
-                    item.page_locked = page_locked if key in locked_slots else None
+                        item.flags = flags[item.ring]
+                    item.buffer, item.page_locked = buffers[key]
                 yield item
         finally:
             if page_locked is not None:
