@@ -53,7 +53,7 @@ from muse_torchrec.data.packed import PackingTransform
 from muse_torchrec.data.slots import SlotReceiver, SlotTransform
 from muse_torchrec.train.sharded import embedding_parameters, shard_model
 from muse_torchrec.train.step import STEPPERS, make_stepper
-from busy import busy_processes
+from busy import busy_processes, parse_busy
 from cuda_sched import sync_mode, use_blocking_sync
 from make_prepared import make_prepared, zipf_rows
 
@@ -372,9 +372,9 @@ def main() -> None:
     parser.add_argument("--cuda-sync", default="auto", choices=["auto", "blocking"],
                         help="how host threads wait for the GPU: CUDA's default (spins on hosts with spare cores: "
                              "the wait counts as CPU time) or blocking (they sleep: a wait no longer counts)")
-    parser.add_argument("--busy-procs", nargs="+", type=int, default=[0], metavar="N",
-                        help="model mode: one run per entry with N busy processes beside it (busy.py); "
-                             "repeat entries to alternate")
+    parser.add_argument("--busy-procs", nargs="+", type=parse_busy, default=[(0, "gather")], metavar="N[:KIND]",
+                        help="model mode: one run per entry with N busy processes beside it doing KIND of work "
+                             "(busy.py: gather, the default, or spin); repeat entries to alternate")
     parser.add_argument("--busy-cpus", default=None, metavar="LIST",
                         help="the CPUs the busy processes run on, as sysfs writes them (e.g. 4-15)")
     parser.add_argument("--out", default=None)
@@ -404,18 +404,20 @@ def main() -> None:
             variant_cfg = apply_overrides(cfg, [o for o in overrides.split(";") if o])
             modes = args.compile_modes or [cfg.train.compile_mode]
             runs = product(enumerate(modes), args.gc_modes, enumerate(args.pipelines or [None]), args.busy_procs)
-            for (mode_run, mode), gc_mode, (run, pipeline), busy in runs:
+            for (mode_run, mode), gc_mode, (run, pipeline), busy_entry in runs:
                 mode_cfg = replace(variant_cfg, train=replace(variant_cfg.train, compile_mode=mode))
                 name = "model" + ("" if args.compile_modes is None else f":{mode}") + (f":v{variant}" if args.variant else "")
                 name += "" if len(set(modes)) == len(modes) else f":{mode_run}"
                 name += "" if len(args.gc_modes) == 1 else f":gc_{gc_mode}"
                 name += "" if args.pipelines is None else f":{pipeline}:{run}"
-                name = unique_name(name + ("" if args.busy_procs == [0] else f":busy{busy}"), results)
-                with busy_processes(busy, busy_cpus):
+                busy, busy_kind = busy_entry
+                name += "" if args.busy_procs == [(0, "gather")] else f":busy{busy}" + (f"_{busy_kind}" if busy else "")
+                name = unique_name(name, results)
+                with busy_processes(busy, busy_cpus, busy_kind):
                     results[name] = bench_sharded(mode_cfg, vocab, cycle(batches), ctx, args.warmup, args.steps,
                                                   args.profile_steps, freeze_gc=gc_mode == "frozen",
                                                   profiler=args.profiler, pipeline=pipeline)
-                results[name].update(compile_mode=mode, overrides=overrides, busy_procs=busy)
+                results[name].update(compile_mode=mode, overrides=overrides, busy_procs=busy, busy_kind=busy_kind)
     data_modes = [m for m in ("loader", "e2e") if m in args.modes]
     if data_modes:
         work = Path(args.work)
