@@ -1,12 +1,17 @@
 """data/affinity.py: cores grouped from sysfs, each rank's share, the workers kept off the training
-process's cores, clear errors; and loader workers really run where they are told."""
+process's cores, clear errors; loader workers really run where they are told, and a pinned training
+process and the threads it starts run on its own cores."""
 
 import os
+import threading
 
 import pytest
+import torch
 
 from muse_torchrec.config import ConfigError
-from muse_torchrec.data.affinity import TRAINING_CORES, loader_worker_cpus, physical_cores
+from muse_torchrec.data import affinity
+from muse_torchrec.data.affinity import (TRAINING_CORES, loader_worker_cpus, physical_cores,
+                                         place_training_process, training_cpus)
 from test_packed import small_prepared
 
 
@@ -29,22 +34,29 @@ def test_cores_group_hyper_thread_siblings(tmp_path):
 
 
 def test_each_rank_gets_its_share_minus_the_training_cores(tmp_path):
-    sysfs = fake_sysfs(tmp_path, {c: f"{c % 8},{c % 8 + 8}" for c in range(16)})
-    assert loader_worker_cpus("none", 0, 1, range(16), sysfs) is None
-    assert TRAINING_CORES == 2
-    # One rank: cores 2-7 for the workers, with their siblings.
-    assert loader_worker_cpus("split", 0, 1, range(16), sysfs) == [2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15]
-    # Two ranks: four cores each, the first two of each share left to its training process.
-    assert loader_worker_cpus("split", 0, 2, range(16), sysfs) == [2, 10, 3, 11]
-    assert loader_worker_cpus("split", 1, 2, range(16), sysfs) == [6, 14, 7, 15]
+    sysfs = fake_sysfs(tmp_path, {c: f"{c % 16},{c % 16 + 16}" for c in range(32)})
+    for mode in ("none", "split"):
+        assert training_cpus(mode, 0, 1, range(32), sysfs) is None
+    assert loader_worker_cpus("none", 0, 1, range(32), sysfs) is None
+    assert TRAINING_CORES == 4
+    for mode in ("split", "pinned"):
+        # One rank: cores 4-15 for the workers, with their siblings.
+        assert loader_worker_cpus(mode, 0, 1, range(32), sysfs) == [c + s for c in range(4, 16) for s in (0, 16)]
+        # Two ranks: eight cores each, the first four of each share left to its training process.
+        assert loader_worker_cpus(mode, 0, 2, range(32), sysfs) == [4, 20, 5, 21, 6, 22, 7, 23]
+        assert loader_worker_cpus(mode, 1, 2, range(32), sysfs) == [12, 28, 13, 29, 14, 30, 15, 31]
+    assert training_cpus("pinned", 0, 1, range(32), sysfs) == [0, 16, 1, 17, 2, 18, 3, 19]
+    assert training_cpus("pinned", 1, 2, range(32), sysfs) == [8, 24, 9, 25, 10, 26, 11, 27]
 
 
 def test_too_few_cores_or_an_unknown_mode_is_a_config_error(tmp_path):
     sysfs = fake_sysfs(tmp_path, {c: str(c) for c in range(8)})
     with pytest.raises(ConfigError, match="8 physical cores for 3 rank.*give each 2.*data.cpu_affinity=none"):
         loader_worker_cpus("split", 0, 3, range(8), sysfs)
-    with pytest.raises(ConfigError, match="data.cpu_affinity: unknown 'pinned'"):
-        loader_worker_cpus("pinned", 0, 1, range(8), sysfs)
+    with pytest.raises(ConfigError, match="cpu_affinity=pinned: 8 physical cores for 2 rank.*give each 4"):
+        training_cpus("pinned", 1, 2, range(8), sysfs)
+    with pytest.raises(ConfigError, match="data.cpu_affinity: unknown 'spread'"):
+        loader_worker_cpus("spread", 0, 1, range(8), sysfs)
 
 
 def _affinity(block):
@@ -60,3 +72,36 @@ def test_loader_workers_run_on_the_cpus_given(tmp_path):
     seen = list(make_loader(data, "train", 32, _affinity, num_workers=2, worker_cpus=[cpu]))
     assert len(seen) > 2 and all(s == [cpu] for s in seen)
     assert os.sched_getaffinity(0) == before  # the training process keeps its own
+
+
+@pytest.fixture
+def restored_placement():
+    cpus, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    yield
+    os.sched_setaffinity(0, cpus)
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_pinned_training_process_its_threads_and_its_workers_run_apart(tmp_path, monkeypatch, restored_placement):
+    from muse_torchrec.data.loader import make_loader
+
+    # This machine's CPUs as cores of their own, one kept for the training process.
+    cpus = sorted(os.sched_getaffinity(0))
+    monkeypatch.setattr(affinity, "JOB_CPUS", cpus)
+    monkeypatch.setattr(affinity, "SYSFS_CPUS", tmp_path / "no_sysfs")
+    monkeypatch.setattr(affinity, "TRAINING_CORES", 1)
+    assert place_training_process("none", 0, 1) is None and os.sched_getaffinity(0) == set(cpus)
+    assert place_training_process("pinned", 0, 1) == cpus[:1]
+    assert os.sched_getaffinity(0) == {cpus[0]} and torch.get_num_threads() == 1
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(os.sched_getaffinity(0)))
+    thread.start()
+    thread.join()
+    assert seen == [{cpus[0]}]
+    # The workers' CPUs are cut from the job's, not from the now pinned process's.
+    workers = loader_worker_cpus("pinned", 0, 1)
+    assert workers == cpus[1:]
+    data, _ = small_prepared(tmp_path)
+    batches = list(make_loader(data, "train", 32, _affinity, num_workers=2, worker_cpus=workers))
+    assert len(batches) > 2 and all(b == cpus[1:] for b in batches)

@@ -1,15 +1,17 @@
-"""Which CPUs a rank's loader workers may run on (``data.cpu_affinity``).
+"""Which CPUs a rank's loader workers and its training process run on (``data.cpu_affinity``).
 
 - ``none`` (the default): wherever the OS places them.
 - ``split``: the CPUs this job may use are cut into equal shares of whole physical cores, one per
   rank of the node (by local rank); the rank's workers run on its share except its first
   ``TRAINING_CORES`` cores, which stay free for the training process (not pinned itself: with the
-  workers kept off those cores the OS schedules its threads there).
+  workers kept off those cores the OS schedules its threads there, or anywhere else).
+- ``pinned``: as ``split``, and the training process is pinned to those first cores.
 
 Why: on a GPU the training thread is bound by host time, and end to end every one of its ops ran
-20-40 % slower than in the model step alone on an H100 host with four busy loader workers beside
-it (benchmarks/RESULTS.md row 51). Whether sharing cores with the workers is the cause, and so
-whether ``split`` helps, has not been measured yet: no config uses it.
+20-40 % slower than in the model step alone on an H100 host (benchmarks/RESULTS.md row 51). Busy
+processes beside the model step alone slowed it 8-28 % when the OS placed them, 1-9 % when they were
+pinned off half the cores (row 53), spinning in registers about as much as streaming through
+memory: the cores are shared, not the caches.
 """
 
 from __future__ import annotations
@@ -18,13 +20,17 @@ import os
 from pathlib import Path
 from typing import List, Optional, Sequence, Set
 
+import torch
+
 from muse_torchrec.config import ConfigError
 
-CPU_AFFINITIES = ("none", "split")
-# Cores kept free for the training process: its training thread, the autograd engine's thread and
-# the device GSU's thread.
-TRAINING_CORES = 2
+CPU_AFFINITIES = ("none", "split", "pinned")
+# Cores kept for the training process: its training thread, the autograd engine's device thread,
+# the device GSU's thread, and one for the rest (the receipt of batches, NCCL, the driver).
+TRAINING_CORES = 4
 SYSFS_CPUS = Path("/sys/devices/system/cpu")
+# The CPUs this job may use, read before ``place_training_process`` can narrow this process's own.
+JOB_CPUS = sorted(os.sched_getaffinity(0))
 
 
 def cpu_list(text: str) -> List[int]:
@@ -59,22 +65,48 @@ def check_cpu_affinity(name: str) -> None:
         raise ConfigError(f"data.cpu_affinity: unknown {name!r}; choose one of {list(CPU_AFFINITIES)}")
 
 
+def _rank_share(affinity: str, local_rank: int, local_world_size: int, cpus: Optional[Sequence[int]],
+                sysfs: Path) -> Optional[List[List[int]]]:
+    """Rank ``local_rank``'s share of the physical cores (its training cores first); None under ``none``."""
+    check_cpu_affinity(affinity)
+    if affinity == "none":
+        return None
+    cores = physical_cores(JOB_CPUS if cpus is None else cpus, sysfs)
+    per_rank = len(cores) // local_world_size
+    if per_rank <= TRAINING_CORES:
+        raise ConfigError(
+            f"data.cpu_affinity={affinity}: {len(cores)} physical cores for {local_world_size} rank(s) on this node "
+            f"give each {per_rank}; it keeps {TRAINING_CORES} for the training process and needs at least one "
+            "more for its loader workers: use data.cpu_affinity=none")
+    return cores[local_rank * per_rank:(local_rank + 1) * per_rank]
+
+
 def loader_worker_cpus(affinity: str, local_rank: int, local_world_size: int,
                        cpus: Optional[Sequence[int]] = None, sysfs: Path = SYSFS_CPUS) -> Optional[List[int]]:
     """The CPUs rank ``local_rank``'s loader workers may use under ``affinity`` (None: any).
 
-    ``cpus``: the CPUs the job may use (default: this process's affinity, which the trainer never
-    changes). ConfigError where a share would leave the workers no core.
+    ``cpus``: the CPUs the job may use (default: ``JOB_CPUS``). ConfigError where a share would leave
+    the workers no core.
     """
-    check_cpu_affinity(affinity)
-    if affinity == "none":
-        return None
-    cores = physical_cores(sorted(os.sched_getaffinity(0)) if cpus is None else cpus, sysfs)
-    per_rank = len(cores) // local_world_size
-    if per_rank <= TRAINING_CORES:
-        raise ConfigError(
-            f"data.cpu_affinity=split: {len(cores)} physical cores for {local_world_size} rank(s) on this node "
-            f"give each {per_rank}; it keeps {TRAINING_CORES} for the training process and needs at least one "
-            "more for its loader workers: use data.cpu_affinity=none")
-    share = cores[local_rank * per_rank:(local_rank + 1) * per_rank]
-    return [cpu for core in share[TRAINING_CORES:] for cpu in core]
+    share = _rank_share(affinity, local_rank, local_world_size, cpus, sysfs)
+    return None if share is None else [cpu for core in share[TRAINING_CORES:] for cpu in core]
+
+
+def training_cpus(affinity: str, local_rank: int, local_world_size: int,
+                  cpus: Optional[Sequence[int]] = None, sysfs: Path = SYSFS_CPUS) -> Optional[List[int]]:
+    """The CPUs rank ``local_rank``'s training process is pinned to under ``affinity`` (None: not pinned)."""
+    share = _rank_share(affinity, local_rank, local_world_size, cpus, sysfs)
+    return None if share is None or affinity != "pinned" else [cpu for core in share[:TRAINING_CORES] for cpu in core]
+
+
+def place_training_process(affinity: str, local_rank: int, local_world_size: int) -> Optional[List[int]]:
+    """Pins the calling thread, and so every thread and process it starts later, to
+    ``training_cpus`` (loader workers then move to theirs), with as many intra-op threads as CPUs.
+
+    Returns the CPUs (None: left where it was). Call before the loaders start.
+    """
+    cpus = training_cpus(affinity, local_rank, local_world_size)
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
+        torch.set_num_threads(len(cpus))
+    return cpus

@@ -33,7 +33,7 @@ from muse_torchrec.data.batch import Batch, BatchBuilder, sequence_features
 from muse_torchrec.data.block import SampleBlock
 from muse_torchrec.data.integrity import check_prepared_config
 from muse_torchrec.data.loader import PreparedData, count_batches, make_loader
-from muse_torchrec.data.affinity import loader_worker_cpus
+from muse_torchrec.data.affinity import loader_worker_cpus, place_training_process
 from muse_torchrec.data.device_gsu import (DEVICE_GSU_KINDS, GRAPHED_KINDS, DeferredGsuBuilder, DeviceGsu,
                                             GraphedMuseSelection)
 from muse_torchrec.data.slots import SlotReceiver, SlotTransform
@@ -419,7 +419,9 @@ def run(cfg: ExperimentConfig, ctx: DistContext) -> Dict[str, float]:
     """
     check_checkpoint_settings(cfg)
     check_pipeline(cfg.train.pipeline)
-    loader_worker_cpus(cfg.data.cpu_affinity, ctx.local_rank, ctx.local_world_size)  # its ConfigError now
+    pinned = place_training_process(cfg.data.cpu_affinity, ctx.local_rank, ctx.local_world_size)  # ConfigError now
+    if pinned is not None:
+        log.info("rank %d: training process pinned to CPUs %s", ctx.rank, pinned)
     run_dir = Path(cfg.train.run_dir)
     data = open_prepared(cfg)
     resume = resume_point(cfg, vocab_sizes(data), ctx)
