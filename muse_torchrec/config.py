@@ -53,9 +53,9 @@ class DataConfig:
     # Where MUSE's / SIM-hard's GSU runs: "workers" (the loader processes, on the CPU) or "device"
     # (the training GPU, in a background thread; the SCL table is copied there). See README.
     gsu_placement: str = "workers"
-    # Where the loader workers run: "none" (anywhere), "split" (each rank's share of the node's cores
-    # but its first four, which stay free for the training process) or "pinned" (as split, and the
-    # training process pinned to those four): data/affinity.py.
+    # Where the training process and its loader workers run: "none" (anywhere) or "pinned" (each
+    # rank's share of the node's cores, its first four for the training process, the rest for its
+    # workers): data/affinity.py.
     cpu_affinity: str = "none"
     seed: int = 0
 

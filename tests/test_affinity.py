@@ -35,16 +35,14 @@ def test_cores_group_hyper_thread_siblings(tmp_path):
 
 def test_each_rank_gets_its_share_minus_the_training_cores(tmp_path):
     sysfs = fake_sysfs(tmp_path, {c: f"{c % 16},{c % 16 + 16}" for c in range(32)})
-    for mode in ("none", "split"):
-        assert training_cpus(mode, 0, 1, range(32), sysfs) is None
+    assert training_cpus("none", 0, 1, range(32), sysfs) is None
     assert loader_worker_cpus("none", 0, 1, range(32), sysfs) is None
     assert TRAINING_CORES == 4
-    for mode in ("split", "pinned"):
-        # One rank: cores 4-15 for the workers, with their siblings.
-        assert loader_worker_cpus(mode, 0, 1, range(32), sysfs) == [c + s for c in range(4, 16) for s in (0, 16)]
-        # Two ranks: eight cores each, the first four of each share left to its training process.
-        assert loader_worker_cpus(mode, 0, 2, range(32), sysfs) == [4, 20, 5, 21, 6, 22, 7, 23]
-        assert loader_worker_cpus(mode, 1, 2, range(32), sysfs) == [12, 28, 13, 29, 14, 30, 15, 31]
+    # One rank: cores 4-15 for the workers, with their siblings.
+    assert loader_worker_cpus("pinned", 0, 1, range(32), sysfs) == [c + s for c in range(4, 16) for s in (0, 16)]
+    # Two ranks: eight cores each, the first four of each share for its training process.
+    assert loader_worker_cpus("pinned", 0, 2, range(32), sysfs) == [4, 20, 5, 21, 6, 22, 7, 23]
+    assert loader_worker_cpus("pinned", 1, 2, range(32), sysfs) == [12, 28, 13, 29, 14, 30, 15, 31]
     assert training_cpus("pinned", 0, 1, range(32), sysfs) == [0, 16, 1, 17, 2, 18, 3, 19]
     assert training_cpus("pinned", 1, 2, range(32), sysfs) == [8, 24, 9, 25, 10, 26, 11, 27]
 
@@ -52,7 +50,7 @@ def test_each_rank_gets_its_share_minus_the_training_cores(tmp_path):
 def test_too_few_cores_or_an_unknown_mode_is_a_config_error(tmp_path):
     sysfs = fake_sysfs(tmp_path, {c: str(c) for c in range(8)})
     with pytest.raises(ConfigError, match="8 physical cores for 3 rank.*give each 2.*data.cpu_affinity=none"):
-        loader_worker_cpus("split", 0, 3, range(8), sysfs)
+        loader_worker_cpus("pinned", 0, 3, range(8), sysfs)
     with pytest.raises(ConfigError, match="cpu_affinity=pinned: 8 physical cores for 2 rank.*give each 4"):
         training_cpus("pinned", 1, 2, range(8), sysfs)
     with pytest.raises(ConfigError, match="data.cpu_affinity: unknown 'spread'"):

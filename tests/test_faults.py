@@ -168,7 +168,7 @@ def test_bad_prepared_data_is_refused_by_the_loader(base, tmp_path, capsys, dist
     ("", ["the config file is empty"]),
     ("train:\n  checkpoint_every: 0\n", ["train.checkpoint_every"]),
     ("train:\n  pipeline: sparse\n", ["train.pipeline: unknown 'sparse'", "plain", "sparse_dist"]),
-    ("data:\n  cpu_affinity: pinned\n", ["data.cpu_affinity: unknown 'pinned'", "none", "split"]),
+    ("data:\n  cpu_affinity: spread\n", ["data.cpu_affinity: unknown 'spread'", "none", "pinned"]),
 ])
 def test_bad_config_is_refused_before_anything_is_written(base, tmp_path, capsys, dist_env, text, fragments):
     config = tmp_path / "typo.yaml"

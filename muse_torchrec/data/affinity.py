@@ -1,17 +1,15 @@
 """Which CPUs a rank's loader workers and its training process run on (``data.cpu_affinity``).
 
 - ``none`` (the default): wherever the OS places them.
-- ``split``: the CPUs this job may use are cut into equal shares of whole physical cores, one per
-  rank of the node (by local rank); the rank's workers run on its share except its first
-  ``TRAINING_CORES`` cores, which stay free for the training process (not pinned itself: with the
-  workers kept off those cores the OS schedules its threads there, or anywhere else).
-- ``pinned``: as ``split``, and the training process is pinned to those first cores.
+- ``pinned``: the CPUs this job may use are cut into equal shares of whole physical cores, one per
+  rank of the node (by local rank); the rank's training process (and every thread it starts later)
+  runs on the first ``TRAINING_CORES`` cores of its share, its loader workers on the rest.
 
-Why: on a GPU the training thread is bound by host time, and end to end every one of its ops ran
-20-40 % slower than in the model step alone on an H100 host (benchmarks/RESULTS.md row 51). Busy
-processes beside the model step alone slowed it 8-28 % when the OS placed them, 1-9 % when they were
-pinned off half the cores (row 53), spinning in registers about as much as streaming through
-memory: the cores are shared, not the caches.
+Why: on a GPU the training thread is bound by host time. Busy processes beside the model step
+alone slowed it 20-29 % where the OS placed them, 2-9 % where they were pinned off the training
+thread's cores (benchmarks/RESULTS.md row 53). The trainer's own loader workers are lighter (about
+two cores' worth at 150 k samples/s): pinned and none do not separate on it (row 54), so ``none``
+stays the default; multi-GPU nodes, with more workers per core, have not been measured.
 """
 
 from __future__ import annotations
@@ -24,7 +22,7 @@ import torch
 
 from muse_torchrec.config import ConfigError
 
-CPU_AFFINITIES = ("none", "split", "pinned")
+CPU_AFFINITIES = ("none", "pinned")
 # Cores kept for the training process: its training thread, the autograd engine's device thread,
 # the device GSU's thread, and one for the rest (the receipt of batches, NCCL, the driver).
 TRAINING_CORES = 4
@@ -96,7 +94,7 @@ def training_cpus(affinity: str, local_rank: int, local_world_size: int,
                   cpus: Optional[Sequence[int]] = None, sysfs: Path = SYSFS_CPUS) -> Optional[List[int]]:
     """The CPUs rank ``local_rank``'s training process is pinned to under ``affinity`` (None: not pinned)."""
     share = _rank_share(affinity, local_rank, local_world_size, cpus, sysfs)
-    return None if share is None or affinity != "pinned" else [cpu for core in share[:TRAINING_CORES] for cpu in core]
+    return None if share is None else [cpu for core in share[:TRAINING_CORES] for cpu in core]
 
 
 def place_training_process(affinity: str, local_rank: int, local_world_size: int) -> Optional[List[int]]:
