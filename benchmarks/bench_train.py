@@ -7,6 +7,9 @@ Modes (one process per GPU; launch with torchrun for several GPUs):
 - ``e2e``: the real data path: prepared shards on local disk -> loader workers (host GSU, KJTs)
   -> the model step. The shards are written by this script (``--work``) with the
   realistic vocabulary sizes of the config; they are generated, never carried.
+- ``shadow``: the data path of ``e2e`` runs beside the model step, one batch drawn (and dropped)
+  per step, while the step trains on ``model``'s pre-staged batches: what the data path's
+  presence (workers, the GSU thread) costs the step, without its hand-over.
 - ``baseline`` (with ``--baseline``): the same model with plain unsharded embedding tables copied on
   every GPU and DDP over everything, dense Adam on the tables (how the reference implementation
   trains), on the same pre-staged batches.
@@ -271,6 +274,13 @@ def e2e_batches(cfg: ExperimentConfig, work: Path, ctx: DistContext, num_workers
     return device.ahead(loader) if gsu_thread else device.over(loader)
 
 
+def paced_beside(staged: List[Batch], data_path: Iterable[Batch]) -> Iterator[Batch]:
+    """``staged`` cycled, one batch of ``data_path`` drawn and dropped before each (``shadow`` mode):
+    the data path runs beside the model step at its pace without feeding it; ends with the data path."""
+    for batch, _ in zip(cycle(staged), data_path):
+        yield batch
+
+
 def bench_loader(batches: Iterable[Batch], batch_size: int, device: torch.device, warmup: int,
                  steps: int, profile_steps: int = 0) -> Dict[str, object]:
     """Samples/s of the data path alone (``e2e_batches``, each batch moved to the device as the
@@ -327,8 +337,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/taobao_mm_p90.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--modes", nargs="+", default=["model"], choices=["model", "e2e", "loader"],
-                        help="loader: e2e's data path alone, without the model step")
+    parser.add_argument("--modes", nargs="+", default=["model"], choices=["model", "e2e", "loader", "shadow"],
+                        help="loader: e2e's data path alone, without the model step; shadow: the data path "
+                             "beside the model step, not feeding it")
     parser.add_argument("--baseline", action="store_true", help="also run the replicated baseline")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
@@ -418,7 +429,7 @@ def main() -> None:
                                                   args.profile_steps, freeze_gc=gc_mode == "frozen",
                                                   profiler=args.profiler, pipeline=pipeline)
                 results[name].update(compile_mode=mode, overrides=overrides, busy_procs=busy, busy_kind=busy_kind)
-    data_modes = [m for m in ("loader", "e2e") if m in args.modes]
+    data_modes = [m for m in ("loader", "e2e", "shadow") if m in args.modes]
     if data_modes:
         work = Path(args.work)
         if ctx.is_main and not (work / "meta.json").exists():
@@ -444,7 +455,8 @@ def main() -> None:
                 results[name] = bench_loader(loader, cfg.train.batch_size, ctx.device, args.warmup, args.steps,
                                              args.profile_steps)
             else:
-                results[name] = bench_sharded(cfg, vocab, loader, ctx, args.warmup, args.steps, args.profile_steps,
+                fed = loader if mode == "e2e" else paced_beside(batches, loader)
+                results[name] = bench_sharded(cfg, vocab, fed, ctx, args.warmup, args.steps, args.profile_steps,
                                               freeze_gc=True, profiler=args.profiler, pipeline=pipeline)
             results[name]["loader_workers"] = args.workers
     if args.baseline:

@@ -1,0 +1,40 @@
+"""benchmarks/bench_train.py: ``shadow`` mode's pacing draws one data-path batch per step and trains
+on the staged ones; the script runs every mode on the CPU."""
+
+import json
+import os
+import subprocess
+import sys
+
+import tiny_run
+
+sys.path.insert(0, str(tiny_run.ROOT / "benchmarks"))
+from bench_train import paced_beside  # noqa: E402
+
+
+def test_shadow_pacing_draws_one_data_batch_per_staged_batch_and_ends_with_the_data():
+    drawn = []
+
+    def data_path():
+        for i in range(5):
+            drawn.append(i)
+            yield f"data{i}"
+
+    paced = paced_beside(["a", "b"], data_path())
+    assert next(paced) == "a" and drawn == [0]
+    assert next(paced) == "b" and drawn == [0, 1]
+    assert list(paced) == ["a", "b", "a"] and drawn == [0, 1, 2, 3, 4]
+
+
+def test_every_mode_runs_on_the_cpu(tmp_path):
+    out = tmp_path / "bench.json"
+    subprocess.run(
+        [sys.executable, str(tiny_run.ROOT / "benchmarks" / "bench_train.py"), "--device", "cpu",
+         "--config", str(tiny_run.ROOT / "configs" / "demo_cpu.yaml"), "--set", "train.batch_size=64",
+         "--modes", "model", "e2e", "shadow", "--steps", "2", "--warmup", "1", "--workers", "1",
+         "--e2e-samples", "3000", "--work", str(tmp_path / "work"), "--out", str(out)],
+        check=True, env={**os.environ, **tiny_run.dist_env(0, 1, tiny_run.free_port(), tmp_path)},
+        capture_output=True, timeout=600)
+    results = json.loads(out.read_text())
+    for name in ("model", "e2e_device_gsu", "shadow_device_gsu"):
+        assert results[name]["samples_per_s_per_gpu"] > 0, name
