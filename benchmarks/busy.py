@@ -8,9 +8,9 @@ same step can be timed with and without them, on the training thread's cores or 
 
 Two kinds of work tell the causes apart: ``gather`` streams through memory (shares the last-level
 cache and memory bandwidth with the training thread), ``spin`` is integer arithmetic in registers
-(shares only the cores' clock and any hyper-thread siblings the host hides from a VM). If ``spin``
-slows the step as much as ``gather``, pinning or leaner memory access cannot help; fewer busy
-cores can.
+(shares only the cores, their clock and any hyper-thread siblings the host hides from a VM). Where
+``spin`` slows the step too, sharing cores is a cause, which keeping busy processes off the training
+thread's cores (``--busy-cpus``) helps and leaner memory access does not.
 """
 
 from __future__ import annotations

@@ -7,9 +7,10 @@
 
 Why: on a GPU the training thread is bound by host time. Busy processes beside the model step
 alone slowed it 20-29 % where the OS placed them, 2-9 % where they were pinned off the training
-thread's cores (benchmarks/RESULTS.md row 53). The trainer's own loader workers are lighter (about
-two cores' worth at 150 k samples/s): pinned and none do not separate on it (row 54), so ``none``
-stays the default; multi-GPU nodes, with more workers per core, have not been measured.
+thread's cores (benchmarks/RESULTS.md row 53). The trainer's own loader workers are lighter (its
+whole process tree, training thread included, averages about two busy cores at 150 k samples/s):
+pinned and none do not separate on it (row 54), so ``none`` stays the default; multi-GPU nodes,
+with more workers per core, have not been measured.
 """
 
 from __future__ import annotations
