@@ -50,8 +50,9 @@ class DataConfig:
     max_history: int = 1000
     recent: int = 50
     num_workers: int = 0
-    # Where MUSE's / SIM-hard's GSU runs: "workers" (the loader processes, on the CPU) or "device"
-    # (the training GPU, in a background thread; the SCL table is copied there). See README.
+    # Where MUSE's / SIM-hard's GSU runs: "workers" (the loader processes, on the CPU), "device" (the
+    # training GPU, in a background thread; the SCL table is copied there) or "device_inline" (the
+    # training GPU, in the training thread). See README.
     gsu_placement: str = "workers"
     # Where the training process and its loader workers run: "none" (anywhere) or "pinned" (each
     # rank's share of the node's cores, its first four for the training process, the rest for its

@@ -99,6 +99,7 @@ def test_gsu_ahead_stops_its_thread_when_the_consumer_stops():
 
 @pytest.mark.parametrize("overrides,message", [
     (["model.method=din", "data.gsu_placement=device"], "data.gsu_placement=device runs the GSUs"),
+    (["model.method=din", "data.gsu_placement=device_inline"], "data.gsu_placement=device_inline runs the GSUs"),
     (["data.gsu_placement=gpu"], "data.gsu_placement: unknown 'gpu'"),
 ])
 def test_trainer_refuses_placements_that_cannot_run(overrides, message):
@@ -108,3 +109,26 @@ def test_trainer_refuses_placements_that_cannot_run(overrides, message):
 
     with pytest.raises(ValueError, match=message):
         device_data_bytes(load_config(None, overrides), data=None)
+
+
+def test_batch_path_runs_the_device_gsu_ahead_or_in_the_training_thread(tmp_path):
+    """``device`` hands the loader to a GsuAhead (its own thread), ``device_inline`` applies the GSU
+    as each batch is drawn; both complete the same batches."""
+    from muse_torchrec.config import load_config
+    from muse_torchrec.data.device_gsu import GsuAhead
+    from muse_torchrec.data.loader import make_loader
+    from muse_torchrec.train.trainer import batch_path
+    from test_packed import small_prepared
+
+    data, _ = small_prepared(tmp_path)
+    blocks = [block for block, _ in zip(make_loader(data, "train", 16, lambda b: b), range(3))]
+    outputs = {}
+    for placement in ("device", "device_inline"):
+        cfg = load_config(None, [f"data.gsu_placement={placement}", "data.max_history=50"])
+        path = batch_path(cfg, data, torch.device("cpu"))
+        raws = [path.transform(block) for block in blocks]
+        finished = path.finish(raws)
+        assert isinstance(finished, GsuAhead) == (placement == "device")
+        outputs[placement] = [batch.topk_scores for batch in finished]
+    assert all(torch.equal(a, b) for a, b in zip(outputs["device"], outputs["device_inline"]))
+    assert len(outputs["device"]) == 3

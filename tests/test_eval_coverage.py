@@ -58,8 +58,12 @@ def test_every_test_sample_scored_once(prepared, tmp_path, nproc, workers, place
 
 def test_gsu_placements_train_the_same_model(prepared, tmp_path):
     """The device GSU selects what the workers' GSU selects (tests/test_device_gsu.py), so one process
-    trains to the same metrics either way (up to float rounding of the GSU scores)."""
+    trains to the same metrics either way (up to float rounding of the GSU scores); inline or ahead
+    of the training thread, exactly the same."""
     workers = run_train(prepared, tmp_path / "workers", 1)
     device = run_train(prepared, tmp_path / "device", 1, placement="device")
     for key in ("auc", "gauc", "logloss"):
         assert abs(workers[key] - device[key]) < 1e-4, (key, workers[key], device[key])
+    # The device GSU in the training thread computes exactly what its thread ahead computes.
+    inline = run_train(prepared, tmp_path / "inline", 1, placement="device_inline")
+    assert [inline[key] for key in ("auc", "gauc", "logloss")] == [device[key] for key in ("auc", "gauc", "logloss")]

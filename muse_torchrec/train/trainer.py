@@ -57,23 +57,27 @@ from muse_torchrec.train.step import TrainStepper, check_pipeline, make_stepper
 log = logging.getLogger("muse_torchrec")
 
 
-GSU_PLACEMENTS = ("workers", "device")
+GSU_PLACEMENTS = ("workers", "device", "device_inline")
 
 
 @dataclass
 class BatchPath:
     """How sample blocks become batches on the training device (``data.gsu_placement``).
 
-    ``transform`` runs in the loader workers; ``gsu`` (placement "device") then selects the top-K
-    on the GPU, ahead of the training thread.
+    ``transform`` runs in the loader workers; ``gsu`` (placements "device*") then selects the top-K
+    on the GPU: ahead of the training thread in a thread of its own (``ahead``), or in the training
+    thread as each batch is drawn.
     """
 
     transform: Callable[[SampleBlock], object]
     gsu: Optional[DeviceGsu] = None
+    ahead: bool = True
 
     def finish(self, batches: Iterable[object]) -> Iterable[object]:
         """The loader's output -> batches (``.to(device)`` still applies)."""
-        return batches if self.gsu is None else self.gsu.ahead(batches)
+        if self.gsu is None:
+            return batches
+        return self.gsu.ahead(batches) if self.ahead else self.gsu.over(batches)
 
     def build(self, block: SampleBlock) -> Batch:
         """One block in the training process (e.g. eval's padding batch)."""
@@ -89,7 +93,7 @@ def _device_gsu_kind(cfg: ExperimentConfig) -> Optional[str]:
     if placement == "workers":
         return None
     if kind not in DEVICE_GSU_KINDS:
-        raise ValueError(f"data.gsu_placement=device runs the GSUs {DEVICE_GSU_KINDS}; method "
+        raise ValueError(f"data.gsu_placement={placement} runs the GSUs {DEVICE_GSU_KINDS}; method "
                          f"{cfg.model.method!r} uses {kind!r}: use data.gsu_placement=workers")
     return kind
 
@@ -102,7 +106,7 @@ def batch_path(cfg: ExperimentConfig, data: PreparedData, device: torch.device, 
                                   max_history=cfg.data.max_history, pad_to=pad_to, k=cfg.model.k, kind=kind)
     gsu = DeviceGsu(data.scl_vectors(), data.item_scl_row(), device, k=cfg.model.k, kind=kind,
                     graph_shape=(cfg.train.batch_size, cfg.data.max_history))
-    return BatchPath(deferred, gsu)
+    return BatchPath(deferred, gsu, ahead=cfg.data.gsu_placement == "device")
 
 
 def device_data_bytes(cfg: ExperimentConfig, data: PreparedData) -> int:
