@@ -8,20 +8,26 @@
 #     bash benchmarks/ab_trainer.sh ab_base.tgz new base base new new base
 # A run is "new" or "base", optionally with config overrides after colons:
 #     new:data.cpu_affinity=split   base:data.num_workers=8
-# Each run: 1,200 steps of the p90 config on 1.2 M make_prepared.py samples (made once in
-# /tmp/prep_full). Prints samples/s after the first log line per run, then one hash per run of the
-# loss at every log line (to 6 decimals): equal hashes, equal training. Logs: $OUT/ab_logs.tgz.
+# Each run: one pass over 1.2 M make_prepared.py samples of the config (made once), on AB_NPROC GPUs.
+# Prints samples/s per GPU after the first log line per run, with a hash of the loss at every log
+# line (to 6 decimals): equal hashes, equal training. Logs: $OUT/ab_logs.tgz.
+# Settings (environment): AB_CONFIG (configs/taobao_mm_p90.yaml), AB_NPROC (1), AB_DATA (the
+# prepared data's folder, /tmp/prep_full), AB_SAMPLES (1200000). E.g. the full vocabulary on two GPUs:
+#     AB_CONFIG=configs/taobao_mm_full.yaml AB_NPROC=2 AB_DATA=/tmp/prep_243m bash benchmarks/ab_trainer.sh ab_base.tgz new new:train.compile_mode=graphs
 set -euo pipefail
 
 base_tgz=$1
 shift
+config=${AB_CONFIG:-configs/taobao_mm_p90.yaml}
+nproc=${AB_NPROC:-1}
+data=${AB_DATA:-/tmp/prep_full}
 root=$PWD
 rm -rf /tmp/ab_base /tmp/ab_runs
 mkdir -p /tmp/ab_base /tmp/ab_runs
 tar xzf "$base_tgz" -C /tmp/ab_base
-if [ ! -f /tmp/prep_full/meta.json ]; then
-  python benchmarks/make_prepared.py --config configs/taobao_mm_p90.yaml --out /tmp/prep_full \
-    --samples 1200000 --test-samples 20000 > /tmp/ab_runs/prepare.log 2>&1
+if [ ! -f "$data/meta.json" ]; then
+  python benchmarks/make_prepared.py --config "$config" --out "$data" \
+    --samples "${AB_SAMPLES:-1200000}" --test-samples 20000 > /tmp/ab_runs/prepare.log 2>&1
 fi
 
 i=0
@@ -37,22 +43,23 @@ for run in "$@"; do
   overrides=()
   for override in "${parts[@]:1}"; do overrides+=(--set "$override"); done
   name=${i}_$who
-  if ! (cd "$tree" && PYTHONPATH=$tree:${PYTHONPATH:-} torchrun --nproc_per_node 1 -m muse_torchrec.cli train \
-      --config configs/taobao_mm_p90.yaml --set data.prepared_dir=/tmp/prep_full --set data.vocab=full \
+  if ! (cd "$tree" && PYTHONPATH=$tree:${PYTHONPATH:-} torchrun --nproc_per_node "$nproc" -m muse_torchrec.cli train \
+      --config "$config" --set data.prepared_dir="$data" --set data.vocab=full \
       --set train.keep_checkpoints=0 --set train.log_every=100 --set train.run_dir=/tmp/ab_runs/$name \
       "${overrides[@]}" > /tmp/ab_runs/$name.log 2>&1); then
     echo "$run: the trainer failed (the end of /tmp/ab_runs/$name.log:)"
     tail -n 20 /tmp/ab_runs/$name.log
     continue
   fi
-  python - "$run" /tmp/ab_runs/$name <<'EOF'
+  python - "$run" /tmp/ab_runs/$name "$nproc" <<'EOF'
 import json, sys
 from pathlib import Path
-run, run_dir = sys.argv[1], Path(sys.argv[2])
+run, run_dir, nproc = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 metrics = json.loads((run_dir / "metrics.json").read_text())
 losses = [round(json.loads(line)["loss"], 6) for line in (run_dir / "train_log.jsonl").read_text().splitlines()
           if "loss" in json.loads(line)]
-print(f"{run:<40} {metrics['train_samples_per_s_warm']:>10,.0f} samples/s   losses {hash(tuple(losses)) & 0xffffffff:08x}")
+per_gpu = metrics["train_samples_per_s_warm"] / nproc
+print(f"{run:<40} {per_gpu:>10,.0f} samples/s per GPU   losses {hash(tuple(losses)) & 0xffffffff:08x}")
 EOF
 done
 if [ -n "${OUT:-}" ]; then tar czf "$OUT/ab_logs.tgz" -C /tmp ab_runs; fi
