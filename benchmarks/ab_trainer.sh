@@ -7,7 +7,7 @@
 # On the GPU host, in the repository root, after `source .gpu/install.sh && export PYTHONPATH=$PWD:$PYTHONPATH`:
 #     bash benchmarks/ab_trainer.sh ab_base.tgz new base base new new base
 # A run is "new" or "base", optionally with config overrides after colons:
-#     new:data.cpu_affinity=split   base:data.num_workers=8
+#     new:data.gsu_placement=device_inline   base:data.num_workers=8
 # Each run: one pass over 1.2 M make_prepared.py samples of the config (made once), on AB_NPROC GPUs.
 # Prints samples/s per GPU after the first log line per run, with a hash of the loss at every log
 # line (to 6 decimals): equal hashes, equal training. Logs: $OUT/ab_logs.tgz.
