@@ -96,10 +96,13 @@ class ShardedModel:
     plan: PlanReport
 
 
-def shard_model(model: nn.Module, cfg: ExperimentConfig, ctx: DistContext, reserved_bytes: int = 0) -> ShardedModel:
+def shard_model(model: nn.Module, cfg: ExperimentConfig, ctx: DistContext, reserved_bytes: int = 0,
+                ddp_on_one_rank: bool = False) -> ShardedModel:
     """Plan collectively, shard with DMP, compile the dense tower (``train.compile_mode``), and build
     the combined (fused sparse + dense Adam) optimizer. ``reserved_bytes``: device memory the plan
-    must leave free (data the training process keeps on the GPU besides the model)."""
+    must leave free (data the training process keeps on the GPU besides the model).
+    ``ddp_on_one_rank``: wrap the dense part in DDP even when the job has one rank (the trainer
+    leaves it unwrapped there), so one GPU can test and time the multi-rank path's dense side."""
     device_type = ctx.device.type
     compile_tower(model, cfg.train.compile_mode, ctx.device)
     attach_sparse_optimizer(model, cfg.train.sparse_optimizer, cfg.train.sparse_lr, device_type)
@@ -115,7 +118,7 @@ def shard_model(model: nn.Module, cfg: ExperimentConfig, ctx: DistContext, reser
         process_group=torch.distributed.GroupMember.WORLD,
     )
     dmp = DistributedModelParallel(module=model, device=ctx.device, plan=report.plan, sharders=sharders,
-                                   data_parallel_wrapper=SingleRankDense() if ctx.world_size == 1 else None)
+                                   data_parallel_wrapper=SingleRankDense() if ctx.world_size == 1 and not ddp_on_one_rank else None)
     dense = KeyedOptimizerWrapper(
         dict(in_backward_optimizer_filter(dmp.named_parameters())),
         lambda params: dense_adam(params, cfg.train.dense_lr, cfg.train.compile_mode, ctx.device),
