@@ -213,15 +213,15 @@ def step_function(pipeline: str, model: torch.nn.Module, optimizer: torch.optim.
 def bench_sharded(cfg: ExperimentConfig, vocab: Mapping[str, int], batches: Iterable[Batch], ctx: DistContext,
                   warmup: int, steps: int, profile_steps: int = 0, freeze_gc: bool = False,
                   profiler: str = "torch", pipeline: Optional[str] = None,
-                  ddp_on_one_rank: bool = False) -> Dict[str, object]:
+                  sync_dense_on_one_rank: bool = False) -> Dict[str, object]:
     """Samples/s of DMP under ``pipeline`` (``PIPELINES``; None: the config's ``train.pipeline``, as the
     trainer) over ``batches`` (cycled if a list);
     ``profile_steps`` more steps under ``profiler`` ("torch": torch.profiler's op tables, "python": cProfile);
-    ``ddp_on_one_rank``: the dense part in DDP on one rank too (``shard_model``)."""
+    ``sync_dense_on_one_rank``: the dense part synchronised as on several ranks (``shard_model``)."""
     _reset_peak(ctx.device)
     model = build_model(cfg.model, vocab, sequence_features(get_method(cfg.model.method).gsu),
                         cfg.data.recent, cfg.data.max_history)
-    sharded = shard_model(model, cfg, ctx, ddp_on_one_rank=ddp_on_one_rank)
+    sharded = shard_model(model, cfg, ctx, sync_dense_on_one_rank=sync_dense_on_one_rank)
     step = step_function(pipeline or cfg.train.pipeline, sharded.model, sharded.optimizer, ctx.device)
     batch_iter = iter(batches)
     timing = timed_steps(step, batch_iter, warmup, steps, ctx.device, freeze_gc)
@@ -388,9 +388,9 @@ def main() -> None:
     parser.add_argument("--busy-procs", nargs="+", type=parse_busy, default=[(0, "gather")], metavar="N[:KIND]",
                         help="model mode: one run per entry with N busy processes beside it doing KIND of work "
                              "(busy.py: gather, the default, or spin); repeat entries to alternate")
-    parser.add_argument("--ddp-on-one-rank", action="store_true",
-                        help="model mode: the dense part in DDP even on one GPU (as on two or more; the trainer "
-                             "leaves it unwrapped on one), to time the multi-rank path's dense side on one GPU")
+    parser.add_argument("--sync-dense-on-one-rank", action="store_true",
+                        help="model mode: the dense part synchronised as train.dense_sync does on two or more GPUs "
+                             "(the trainer does not on one), to time that path on one GPU")
     parser.add_argument("--busy-cpus", default=None, metavar="LIST",
                         help="the CPUs the busy processes run on, as sysfs writes them (e.g. 4-15)")
     parser.add_argument("--out", default=None)
@@ -412,7 +412,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
         "batch_size_per_gpu": cfg.train.batch_size, "history": cfg.data.max_history,
         "k": cfg.model.k, "vocab_sizes": vocab, "sparse_optimizer": cfg.train.sparse_optimizer,
-        "cuda_sync": args.cuda_sync, "ddp_on_one_rank": args.ddp_on_one_rank,
+        "cuda_sync": args.cuda_sync, "sync_dense_on_one_rank": args.sync_dense_on_one_rank,
     }
     batches = staged_batches(cfg, vocab, shapes, args.distinct_batches, seed=1000 + ctx.rank, device=ctx.device)
     if "model" in args.modes:
@@ -433,7 +433,7 @@ def main() -> None:
                     results[name] = bench_sharded(mode_cfg, vocab, cycle(batches), ctx, args.warmup, args.steps,
                                                   args.profile_steps, freeze_gc=gc_mode == "frozen",
                                                   profiler=args.profiler, pipeline=pipeline,
-                                                  ddp_on_one_rank=args.ddp_on_one_rank)
+                                                  sync_dense_on_one_rank=args.sync_dense_on_one_rank)
                 results[name].update(compile_mode=mode, overrides=overrides, busy_procs=busy, busy_kind=busy_kind)
     data_modes = [m for m in ("loader", "e2e", "shadow") if m in args.modes]
     if data_modes:

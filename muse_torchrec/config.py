@@ -131,6 +131,11 @@ class TrainConfig:
     # or "sparse_dist" (TorchRec's TrainPipelineSparseDist: overlaps the next batch's copy and input
     # distribution; costs more host time per step, see train/step.py).
     pipeline: str = "plain"
+    # How the dense part stays identical on 2+ ranks (train.dense_sync.DENSE_SYNCS): "allreduce"
+    # (rank 0's weights broadcast once, the gradients averaged in one all-reduce before each dense
+    # optimizer step) or "ddp" (TorchRec's default, DistributedDataParallel; not with compile_mode
+    # "graphs", whose capture CUDA refuses inside DDP's forward).
+    dense_sync: str = "allreduce"
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """Sharded (2 gloo ranks, row-wise tables) versus unsharded training: same losses step by step,
-for both of the trainer's steppers (``train.step``: the plain step and TrainPipelineSparseDist).
+for both of the trainer's steppers (``train.step``: the plain step and TrainPipelineSparseDist) and
+both ways of keeping the dense part in step (``train.dense_sync``: one all-reduce, or DDP).
 
-Semantics the reference reproduces: each rank's loss is the mean over its own samples; DDP averages
-dense gradients over ranks, and TorchRec's backward all-to-all divides embedding-row gradients by the
+Semantics the reference reproduces: each rank's loss is the mean over its own samples; the dense
+gradients are averaged over ranks (by one all-reduce, or by DDP), and TorchRec's backward all-to-all divides embedding-row gradients by the
 world size (its default gradient division), so both are gradients of the mean of the per-rank
 losses. The unsharded reference takes that mean over the two half batches. Dice's batch norm sees
 each half separately in both runs, as it does per GPU.
@@ -30,8 +31,8 @@ K, RECENT, MAX_HISTORY = 6, 5, 40
 SPARSE_LR, DENSE_LR = 0.5, 0.01
 
 
-def config(method: str, compile_mode: str = "none", pipeline: str = "plain") -> ExperimentConfig:
-    return load_config(None, [f"train.pipeline={pipeline}",
+def config(method: str, compile_mode: str = "none", pipeline: str = "plain", dense_sync: str = "allreduce") -> ExperimentConfig:
+    return load_config(None, [f"train.pipeline={pipeline}", f"train.dense_sync={dense_sync}",
         f"model.method={method}", f"train.compile_mode={compile_mode}", f"model.k={K}", f"data.recent={RECENT}", f"data.max_history={MAX_HISTORY}",
         "train.sparse_optimizer=sgd", f"train.sparse_lr={SPARSE_LR}", f"train.dense_lr={DENSE_LR}",
         "train.batch_size=24", "model.mlp=[32, 16]",
@@ -56,14 +57,14 @@ def reference_model(cfg: ExperimentConfig):
                        device=torch.device("cpu"))
 
 
-def sharded_worker(rank: int, method: str, compile_mode: str, pipeline: str, tmp: str) -> None:
+def sharded_worker(rank: int, method: str, compile_mode: str, pipeline: str, dense_sync: str, tmp: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=Path(tmp, "port").read_text(), OMP_NUM_THREADS="1")
     from muse_torchrec.train.distributed import init_distributed, shutdown
     from muse_torchrec.train.sharded import load_unsharded_state, shard_model
     from muse_torchrec.train.step import make_stepper
 
-    cfg = config(method, compile_mode, pipeline)
+    cfg = config(method, compile_mode, pipeline, dense_sync)
     ctx = init_distributed("cpu")
     start_state = reference_model(cfg).state_dict()
     model = build_model(cfg.model, VOCAB, sequence_features(get_method(method).gsu), RECENT, MAX_HISTORY)
@@ -132,18 +133,19 @@ def reference_losses(method: str):
     return losses, model.state_dict()
 
 
-@pytest.mark.parametrize("method,compile_mode,pipeline", [
-    ("muse", "none", "plain"), ("din", "none", "plain"), ("muse", "default", "plain"),
-    ("muse", "none", "sparse_dist"), ("muse", "default", "sparse_dist"),
+@pytest.mark.parametrize("method,compile_mode,pipeline,dense_sync", [
+    ("muse", "none", "plain", "allreduce"), ("din", "none", "plain", "allreduce"),
+    ("muse", "default", "plain", "allreduce"), ("muse", "none", "sparse_dist", "allreduce"),
+    ("muse", "default", "sparse_dist", "allreduce"), ("muse", "none", "plain", "ddp"),
 ])
-def test_sharded_matches_unsharded(tmp_path, method, compile_mode, pipeline):
+def test_sharded_matches_unsharded(tmp_path, method, compile_mode, pipeline, dense_sync):
     """The unsharded reference runs eagerly: a compiled tower must compute the same."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         (tmp_path / "port").write_text(str(s.getsockname()[1]))
-    mp.start_processes(sharded_worker, args=(method, compile_mode, pipeline, str(tmp_path)), nprocs=WORLD,
+    mp.start_processes(sharded_worker, args=(method, compile_mode, pipeline, dense_sync, str(tmp_path)), nprocs=WORLD,
                        start_method="spawn")
     sharded = [json.loads((tmp_path / f"losses{r}.json").read_text()) for r in range(WORLD)]
     compiled = [json.loads((tmp_path / f"compiled{r}.json").read_text()) for r in range(WORLD)]
@@ -155,7 +157,7 @@ def test_sharded_matches_unsharded(tmp_path, method, compile_mode, pipeline):
     # The losses move: the test would notice a run that does not train.
     assert reference[0] != reference[-1]
     # Every parameter after training, embedding rows included, equals the unsharded run's. (Batch-norm
-    # running statistics are per rank, as with any DDP model, and are not compared.)
+    # running statistics are per rank, with either train.dense_sync, and are not compared.)
     trained = assemble([torch.load(tmp_path / f"state{r}.pt") for r in range(WORLD)], reference_state)
     start = reference_model(config(method)).state_dict()
     # Compiled kernels sum in another order; Adam's normalised steps carry that rounding into

@@ -17,8 +17,7 @@ from typing import Dict, List, Type
 import torch
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
-from torchrec.distributed.model_parallel import DataParallelWrapper, DistributedModelParallel
-from torchrec.distributed.types import ShardingEnv
+from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -27,6 +26,7 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from muse_torchrec.config import ExperimentConfig, ShardingConfig
 from muse_torchrec.model.muse import compile_tower
 from muse_torchrec.sharding import GIB, PlanReport, make_sharders, plan_model
+from muse_torchrec.train.dense_sync import GradientAverage, averages_gradients, check_dense_sync, dense_wrapper
 from muse_torchrec.train.distributed import DistContext
 from muse_torchrec.train.graphed_adam import GraphedAdam
 
@@ -69,18 +69,6 @@ def with_device_memory(cfg: ShardingConfig, device: torch.device, reserved_bytes
     return replace(cfg, hbm_gb=(torch.cuda.get_device_properties(device).total_memory - reserved_bytes) / GIB)
 
 
-class SingleRankDense(DataParallelWrapper):
-    """Leaves the dense part unwrapped: with one rank DDP has nothing to average, and its per-step
-    bookkeeping (gradient hooks, bucket copies, a one-rank all-reduce) is host time on a step
-    that host time already bounds."""
-
-    def wrap(self, dmp: DistributedModelParallel, env: ShardingEnv, device: torch.device) -> None:
-        if env.world_size != 1:
-            raise ValueError(f"SingleRankDense is for one rank, the job has {env.world_size}")
-        # The dense modules were built on the host; DDP's wrapper would have moved them.
-        dmp._dmp_wrapped_module.to(device)
-
-
 def dense_adam(params: List[nn.Parameter], lr: float, compile_mode: str, device: torch.device) -> torch.optim.Optimizer:
     """The dense parameters' Adam: on GPU the fused (single-kernel) one, which saves launches on a
     host-bound step, and with ``train.compile_mode: graphs`` its step replayed as a CUDA graph too."""
@@ -97,12 +85,13 @@ class ShardedModel:
 
 
 def shard_model(model: nn.Module, cfg: ExperimentConfig, ctx: DistContext, reserved_bytes: int = 0,
-                ddp_on_one_rank: bool = False) -> ShardedModel:
+                sync_dense_on_one_rank: bool = False) -> ShardedModel:
     """Plan collectively, shard with DMP, compile the dense tower (``train.compile_mode``), and build
     the combined (fused sparse + dense Adam) optimizer. ``reserved_bytes``: device memory the plan
     must leave free (data the training process keeps on the GPU besides the model).
-    ``ddp_on_one_rank``: wrap the dense part in DDP even when the job has one rank (the trainer
-    leaves it unwrapped there), so one GPU can test and time the multi-rank path's dense side."""
+    ``sync_dense_on_one_rank``: synchronise the dense part as ``train.dense_sync`` does on several ranks
+    even when the job has one (the trainer does not there), so one GPU can test and time that path."""
+    check_dense_sync(cfg.train.dense_sync, cfg.train.compile_mode)
     device_type = ctx.device.type
     compile_tower(model, cfg.train.compile_mode, ctx.device)
     attach_sparse_optimizer(model, cfg.train.sparse_optimizer, cfg.train.sparse_lr, device_type)
@@ -117,12 +106,17 @@ def shard_model(model: nn.Module, cfg: ExperimentConfig, ctx: DistContext, reser
         sharders=sharders,
         process_group=torch.distributed.GroupMember.WORLD,
     )
+    sync = (cfg.train.dense_sync, ctx.world_size, sync_dense_on_one_rank)
     dmp = DistributedModelParallel(module=model, device=ctx.device, plan=report.plan, sharders=sharders,
-                                   data_parallel_wrapper=SingleRankDense() if ctx.world_size == 1 and not ddp_on_one_rank else None)
-    dense = KeyedOptimizerWrapper(
-        dict(in_backward_optimizer_filter(dmp.named_parameters())),
-        lambda params: dense_adam(params, cfg.train.dense_lr, cfg.train.compile_mode, ctx.device),
-    )
+                                   data_parallel_wrapper=dense_wrapper(*sync))
+
+    def dense_optimizer(params: List[nn.Parameter]) -> torch.optim.Optimizer:
+        optimizer = dense_adam(params, cfg.train.dense_lr, cfg.train.compile_mode, ctx.device)
+        if averages_gradients(*sync):
+            optimizer.register_step_pre_hook(GradientAverage())
+        return optimizer
+
+    dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())), dense_optimizer)
     return ShardedModel(model=dmp, optimizer=CombinedOptimizer([dmp.fused_optimizer, dense]), plan=report)
 
 

@@ -52,6 +52,7 @@ from muse_torchrec.train.checkpoint import (
 )
 from muse_torchrec.train.distributed import DistContext, all_reduce_int
 from muse_torchrec.train.sharded import ShardedModel, shard_model
+from muse_torchrec.train.dense_sync import check_dense_sync
 from muse_torchrec.train.step import TrainStepper, check_pipeline, make_stepper
 
 log = logging.getLogger("muse_torchrec")
@@ -423,6 +424,7 @@ def run(cfg: ExperimentConfig, ctx: DistContext) -> Dict[str, float]:
     """
     check_checkpoint_settings(cfg)
     check_pipeline(cfg.train.pipeline)
+    check_dense_sync(cfg.train.dense_sync, cfg.train.compile_mode)
     pinned = place_training_process(cfg.data.cpu_affinity, ctx.local_rank, ctx.local_world_size)  # ConfigError now
     if pinned is not None:
         log.info("rank %d: training process pinned to CPUs %s", ctx.rank, pinned)
