@@ -418,7 +418,7 @@ def main() -> None:
     if "model" in args.modes:
         for variant, overrides in enumerate(args.variant or [""]):
             variant_cfg = apply_overrides(cfg, [o for o in overrides.split(";") if o])
-            modes = args.compile_modes or [cfg.train.compile_mode]
+            modes = args.compile_modes or [variant_cfg.train.compile_mode]
             runs = product(enumerate(modes), args.gc_modes, enumerate(args.pipelines or [None]), args.busy_procs)
             for (mode_run, mode), gc_mode, (run, pipeline), busy_entry in runs:
                 mode_cfg = replace(variant_cfg, train=replace(variant_cfg.train, compile_mode=mode))
