@@ -9,8 +9,8 @@
 
 Why "allreduce" by default: ``train.compile_mode: graphs`` captures the tower's CUDA graphs at the
 first step, inside the model's forward, and CUDA refuses that capture inside DDP's forward
-("operation would make the legacy stream depend on a capturing blocking stream", one H100, one
-NCCL rank: tests/test_dense_sync.py); and the step is bound by host time, where DDP's per-parameter
+("operation would make the legacy stream depend on a capturing blocking stream", seen on an H100
+with one NCCL rank, benchmarks/RESULTS.md row 58); and the step is bound by host time, where DDP's per-parameter
 hooks and bucket copies cost more than one all-reduce of the few MB of dense gradients after the
 backward. On one rank neither runs (nothing to average) unless asked for, to time or test the
 multi-rank path on one GPU.

@@ -50,9 +50,9 @@ from muse_torchrec.train.checkpoint import (
     resume_point,
     save_checkpoint,
 )
+from muse_torchrec.train.dense_sync import check_dense_sync
 from muse_torchrec.train.distributed import DistContext, all_reduce_int
 from muse_torchrec.train.sharded import ShardedModel, shard_model
-from muse_torchrec.train.dense_sync import check_dense_sync
 from muse_torchrec.train.step import TrainStepper, check_pipeline, make_stepper
 
 log = logging.getLogger("muse_torchrec")
