@@ -49,6 +49,7 @@ from muse_torchrec.data.affinity import cpu_list
 from muse_torchrec.data.batch import Batch, BatchBuilder, sequence_features
 from muse_torchrec.data.block import SampleBlock
 from muse_torchrec.data.device_gsu import DeferredGsuBuilder, DeviceGsu
+from muse_torchrec.data.feeder import ProcessFeeder
 from muse_torchrec.model.methods import build_model, get_method
 from muse_torchrec.train.distributed import DistContext, init_distributed, shutdown
 from muse_torchrec.data.loader import PreparedData, count_batches, make_loader
@@ -276,6 +277,11 @@ def e2e_batches(cfg: ExperimentConfig, work: Path, ctx: DistContext, num_workers
     return device.ahead(loader) if gsu_thread else device.over(loader)
 
 
+# --gsu-places -> the suffix of a run's name.
+GSU_PLACES = {"host": "", "device": "_device_gsu", "device_ahead": "_device_gsu_ahead",
+              "device_process": "_device_gsu_process"}
+
+
 def paced_beside(staged: List[Batch], data_path: Iterable[Batch]) -> Iterator[Batch]:
     """``staged`` cycled, one batch of ``data_path`` drawn and dropped before each (``shadow`` mode):
     the data path runs beside the model step at its pace without feeding it; ends with the data path."""
@@ -352,9 +358,10 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/muse_bench_prepared", help="prepared shards for e2e mode")
     parser.add_argument("--e2e-samples", type=int, default=400_000, help="train samples written for e2e mode")
     parser.add_argument("--workers", type=int, default=8, help="loader worker processes per rank (e2e)")
-    parser.add_argument("--gsu-places", nargs="+", default=["device"], choices=["host", "device", "device_ahead"],
+    parser.add_argument("--gsu-places", nargs="+", default=["device"], choices=sorted(GSU_PLACES),
                         help="e2e: run the GSU in the loader workers (host) and/or on the GPU in the training "
-                             "thread (device) or in a background thread (device_ahead)")
+                             "thread (device), in a background thread (device_ahead), or with the whole data "
+                             "path in a process of its own handing device batches over (device_process)")
     parser.add_argument("--packing", nargs="+", default=["slots"],
                         choices=["slots", "pageable_slots", "packed", "unpacked"],
                         help="e2e: batches from the workers through their shared slots (as the trainer), "
@@ -447,16 +454,16 @@ def main() -> None:
                 for graph in (args.gsu_graphs if place != "host" else ["graphed"]) for sharing in args.sharing
                 for pipe in enumerate(args.pipelines if mode == "e2e" and args.pipelines else [None])]
         for place, packed, graph, sharing, (run, pipeline) in runs:
-            name = mode + {"host": "", "device": "_device_gsu", "device_ahead": "_device_gsu_ahead"}[place]
+            name = mode + GSU_PLACES[place]
             name += ("" if packed == "slots" else f":{packed}") + ("" if graph == "graphed" else ":eager")
             name += "" if pipeline is None else f":{pipeline}:{run}"
             if sharing is not None:
                 torch.multiprocessing.set_sharing_strategy(sharing)
                 name += f":{sharing}"
             name = unique_name(name, results)
-            loader = e2e_batches(cfg, work, ctx, args.workers, args.warmup + args.steps + args.profile_steps,
-                                 place != "host", packed, gsu_thread=place == "device_ahead",
-                                 graphed_gsu=graph == "graphed")
+            path = (cfg, work, ctx, args.workers, args.warmup + args.steps + args.profile_steps, place != "host",
+                    packed, place == "device_ahead", graph == "graphed")
+            loader = ProcessFeeder(e2e_batches, path, ctx.device) if place == "device_process" else e2e_batches(*path)
             if mode == "loader":
                 results[name] = bench_loader(loader, cfg.train.batch_size, ctx.device, args.warmup, args.steps,
                                              args.profile_steps)

@@ -1,5 +1,6 @@
 """benchmarks/bench_train.py: ``shadow`` mode's pacing draws one data-path batch per step and trains
-on the staged ones; the script runs every mode on the CPU (the model step with its dense part synchronised as on several ranks)."""
+on the staged ones; the script runs every mode on the CPU (the model step with its dense part
+synchronised as on several ranks; the data path in the training process and in a feeder process)."""
 
 import json
 import os
@@ -32,10 +33,10 @@ def test_every_mode_runs_on_the_cpu(tmp_path):
         [sys.executable, str(tiny_run.ROOT / "benchmarks" / "bench_train.py"), "--device", "cpu",
          "--config", str(tiny_run.ROOT / "configs" / "demo_cpu.yaml"), "--set", "train.batch_size=64",
          "--modes", "model", "e2e", "shadow", "--steps", "2", "--warmup", "1", "--workers", "1",
-         "--e2e-samples", "3000", "--sync-dense-on-one-rank", "--work", str(tmp_path / "work"), "--out", str(out)],
+         "--e2e-samples", "3000", "--sync-dense-on-one-rank", "--gsu-places", "device", "device_process", "--work", str(tmp_path / "work"), "--out", str(out)],
         check=True, env={**os.environ, **tiny_run.dist_env(0, 1, tiny_run.free_port(), tmp_path)},
         capture_output=True, timeout=600)
     results = json.loads(out.read_text())
     assert results["sync_dense_on_one_rank"] is True
-    for name in ("model", "e2e_device_gsu", "shadow_device_gsu"):
+    for name in ("model", "e2e_device_gsu", "shadow_device_gsu", "e2e_device_gsu_process", "shadow_device_gsu_process"):
         assert results[name]["samples_per_s_per_gpu"] > 0, name
