@@ -83,13 +83,13 @@ class ProcessFeeder:
         depth: batches made ahead of the consumer.
 
     Iterate once; ``close`` (or the end of the iteration) stops the feeder, whose shared buffers
-    every batch handed out is a view of: close once the batches are done with (on a GPU, once the
-    work that reads them has run).
+    every batch handed out is a view of: keep no batch past it.
     """
 
     def __init__(self, make_batches: Callable[..., Iterable[Any]], args: Tuple[Any, ...], device: torch.device,
                  depth: int = 4) -> None:
         context = mp.get_context("spawn")
+        self.device = device
         self.queue = context.Queue(maxsize=depth)
         self.consumer_done = context.Event()
         # Not a daemon: daemonic processes may not start the loader's workers.
@@ -120,9 +120,12 @@ class ProcessFeeder:
             self.close()
 
     def close(self) -> None:
-        """Let the feeder end (after its shared buffers are released here) and wait for it."""
+        """Let the feeder end and wait for it; first, on a GPU, for the work queued here that may read
+        its buffers (the last batch's step, when the iteration ends)."""
         if self.process is None:
             return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         self.consumer_done.set()
         self.process.join(timeout=30)
         if self.process.is_alive():
