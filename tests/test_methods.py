@@ -108,7 +108,7 @@ def test_item_and_category_sequences_have_equal_lengths(gsu: str):
 def test_sharded_pipeline_matches_unsharded(tmp_path, method):
     """2 gloo ranks through TrainPipelineSparseDist (its fx tracer must keep the GSU a leaf) give the
     losses and parameters of an unsharded model."""
-    sharded_parity.test_sharded_matches_unsharded(tmp_path, method, "none", "sparse_dist", "allreduce")
+    sharded_parity.check_against_unsharded(tmp_path, method, "none", "sparse_dist", "allreduce")
 
 
 def _padded(jt, length):

@@ -1,6 +1,8 @@
 """Sharded (2 gloo ranks, row-wise tables) versus unsharded training: same losses step by step,
 for both of the trainer's steppers (``train.step``: the plain step and TrainPipelineSparseDist) and
-both ways of keeping the dense part in step (``train.dense_sync``: one all-reduce, or DDP).
+both ways of keeping the dense part in step (``train.dense_sync``: one all-reduce, or DDP); on a
+machine with 2 GPUs also over NCCL with the GPU configs' tower settings (not yet run: no 2-GPU
+machine was lent when it was written).
 
 Semantics the reference reproduces: each rank's loss is the mean over its own samples; the dense
 gradients are averaged over ranks (by one all-reduce, or by DDP), and TorchRec's backward all-to-all divides embedding-row gradients by the
@@ -57,7 +59,8 @@ def reference_model(cfg: ExperimentConfig):
                        device=torch.device("cpu"))
 
 
-def sharded_worker(rank: int, method: str, compile_mode: str, pipeline: str, dense_sync: str, tmp: str) -> None:
+def sharded_worker(rank: int, method: str, compile_mode: str, pipeline: str, dense_sync: str, device: str,
+                   tmp: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=Path(tmp, "port").read_text(), OMP_NUM_THREADS="1")
     from muse_torchrec.train.distributed import init_distributed, shutdown
@@ -65,7 +68,8 @@ def sharded_worker(rank: int, method: str, compile_mode: str, pipeline: str, den
     from muse_torchrec.train.step import make_stepper
 
     cfg = config(method, compile_mode, pipeline, dense_sync)
-    ctx = init_distributed("cpu")
+    ctx = init_distributed(device)
+    assert ctx.device.type == device
     start_state = reference_model(cfg).state_dict()
     model = build_model(cfg.model, VOCAB, sequence_features(get_method(method).gsu), RECENT, MAX_HISTORY)
     sharded = shard_model(model, cfg, ctx)
@@ -92,9 +96,9 @@ def local_state(model):
     out = {}
     for key, value in model.state_dict().items():
         if isinstance(value, ShardedTensor):
-            out[key] = [(*s.metadata.shard_offsets, s.tensor.clone()) for s in value.local_shards()]
+            out[key] = [(*s.metadata.shard_offsets, s.tensor.detach().cpu()) for s in value.local_shards()]
         else:
-            out[key] = value.clone()
+            out[key] = value.detach().cpu()
     return out
 
 
@@ -140,12 +144,25 @@ def reference_losses(method: str):
 ])
 def test_sharded_matches_unsharded(tmp_path, method, compile_mode, pipeline, dense_sync):
     """The unsharded reference runs eagerly: a compiled tower must compute the same."""
+    check_against_unsharded(tmp_path, method, compile_mode, pipeline, dense_sync)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("dense_sync,compile_mode", [("allreduce", "graphs"), ("ddp", "reduce-overhead")])
+def test_two_gpus_match_unsharded(tmp_path, dense_sync, compile_mode):
+    """2 NCCL ranks with the GPU configs' settings (graphs with the all-reduce; DDP's) against the
+    CPU reference."""
+    check_against_unsharded(tmp_path, "muse", compile_mode, "plain", dense_sync, "cuda")
+
+
+def check_against_unsharded(tmp_path, method: str, compile_mode: str, pipeline: str, dense_sync: str,
+                            device: str = "cpu") -> None:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         (tmp_path / "port").write_text(str(s.getsockname()[1]))
-    mp.start_processes(sharded_worker, args=(method, compile_mode, pipeline, dense_sync, str(tmp_path)), nprocs=WORLD,
+    mp.start_processes(sharded_worker, args=(method, compile_mode, pipeline, dense_sync, device, str(tmp_path)), nprocs=WORLD,
                        start_method="spawn")
     sharded = [json.loads((tmp_path / f"losses{r}.json").read_text()) for r in range(WORLD)]
     compiled = [json.loads((tmp_path / f"compiled{r}.json").read_text()) for r in range(WORLD)]
