@@ -94,7 +94,7 @@ def test_every_piece_of_state_round_trips_into_another_plan(two_rank_run):
         dense = [k for k, v in saved["ranks"][rank].items() if isinstance(v, torch.Tensor)]
         _assert_same(saved["ranks"][rank], loaded["ranks"][rank], dense)
         assert torch.equal(saved["rng"][rank], loaded["rng"][rank])
-    # BatchNorm statistics are per rank (DDP does not broadcast them) and come back per rank.
+    # BatchNorm statistics are per rank (nothing synchronises them after the start) and come back per rank.
     stats = "model/model.tower.mlp.layers.0.1.norm.running_mean"
     assert not torch.equal(saved["ranks"][0][stats], saved["ranks"][1][stats])
     progress = ck.read_info(ck.latest_checkpoint(ck.checkpoints_dir(two_rank_run / "run"))).progress

@@ -75,7 +75,7 @@ def test_twin_gsu_and_esu_share_one_attention():
     model = model_of("twin").model
     block = next(b for b in model.tower.blocks if isinstance(b, esu.TopKTargetAttention))
     assert model.gsu.scorer.attention is block.attention
-    # Shared parameters are counted once (one optimizer entry, one DDP bucket slot).
+    # Shared parameters are counted once (one optimizer entry, one place in the gradient all-reduce).
     names = [n for n, _ in model.named_parameters() if n.endswith("attention.query.weight")]
     assert len(names) == 2  # RecentTargetAttention's and the shared one
 
