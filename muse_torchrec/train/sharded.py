@@ -3,11 +3,11 @@
 The sparse optimizer is attached with ``apply_optimizer_in_backward`` *before* planning, so the
 planner's memory estimate includes optimizer state and DMP fuses it into the embedding kernels.
 
-Gradient semantics: the dense gradients are averaged over ranks (``train.dense_sync``: one all-reduce,
-or DDP) and TorchRec's backward all-to-all
-divides embedding-row gradients by the world size (its default gradient division), so every
-parameter steps on the gradient of the mean of the per-rank losses, as in one process on the
-concatenated batch (tests/test_sharded.py checks this against an unsharded model).
+Gradient semantics: the dense gradients are averaged over ranks (``train.dense_sync``: one
+all-reduce, or DDP) and TorchRec's backward all-to-all divides embedding-row gradients by the world
+size (its default gradient division), so every parameter steps on the gradient of the mean of the
+per-rank losses, as in one process on the concatenated batch (tests/test_sharded.py checks this
+against an unsharded model).
 """
 
 from __future__ import annotations
