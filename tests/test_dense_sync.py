@@ -7,7 +7,8 @@
   a capturing blocking stream");
 - one rank synchronised as on several (``shard_model(sync_dense_on_one_rank=True)``) trains exactly as
   one rank unsynchronised, every dense gradient going through the all-reduce (or, for "ddp", every
-  tower gradient through DDP's buckets) at every step; on a GPU the graphed tower (captured at the
+  tower gradient through DDP's buckets) at every step, with the same model and optimizer state keys
+  (checkpoints move between the settings); on a GPU the graphed tower (captured at the
   first step) is checked so, and against the compiled tower without graphs.
 
 Two ranks against one process: tests/test_sharded.py (both settings).
@@ -160,7 +161,10 @@ def _train(compile_mode: str, sync: str, on_one_rank: bool, ctx) -> dict:
     dense = {k: v.detach().cpu() for k, v in sharded.model.state_dict().items()
              if isinstance(v, torch.Tensor) and ".sparse_arch.tables." not in k}
     dense_numel = sum(p.numel() for n, p in sharded.model.named_parameters() if ".sparse_arch.tables." not in n)
+    # Checkpoints hold these keys: a run resumes under either setting.
+    keys = {"model": sorted(sharded.model.state_dict()), "optimizer": sorted(sharded.optimizer.state_dict()["state"])}
     return {"losses": losses, "dense": dense, "all_reduced": all_reduced, "in_buckets": [sorted(b) for b in in_buckets],
+            "keys": keys,
             "tower_params": sorted(tower_names.values()), "dense_numel": dense_numel}
 
 
@@ -195,6 +199,6 @@ def test_one_rank_synchronised_trains_as_unsynchronised(tmp_path, device):
         # The same computation when the tower's function is the same; another one within float tolerance.
         rtol, atol = (1e-6, 1e-7) if compile_mode == RUNS[device][name][0] else (1e-4, 1e-5)
         assert run["losses"] == pytest.approx(first["losses"], rel=rtol), run_name
-        assert run["dense"].keys() == first["dense"].keys()
+        assert run["keys"] == first["keys"], run_name
         for key, value in first["dense"].items():
             torch.testing.assert_close(run["dense"][key], value, rtol=rtol, atol=atol, msg=f"{run_name}: {key}")
