@@ -10,10 +10,12 @@
 Why "allreduce" by default: ``train.compile_mode: graphs`` captures the tower's CUDA graphs at the
 first step, inside the model's forward, and CUDA refuses that capture inside DDP's forward
 ("operation would make the legacy stream depend on a capturing blocking stream", seen on an H100
-with one NCCL rank, benchmarks/RESULTS.md row 58); and the step is bound by host time, where DDP's per-parameter
-hooks and bucket copies cost more than one all-reduce of the few MB of dense gradients after the
-backward. On one rank neither runs (nothing to average) unless asked for, to time or test the
-multi-rank path on one GPU.
+with one NCCL rank, benchmarks/RESULTS.md row 58). With "allreduce" the GPU configs run "graphs"
+on 2+ GPUs too: with the multi-rank dense path on one GPU, "allreduce" with "graphs" ran the model
+step 1.18-1.23x "ddp" with "reduce-overhead" (rows 59, 61). The dense part is a few MB: one
+all-reduce after the backward, not overlapped with it (its cost over 2+ GPUs is not measured
+yet). On one rank neither runs
+(nothing to average) unless asked for, to time or test the multi-rank path on one GPU.
 """
 
 from __future__ import annotations
