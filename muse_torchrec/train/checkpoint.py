@@ -6,7 +6,8 @@ Layout: ``<run_dir>/checkpoints/step_<N>/`` (N zero-padded so that names sort by
                                 parameters and buffers) and the combined optimizer state (fused
                                 sparse: per-row momentum ShardedTensors; dense: Adam moments, step)
     rank_<r>.pt                 rank r's own state: its dense buffers (BatchNorm running statistics
-                                differ per rank: train.dense_sync does not synchronise buffers after the start) and RNG states
+                                differ per rank: train.dense_sync does not synchronise buffers after
+                                the start) and RNG states
     train_state.json            progress (step, epoch, position in the epoch, samples, seconds, the
                                 loss log's open window), world size, vocabulary sizes
     config.yaml                 the run's resolved config

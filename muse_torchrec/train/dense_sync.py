@@ -20,7 +20,7 @@ yet). On one rank neither runs
 
 from __future__ import annotations
 
-from typing import Any, Iterator, List, Optional
+from typing import Any, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -85,14 +85,12 @@ class GradientAverage:
         torch._foreach_copy_(grads, [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)])
 
 
-def dense_wrapper(name: str, world_size: int, on_one_rank: bool = False) -> DataParallelWrapper:
-    """DMP's wrapper of the dense part for ``train.dense_sync`` ``name`` (checked by ``check_dense_sync``);
-    on one rank ``ReplicatedDense`` (nothing to synchronise) unless ``on_one_rank``."""
-    if name == "ddp" and (world_size > 1 or on_one_rank):
-        return DefaultDataParallelWrapper()
-    return ReplicatedDense()
-
-
-def averages_gradients(name: str, world_size: int, on_one_rank: bool = False) -> bool:
-    """Whether the dense optimizer needs a ``GradientAverage`` hook (DDP averages in the backward)."""
-    return name == "allreduce" and (world_size > 1 or on_one_rank)
+def dense_synchronisation(name: str, synchronised: bool) -> Tuple[DataParallelWrapper, Optional[GradientAverage]]:
+    """DMP's wrapper of the dense part for ``train.dense_sync`` ``name`` (checked by ``check_dense_sync``),
+    and the hook the dense optimizer needs (None: DDP averages in the backward, or nothing to average).
+    ``synchronised``: the job has 2+ ranks, or one is asked to run the multi-rank path."""
+    if not synchronised:
+        return ReplicatedDense(), None
+    if name == "ddp":
+        return DefaultDataParallelWrapper(), None
+    return ReplicatedDense(), GradientAverage()

@@ -27,7 +27,7 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from muse_torchrec.config import ExperimentConfig, ShardingConfig
 from muse_torchrec.model.muse import compile_tower
 from muse_torchrec.sharding import GIB, PlanReport, make_sharders, plan_model
-from muse_torchrec.train.dense_sync import GradientAverage, averages_gradients, check_dense_sync, dense_wrapper
+from muse_torchrec.train.dense_sync import check_dense_sync, dense_synchronisation
 from muse_torchrec.train.distributed import DistContext
 from muse_torchrec.train.graphed_adam import GraphedAdam
 
@@ -107,14 +107,14 @@ def shard_model(model: nn.Module, cfg: ExperimentConfig, ctx: DistContext, reser
         sharders=sharders,
         process_group=torch.distributed.GroupMember.WORLD,
     )
-    sync = (cfg.train.dense_sync, ctx.world_size, sync_dense_on_one_rank)
+    wrapper, average = dense_synchronisation(cfg.train.dense_sync, ctx.world_size > 1 or sync_dense_on_one_rank)
     dmp = DistributedModelParallel(module=model, device=ctx.device, plan=report.plan, sharders=sharders,
-                                   data_parallel_wrapper=dense_wrapper(*sync))
+                                   data_parallel_wrapper=wrapper)
 
     def dense_optimizer(params: List[nn.Parameter]) -> torch.optim.Optimizer:
         optimizer = dense_adam(params, cfg.train.dense_lr, cfg.train.compile_mode, ctx.device)
-        if averages_gradients(*sync):
-            optimizer.register_step_pre_hook(GradientAverage())
+        if average is not None:
+            optimizer.register_step_pre_hook(average)
         return optimizer
 
     dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())), dense_optimizer)

@@ -29,11 +29,11 @@ import torch
 import torch.distributed as dist
 
 from muse_torchrec.config import ExperimentConfig, save_config
+from muse_torchrec.data.affinity import loader_worker_cpus, place_training_process
 from muse_torchrec.data.batch import Batch, BatchBuilder, sequence_features
 from muse_torchrec.data.block import SampleBlock
 from muse_torchrec.data.integrity import check_prepared_config
 from muse_torchrec.data.loader import PreparedData, count_batches, make_loader
-from muse_torchrec.data.affinity import loader_worker_cpus, place_training_process
 from muse_torchrec.data.device_gsu import (DEVICE_GSU_KINDS, GRAPHED_KINDS, DeferredGsuBuilder, DeviceGsu,
                                             GraphedMuseSelection)
 from muse_torchrec.data.slots import SlotReceiver, SlotTransform
