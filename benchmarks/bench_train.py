@@ -395,11 +395,11 @@ def main() -> None:
     parser.add_argument("--busy-procs", nargs="+", type=parse_busy, default=[(0, "gather")], metavar="N[:KIND]",
                         help="model mode: one run per entry with N busy processes beside it doing KIND of work "
                              "(busy.py: gather, the default, or spin); repeat entries to alternate")
+    parser.add_argument("--busy-cpus", default=None, metavar="LIST",
+                        help="the CPUs the busy processes run on, as sysfs writes them (e.g. 4-15)")
     parser.add_argument("--sync-dense-on-one-rank", action="store_true",
                         help="model mode: the dense part synchronised as train.dense_sync does on two or more GPUs "
                              "(the trainer does not on one), to time that path on one GPU")
-    parser.add_argument("--busy-cpus", default=None, metavar="LIST",
-                        help="the CPUs the busy processes run on, as sysfs writes them (e.g. 4-15)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     busy_cpus = cpu_list(args.busy_cpus) if args.busy_cpus else None
