@@ -136,6 +136,10 @@ class TrainConfig:
     # optimizer step) or "ddp" (TorchRec's default, DistributedDataParallel; not with compile_mode
     # "graphs", whose capture CUDA refuses inside DDP's forward).
     dense_sync: str = "allreduce"
+    # How the sharded embedding collection is called (train.direct_lookup.SPARSE_LOOKUPS): "direct"
+    # calls its lookup module itself where TorchRec's input and output distributions are identities
+    # (one rank, the plain step), "distributed" always runs TorchRec's forward.
+    sparse_lookup: str = "direct"
 
 
 @dataclass(frozen=True)

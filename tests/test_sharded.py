@@ -27,6 +27,7 @@ from random_data import VOCAB, random_block, random_scl  # noqa: E402
 from muse_torchrec.config import ExperimentConfig, load_config  # noqa: E402
 from muse_torchrec.data.batch import BatchBuilder, sequence_features  # noqa: E402
 from muse_torchrec.model.methods import build_model, get_method  # noqa: E402
+from muse_torchrec.model.muse import SparseArch  # noqa: E402
 
 STEPS, WORLD = 4, 2
 K, RECENT, MAX_HISTORY = 6, 5, 40
@@ -73,6 +74,8 @@ def sharded_worker(rank: int, method: str, compile_mode: str, pipeline: str, den
     start_state = reference_model(cfg).state_dict()
     model = build_model(cfg.model, VOCAB, sequence_features(get_method(method).gsu), RECENT, MAX_HISTORY)
     sharded = shard_model(model, cfg, ctx)
+    # Two ranks: TorchRec's distributions are real, so its forward runs (train/direct_lookup.py).
+    assert all(m.lookup is None for m in sharded.model.modules() if isinstance(m, SparseArch)), sharded.lookups
     load_unsharded_state(sharded.model, start_state)
     stepper = make_stepper(cfg.train.pipeline, sharded.model, sharded.optimizer, ctx.device)
     batches = iter([step[rank] for step in half_batches(method)])

@@ -8,13 +8,13 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as nnf
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingCollection
-from torchrec.sparse.jagged_tensor import JaggedTensor
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from muse_torchrec.data.batch import Batch
 from muse_torchrec.model.cuda_graphs import GraphedFunction
@@ -85,6 +85,9 @@ class SparseArch(nn.Module):
         columns = single_id_columns([sequence_dim, sequence_dim, *self.side_dims.values()], sequence_dim)
         # Not persistent: a constant of the config, moved to the device with the model, not checkpointed.
         self.register_buffer("single_columns", columns, persistent=False)
+        # Set once the collection is sharded, where its distributions can be skipped
+        # (train/direct_lookup.py); None: the collection's own forward.
+        self.lookup: Optional[Callable[[KeyedJaggedTensor], Dict[str, JaggedTensor]]] = None
 
     @property
     def side_dim(self) -> int:
@@ -103,7 +106,8 @@ class SparseArch(nn.Module):
 
     def forward(self, batch: Batch) -> Tuple[SequenceInputs, torch.Tensor]:
         """Returns (sequence inputs, side features [B, side_dim])."""
-        seq = self.tables(batch.sparse_features)
+        features = batch.sparse_features
+        seq = self.tables(features) if self.lookup is None else self.lookup(features)
         # The target's item and category are dropped separately when unknown (id 0): each its own feature.
         singles = single_ids([seq[name] for name in self.single_features], self.single_columns)
         # Contiguous: the graphed tower compiles its function for contiguous inputs when it captures

@@ -28,6 +28,7 @@ from muse_torchrec.config import ExperimentConfig, ShardingConfig
 from muse_torchrec.model.muse import compile_tower
 from muse_torchrec.sharding import GIB, PlanReport, make_sharders, plan_model
 from muse_torchrec.train.dense_sync import check_dense_sync, dense_synchronisation
+from muse_torchrec.train.direct_lookup import check_sparse_lookup, use_direct_lookup
 from muse_torchrec.train.distributed import DistContext
 from muse_torchrec.train.graphed_adam import GraphedAdam
 
@@ -83,6 +84,8 @@ class ShardedModel:
     model: DistributedModelParallel
     optimizer: CombinedOptimizer
     plan: PlanReport
+    # How the embedding lookups run (train/direct_lookup.py), for the run's log.
+    lookups: str
 
 
 def shard_model(model: nn.Module, cfg: ExperimentConfig, ctx: DistContext, reserved_bytes: int = 0,
@@ -93,6 +96,7 @@ def shard_model(model: nn.Module, cfg: ExperimentConfig, ctx: DistContext, reser
     ``sync_dense_on_one_rank``: synchronise the dense part as ``train.dense_sync`` does on several ranks
     even when the job has one (the trainer does not there), so one GPU can test and time that path."""
     check_dense_sync(cfg.train.dense_sync, cfg.train.compile_mode)
+    check_sparse_lookup(cfg.train.sparse_lookup)
     device_type = ctx.device.type
     compile_tower(model, cfg.train.compile_mode, ctx.device)
     attach_sparse_optimizer(model, cfg.train.sparse_optimizer, cfg.train.sparse_lr, device_type)
@@ -118,7 +122,9 @@ def shard_model(model: nn.Module, cfg: ExperimentConfig, ctx: DistContext, reser
         return optimizer
 
     dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())), dense_optimizer)
-    return ShardedModel(model=dmp, optimizer=CombinedOptimizer([dmp.fused_optimizer, dense]), plan=report)
+    lookups = use_direct_lookup(dmp, cfg.train.sparse_lookup, cfg.train.pipeline)
+    return ShardedModel(model=dmp, optimizer=CombinedOptimizer([dmp.fused_optimizer, dense]), plan=report,
+                        lookups=lookups)
 
 
 @torch.no_grad()

@@ -51,6 +51,7 @@ from muse_torchrec.train.checkpoint import (
     save_checkpoint,
 )
 from muse_torchrec.train.dense_sync import check_dense_sync
+from muse_torchrec.train.direct_lookup import check_sparse_lookup
 from muse_torchrec.train.distributed import DistContext, all_reduce_int
 from muse_torchrec.train.sharded import ShardedModel, shard_model
 from muse_torchrec.train.step import TrainStepper, check_pipeline, make_stepper
@@ -425,6 +426,7 @@ def run(cfg: ExperimentConfig, ctx: DistContext) -> Dict[str, float]:
     check_checkpoint_settings(cfg)
     check_pipeline(cfg.train.pipeline)
     check_dense_sync(cfg.train.dense_sync, cfg.train.compile_mode)
+    check_sparse_lookup(cfg.train.sparse_lookup)
     pinned = place_training_process(cfg.data.cpu_affinity, ctx.local_rank, ctx.local_world_size)  # ConfigError now
     if pinned is not None:
         log.info("rank %d: training process pinned to CPUs %s", ctx.rank, pinned)
@@ -434,6 +436,7 @@ def run(cfg: ExperimentConfig, ctx: DistContext) -> Dict[str, float]:
     sharded = build_sharded(cfg, data, ctx)
     if ctx.is_main:
         log.info("sharding plan (%d ranks):\n%s", ctx.world_size, sharded.plan.format())
+        log.info("embedding lookups: %s", sharded.lookups)
     progress = TrainProgress()
     if resume is not None:
         load_checkpoint(resume, sharded, ctx, with_optimizer=True)
