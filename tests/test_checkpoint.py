@@ -148,8 +148,10 @@ def test_config_checks_name_the_keys(tmp_path):
     saved = tiny_run.config(tmp_path)
     info = ck.CheckpointInfo(path=tmp_path, progress=ck.TrainProgress(step=3), world_size=2,
                              vocab_sizes={"item": 10}, config=saved)
-    # Free to change when resuming: where things live, how often to log and save, the plan.
-    ck.check_resume_config(info, tiny_run.config(tmp_path, run="elsewhere", extra=[OTHER_PLAN, "train.log_every=7"]))
+    # Free to change when resuming: where things live, how often to log and save, the plan, how the
+    # lookups are called (the same computation, tests/test_direct_lookup.py).
+    ck.check_resume_config(info, tiny_run.config(tmp_path, run="elsewhere", extra=[
+        OTHER_PLAN, "train.log_every=7", "train.sparse_lookup=distributed"]))
     with pytest.raises(ck.CheckpointError, match=r"train.dense_lr: 0.001 in the checkpoint, 0.5 now"):
         ck.check_resume_config(info, tiny_run.config(tmp_path, extra=["train.dense_lr=0.5"]))
     # Evaluation only needs the same model.
