@@ -110,9 +110,11 @@ def test_two_rank_checkpoint_loads_into_one_rank_and_trains_on(two_rank_run, mon
         info = ck.read_info(ck.latest_checkpoint(ck.checkpoints_dir(cfg.train.run_dir)))
         ck.load_checkpoint(info, sharded, ctx, with_optimizer=True)
         torch.save(snapshot(sharded), root / "one_rank.pt")
-        # Further training on 1 rank: a run_dir holding the 2-rank checkpoint resumes from it.
+        # Further training on 1 rank: a run_dir holding the 2-rank checkpoint resumes from it (with the
+        # plain step, so through the direct lookup: train/direct_lookup.py).
         shutil.copytree(ck.checkpoints_dir(cfg.train.run_dir), root / "further" / ck.CHECKPOINTS_DIR)
-        run(tiny_run.config(root, run="further", extra=[f"train.limit_train_batches={STEPS}", "train.epochs=2"]), ctx)
+        run(tiny_run.config(root, run="further", extra=[f"train.limit_train_batches={STEPS}", "train.epochs=2",
+                                                         "train.pipeline=plain"]), ctx)
     saved, one = _full(root, f"saved{STEPS}_{{}}.pt", 2), _full(root, "one_rank.pt", 1)
     assert set(saved["full"]) == set(one["full"])
     _assert_same(saved["full"], one["full"], saved["full"])
