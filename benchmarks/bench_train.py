@@ -214,15 +214,17 @@ def step_function(pipeline: str, model: torch.nn.Module, optimizer: torch.optim.
 def bench_sharded(cfg: ExperimentConfig, vocab: Mapping[str, int], batches: Iterable[Batch], ctx: DistContext,
                   warmup: int, steps: int, profile_steps: int = 0, freeze_gc: bool = False,
                   profiler: str = "torch", pipeline: Optional[str] = None,
-                  sync_dense_on_one_rank: bool = False) -> Dict[str, object]:
+                  sync_dense_on_one_rank: bool = False, shard_as_on_several_ranks: bool = False) -> Dict[str, object]:
     """Samples/s of DMP under ``pipeline`` (``PIPELINES``; None: the config's ``train.pipeline``, as the
     trainer) over ``batches`` (cycled if a list);
     ``profile_steps`` more steps under ``profiler`` ("torch": torch.profiler's op tables, "python": cProfile);
-    ``sync_dense_on_one_rank``: the dense part synchronised as on several ranks (``shard_model``)."""
+    ``sync_dense_on_one_rank``, ``shard_as_on_several_ranks``: the dense part synchronised, the tables
+    sharded as on several ranks (``shard_model``)."""
     _reset_peak(ctx.device)
     model = build_model(cfg.model, vocab, sequence_features(get_method(cfg.model.method).gsu),
                         cfg.data.recent, cfg.data.max_history)
-    sharded = shard_model(model, cfg, ctx, sync_dense_on_one_rank=sync_dense_on_one_rank)
+    sharded = shard_model(model, cfg, ctx, sync_dense_on_one_rank=sync_dense_on_one_rank,
+                          shard_as_on_several_ranks=shard_as_on_several_ranks)
     step = step_function(pipeline or cfg.train.pipeline, sharded.model, sharded.optimizer, ctx.device)
     batch_iter = iter(batches)
     timing = timed_steps(step, batch_iter, warmup, steps, ctx.device, freeze_gc)
@@ -400,6 +402,11 @@ def main() -> None:
     parser.add_argument("--sync-dense-on-one-rank", action="store_true",
                         help="model mode: the dense part synchronised as train.dense_sync does on two or more GPUs "
                              "(the trainer does not on one), to time that path on one GPU")
+    parser.add_argument("--shard-as-on-several-ranks", action="store_true",
+                        help="model mode: the tables planned as sharding.constraints say for two or more GPUs "
+                             "(the GPU configs: row-wise; one rank is otherwise always table-wise), so TorchRec's "
+                             "input and output distributions run as there; with --sync-dense-on-one-rank, one "
+                             "rank's whole multi-rank step, less the communication and the waiting for other ranks")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     busy_cpus = cpu_list(args.busy_cpus) if args.busy_cpus else None
@@ -420,6 +427,7 @@ def main() -> None:
         "batch_size_per_gpu": cfg.train.batch_size, "history": cfg.data.max_history,
         "k": cfg.model.k, "vocab_sizes": vocab, "sparse_optimizer": cfg.train.sparse_optimizer,
         "cuda_sync": args.cuda_sync, "sync_dense_on_one_rank": args.sync_dense_on_one_rank,
+        "shard_as_on_several_ranks": args.shard_as_on_several_ranks,
     }
     batches = staged_batches(cfg, vocab, shapes, args.distinct_batches, seed=1000 + ctx.rank, device=ctx.device)
     if "model" in args.modes:
@@ -440,7 +448,8 @@ def main() -> None:
                     results[name] = bench_sharded(mode_cfg, vocab, cycle(batches), ctx, args.warmup, args.steps,
                                                   args.profile_steps, freeze_gc=gc_mode == "frozen",
                                                   profiler=args.profiler, pipeline=pipeline,
-                                                  sync_dense_on_one_rank=args.sync_dense_on_one_rank)
+                                                  sync_dense_on_one_rank=args.sync_dense_on_one_rank,
+                                                  shard_as_on_several_ranks=args.shard_as_on_several_ranks)
                 results[name].update(compile_mode=mode, overrides=overrides, busy_procs=busy, busy_kind=busy_kind)
     data_modes = [m for m in ("loader", "e2e", "shadow") if m in args.modes]
     if data_modes:

@@ -37,12 +37,15 @@ def make_sharders(fused_params: Optional[Dict[str, object]] = None) -> List[Modu
     return [CpuSafeEmbeddingCollectionSharder(fused_params=fused_params)]
 
 
-def make_constraints(cfg: ShardingConfig, world_size: int) -> Dict[str, ParameterConstraints]:
+def make_constraints(cfg: ShardingConfig, world_size: int,
+                     table_wise_on_one_rank: bool = True) -> Dict[str, ParameterConstraints]:
     """Per-table planner constraints from the config (tables not listed are unconstrained).
 
-    With one rank every table is table-wise, whatever the config asks: the rank holds whole tables
-    either way, and row-wise sharding there only adds a bucketization and permutes to every step
-    (table-wise measured 1.24-1.28x samples/s on one H100, benchmarks/RESULTS.md row 17).
+    With one rank every table is table-wise, whatever the config asks (unless
+    ``table_wise_on_one_rank`` is False: benchmarks time one rank sharded as several are): the rank
+    holds whole tables either way, and row-wise sharding there only adds a bucketization and
+    permutes to every step (table-wise measured 1.24-1.28x samples/s on one H100,
+    benchmarks/RESULTS.md row 17).
     """
     constraints = {
         table: ParameterConstraints(
@@ -51,7 +54,7 @@ def make_constraints(cfg: ShardingConfig, world_size: int) -> Dict[str, Paramete
         )
         for table, c in cfg.constraints.items()
     }
-    if world_size == 1:
+    if world_size == 1 and table_wise_on_one_rank:
         for table in F.TABLES:
             kernels = constraints[table.name].compute_kernels if table.name in constraints else None
             constraints[table.name] = ParameterConstraints(sharding_types=[ShardingType.TABLE_WISE.value],
@@ -164,12 +167,14 @@ def plan_model(
     local_world_size: Optional[int] = None,
     sharders: Optional[List[ModuleSharder[nn.Module]]] = None,
     process_group: Optional[dist.ProcessGroup] = None,
+    table_wise_on_one_rank: bool = True,
 ) -> PlanReport:
-    """Run the planner on ``model`` (tables on ``meta``); collective when a process group is given."""
+    """Run the planner on ``model`` (tables on ``meta``); collective when a process group is given.
+    ``table_wise_on_one_rank``: see ``make_constraints``."""
     planner = EmbeddingShardingPlanner(
         topology=make_topology(world_size, compute_device, local_world_size, cfg.hbm_gb, cfg.ddr_gb),
         batch_size=batch_size,
-        constraints=make_constraints(cfg, world_size),
+        constraints=make_constraints(cfg, world_size, table_wise_on_one_rank),
     )
     sharders = sharders or make_sharders()
     try:

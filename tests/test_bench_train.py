@@ -33,10 +33,13 @@ def test_every_mode_runs_on_the_cpu(tmp_path):
         [sys.executable, str(tiny_run.ROOT / "benchmarks" / "bench_train.py"), "--device", "cpu",
          "--config", str(tiny_run.ROOT / "configs" / "demo_cpu.yaml"), "--set", "train.batch_size=64",
          "--modes", "model", "e2e", "shadow", "--steps", "2", "--warmup", "1", "--workers", "1",
-         "--e2e-samples", "3000", "--sync-dense-on-one-rank", "--gsu-places", "device", "device_process", "--work", str(tmp_path / "work"), "--out", str(out)],
+         "--e2e-samples", "3000", "--sync-dense-on-one-rank", "--gsu-places", "device", "device_process", "--work", str(tmp_path / "work"), "--out", str(out),
+         "--shard-as-on-several-ranks", "--set", "sharding.constraints={item: {sharding_types: [row_wise]}}"],
         check=True, env={**os.environ, **tiny_run.dist_env(0, 1, tiny_run.free_port(), tmp_path)},
         capture_output=True, timeout=600)
     results = json.loads(out.read_text())
-    assert results["sync_dense_on_one_rank"] is True
+    assert results["sync_dense_on_one_rank"] is True and results["shard_as_on_several_ranks"] is True
+    item_plan = next(line for line in results["model"]["plan"].splitlines() if line.startswith("item "))
+    assert "row_wise" in item_plan, item_plan  # kept on one rank, as on several
     for name in ("model", "e2e_device_gsu", "shadow_device_gsu", "e2e_device_gsu_process", "shadow_device_gsu_process"):
         assert results[name]["samples_per_s_per_gpu"] > 0, name

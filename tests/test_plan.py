@@ -71,3 +71,14 @@ def test_one_rank_plans_every_table_table_wise(tmp_path, world_size, expected):
     assert {s["sharding_type"] for s in item_shards(plan)} == expected
     if world_size == 1:
         assert {s["sharding_type"] for s in plan["shards"]} == {"table_wise"}
+
+
+def test_one_rank_keeps_the_configs_sharding_when_asked():
+    """Benchmarks time one rank sharded as several are (``table_wise_on_one_rank=False``)."""
+    from muse_torchrec.config import load_config
+    from muse_torchrec.sharding import make_constraints
+
+    cfg = load_config(ROOT / "configs" / "taobao_mm_p90.yaml", []).sharding
+    assert make_constraints(cfg, 1)["item"].sharding_types == ["table_wise"]
+    assert make_constraints(cfg, 1, table_wise_on_one_rank=False)["item"].sharding_types == ["row_wise"]
+    assert make_constraints(cfg, 2)["item"].sharding_types == ["row_wise"]

@@ -89,12 +89,14 @@ class ShardedModel:
 
 
 def shard_model(model: nn.Module, cfg: ExperimentConfig, ctx: DistContext, reserved_bytes: int = 0,
-                sync_dense_on_one_rank: bool = False) -> ShardedModel:
+                sync_dense_on_one_rank: bool = False, shard_as_on_several_ranks: bool = False) -> ShardedModel:
     """Plan collectively, shard with DMP, compile the dense tower (``train.compile_mode``), and build
     the combined (fused sparse + dense Adam) optimizer. ``reserved_bytes``: device memory the plan
     must leave free (data the training process keeps on the GPU besides the model).
     ``sync_dense_on_one_rank``: synchronise the dense part as ``train.dense_sync`` does on several ranks
-    even when the job has one (the trainer does not there), so one GPU can test and time that path."""
+    even when the job has one (the trainer does not there), so one GPU can test and time that path.
+    ``shard_as_on_several_ranks``: plan the tables as ``sharding.constraints`` say even on one rank
+    (the GPU configs: row-wise), so TorchRec's input and output distributions run as on several."""
     check_dense_sync(cfg.train.dense_sync, cfg.train.compile_mode)
     check_sparse_lookup(cfg.train.sparse_lookup)
     device_type = ctx.device.type
@@ -110,6 +112,7 @@ def shard_model(model: nn.Module, cfg: ExperimentConfig, ctx: DistContext, reser
         local_world_size=ctx.local_world_size,
         sharders=sharders,
         process_group=torch.distributed.GroupMember.WORLD,
+        table_wise_on_one_rank=not shard_as_on_several_ranks,
     )
     wrapper, average = dense_synchronisation(cfg.train.dense_sync, ctx.world_size > 1 or sync_dense_on_one_rank)
     dmp = DistributedModelParallel(module=model, device=ctx.device, plan=report.plan, sharders=sharders,
