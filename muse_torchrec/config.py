@@ -138,9 +138,7 @@ class TrainConfig:
     dense_sync: str = "allreduce"
     # How the sharded embedding collection is called (train.direct_lookup.SPARSE_LOOKUPS): "direct"
     # calls its lookup module itself where TorchRec's input and output distributions are identities
-    # (one rank, the plain step); "direct_row_wise" also distributes row-wise tables over several
-    # ranks itself (the plain step; not yet measured on 2+ GPUs); "distributed" always runs
-    # TorchRec's forward.
+    # (one rank, the plain step), "distributed" always runs TorchRec's forward.
     sparse_lookup: str = "direct"
 
 

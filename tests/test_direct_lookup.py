@@ -1,6 +1,5 @@
-"""train.sparse_lookup: the sharded collection's lookup called directly (``train/direct_lookup.py``)
-against TorchRec's forward, its reference: on one rank with table-wise tables (``DirectLookup``),
-and with row-wise tables over one and two ranks through our own distribution (``RowWiseLookup``).
+"""train.sparse_lookup: on one rank, the sharded collection's lookup called directly
+(``train/direct_lookup.py``) against TorchRec's forward, its reference.
 
 - lookup by lookup: every feature's embeddings and lengths equal to TorchRec's, on random batches of
   two methods (top-K and whole-history features), also for features given in another key order;
@@ -10,7 +9,7 @@ and with row-wise tables over one and two ranks through our own distribution (``
 - where it is not used: ``distributed``, TorchRec's pipeline, unknown settings (2 ranks:
   tests/test_sharded.py checks that no sparse arch got one).
 
-On CPU (gloo) and, where there is one, a CUDA GPU (NCCL, fused Adam; one rank).
+On CPU (gloo) and, where there is one, a CUDA GPU (NCCL, fused Adam).
 """
 
 import sys
@@ -26,7 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from random_data import VOCAB, random_block, random_scl  # noqa: E402
 from test_dense_sync import _dist_env  # noqa: E402
 
-from muse_torchrec import features as F  # noqa: E402
 from muse_torchrec.config import ConfigError, load_config  # noqa: E402
 from muse_torchrec.data.batch import BatchBuilder, sequence_features  # noqa: E402
 from muse_torchrec.model.methods import build_model, get_method  # noqa: E402
@@ -37,51 +35,41 @@ from muse_torchrec.train.distributed import _free_port  # noqa: E402
 STEPS, BATCH, K, RECENT, MAX_HISTORY = 4, 24, 6, 5, 40
 METHODS = ("muse", "sim_soft")
 SPARSE_OPTIMIZER = {"cpu": "rowwise_adagrad", "cuda": "adam"}
-ROW_WISE = "sharding.constraints={" + ", ".join(f"{t.name}: {{sharding_types: [row_wise]}}" for t in F.TABLES) + "}"
-# case -> (world size, train.sparse_lookup, every table row-wise, the lookup class it gives)
-CASES = {
-    "one_rank": (1, "direct", False, direct_lookup.DirectLookup),
-    "row_wise_one_rank": (1, "direct_row_wise", True, direct_lookup.RowWiseLookup),
-    "row_wise_two_ranks": (2, "direct_row_wise", True, direct_lookup.RowWiseLookup),
-}
 
 
-def _config(method: str, device: str, sparse_lookup: str, pipeline: str = "plain", row_wise: bool = False):
+def _config(method: str, device: str, sparse_lookup: str, pipeline: str = "plain"):
     return load_config(None, [
         f"model.method={method}", f"train.sparse_lookup={sparse_lookup}", f"train.pipeline={pipeline}",
         f"model.k={K}", f"data.recent={RECENT}", f"data.max_history={MAX_HISTORY}",
         f"train.sparse_optimizer={SPARSE_OPTIMIZER[device]}", "train.sparse_lr=0.1",
-        f"train.batch_size={BATCH}", "model.mlp=[32, 16]", *([ROW_WISE] if row_wise else []),
+        f"train.batch_size={BATCH}", "model.mlp=[32, 16]",
     ])
 
 
 def _batches(method: str, seed: int):
-    seed += 100 * torch.distributed.get_rank()  # each rank its own batches
     rng = np.random.default_rng(seed)
     builder = BatchBuilder(*random_scl(rng), gsu=get_method(method).gsu, k=K, recent=RECENT,
                            max_history=MAX_HISTORY, pad_to=BATCH)
     return [builder(random_block(rng, num_users=8, max_len=60)) for _ in range(STEPS)]
 
 
-def _sharded(method: str, device: str, sparse_lookup: str, ctx, pipeline: str = "plain", row_wise: bool = False):
+def _sharded(method: str, device: str, sparse_lookup: str, ctx, pipeline: str = "plain"):
     from muse_torchrec.train.sharded import load_unsharded_state, shard_model
 
-    cfg = _config(method, device, sparse_lookup, pipeline, row_wise)
+    cfg = _config(method, device, sparse_lookup, pipeline)
     features = sequence_features(get_method(method).gsu)
     torch.manual_seed(0)
     start = build_model(cfg.model, VOCAB, features, RECENT, MAX_HISTORY, device=torch.device("cpu")).state_dict()
-    sharded = shard_model(build_model(cfg.model, VOCAB, features, RECENT, MAX_HISTORY), cfg, ctx,
-                          shard_as_on_several_ranks=row_wise)
+    sharded = shard_model(build_model(cfg.model, VOCAB, features, RECENT, MAX_HISTORY), cfg, ctx)
     load_unsharded_state(sharded.model, start)
     return sharded, next(m for m in sharded.model.modules() if isinstance(m, SparseArch))
 
 
-def _lookups_equal(method: str, device: str, case: str, ctx) -> dict:
+def _lookups_equal(method: str, device: str, ctx) -> dict:
     """Per batch, whether every feature's embeddings and lengths equal TorchRec's (as given, and with
     the keys reversed), and the refusal of a batch missing a feature."""
-    _, setting, row_wise, kind = CASES[case]
-    _, arch = _sharded(method, device, setting, ctx, row_wise=row_wise)
-    assert type(arch.lookup) is kind, arch.lookup
+    _, arch = _sharded(method, device, "direct", ctx)
+    assert isinstance(arch.lookup, direct_lookup.DirectLookup)
     equal = []
     with torch.no_grad():
         for batch in _batches(method, seed=1):
@@ -102,11 +90,11 @@ def _lookups_equal(method: str, device: str, case: str, ctx) -> dict:
     return {"equal": equal, "refused": refused}
 
 
-def _trained(method: str, device: str, sparse_lookup: str, row_wise: bool, ctx) -> dict:
+def _trained(method: str, device: str, sparse_lookup: str, ctx) -> dict:
     from muse_torchrec.train.step import make_stepper
 
-    sharded, arch = _sharded(method, device, sparse_lookup, ctx, row_wise=row_wise)
-    assert (arch.lookup is not None) == (sparse_lookup != "distributed"), sharded.lookups
+    sharded, arch = _sharded(method, device, sparse_lookup, ctx)
+    assert (arch.lookup is not None) == (sparse_lookup == "direct"), sharded.lookups
     stepper = make_stepper("plain", sharded.model, sharded.optimizer, ctx.device)
     batches = iter(_batches(method, seed=2))
     losses = [float(stepper.progress(batches)[0]) for _ in range(STEPS)]
@@ -115,47 +103,41 @@ def _trained(method: str, device: str, sparse_lookup: str, row_wise: bool, ctx) 
     return {"losses": losses, "state": state, "lookups": sharded.lookups}
 
 
-def _worker(rank: int, device: str, case: str, tmp: str, port: str) -> None:
-    world, setting, row_wise, _ = CASES[case]
-    _dist_env(rank, world, port)
+def _worker(rank: int, device: str, tmp: str, port: str) -> None:
+    _dist_env(0, 1, port)
     from muse_torchrec.train.distributed import init_distributed, shutdown
 
     ctx = init_distributed(device)
     assert ctx.device.type == device
     out = {}
     for method in METHODS:
-        out[method] = {"lookup": _lookups_equal(method, device, case, ctx),
-                       **{s: _trained(method, device, s, row_wise, ctx) for s in (setting, "distributed")}}
-    _, arch = _sharded("muse", device, setting, ctx, pipeline="sparse_dist", row_wise=row_wise)
+        out[method] = {"lookup": _lookups_equal(method, device, ctx),
+                       **{setting: _trained(method, device, setting, ctx) for setting in direct_lookup.SPARSE_LOOKUPS}}
+    _, arch = _sharded("muse", device, "direct", ctx, pipeline="sparse_dist")
     out["pipeline_lookup"] = arch.lookup
-    torch.save(out, Path(tmp, f"out{rank}.pt"))
+    torch.save(out, Path(tmp, "out.pt"))
     shutdown()
 
 
-@pytest.mark.parametrize("device,case", [
-    ("cpu", "one_rank"), ("cpu", "row_wise_one_rank"), ("cpu", "row_wise_two_ranks"),
-    *(pytest.param("cuda", case, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))
-      for case in ("one_rank", "row_wise_one_rank")),
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
 ])
-def test_direct_lookup_computes_as_torchrec(tmp_path, device, case):
-    world, setting, _, kind = CASES[case]
-    mp.spawn(_worker, args=(device, case, str(tmp_path), str(_free_port())), nprocs=world, join=True)
-    for rank in range(world):
-        out = torch.load(tmp_path / f"out{rank}.pt", weights_only=False)
-        for method in METHODS:
-            runs = out[method]
-            assert all(runs["lookup"]["equal"]), (method, runs["lookup"]["equal"])
-            assert "are not the embedding collection's features" in runs["lookup"]["refused"], method
-            direct, distributed = runs[setting], runs["distributed"]
-            assert direct["lookups"].endswith("the lookup called directly" if kind is direct_lookup.DirectLookup
-                                              else "our own distribution over the lookup"), direct["lookups"]
-            assert distributed["lookups"] == "TorchRec's forward (train.sparse_lookup: distributed)"
-            assert direct["losses"][-1] != direct["losses"][0], method
-            assert direct["losses"] == distributed["losses"], method
-            assert sorted(direct["state"]) == sorted(distributed["state"])
-            for key, value in distributed["state"].items():
-                torch.testing.assert_close(direct["state"][key], value, rtol=0, atol=0, msg=f"{method}: {key}")
-        assert out["pipeline_lookup"] is None
+def test_direct_lookup_computes_as_torchrec(tmp_path, device):
+    mp.spawn(_worker, args=(device, str(tmp_path), str(_free_port())), nprocs=1, join=True)
+    out = torch.load(tmp_path / "out.pt", weights_only=False)
+    for method in METHODS:
+        runs = out[method]
+        assert all(runs["lookup"]["equal"]), (method, runs["lookup"]["equal"])
+        assert "are not the embedding collection's features" in runs["lookup"]["refused"], method
+        direct, distributed = runs["direct"], runs["distributed"]
+        assert direct["lookups"] == "one rank, table-wise: the lookup called directly"
+        assert distributed["lookups"] == "TorchRec's forward (train.sparse_lookup: distributed)"
+        assert direct["losses"][-1] != direct["losses"][0], method
+        assert direct["losses"] == distributed["losses"], method
+        assert sorted(direct["state"]) == sorted(distributed["state"])
+        for key, value in distributed["state"].items():
+            torch.testing.assert_close(direct["state"][key], value, rtol=0, atol=0, msg=f"{method}: {key}")
+    assert out["pipeline_lookup"] is None
 
 
 def test_settings_are_checked():
