@@ -51,6 +51,10 @@ class GraphedFunction:
         self.graphed: Optional[nn.Module] = None
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        """``fn(*args)``: replayed from the graphs when training (the owner in train mode, gradients
+        enabled) with inputs like the first training call's, else ``fn`` itself."""
+        if not (self.owner.training and torch.is_grad_enabled()):
+            return self.fn(*args)
         signature = _signature(args)
         if self.graphed is None:
             self._capture(args)

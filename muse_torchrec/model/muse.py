@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 import torch.nn.functional as nnf
@@ -16,10 +16,12 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
+from muse_torchrec import features as F
 from muse_torchrec.data.batch import Batch
 from muse_torchrec.model.cuda_graphs import GraphedFunction
 from muse_torchrec.model.esu import SequenceInputs
 from muse_torchrec.model.mlp import MLP
+from muse_torchrec.model.row_layout import RowLayout, padded_slots, row_starts
 
 
 def single_id_columns(widths: Sequence[int], dim: int) -> Optional[torch.Tensor]:
@@ -47,6 +49,16 @@ def single_ids(features: Sequence[JaggedTensor], columns: Optional[torch.Tensor]
     count, dim = len(features), dense.shape[-1]
     side_by_side = dense.view(count, -1, dim).transpose(0, 1).reshape(-1, count * dim)  # [B, F * D]
     return side_by_side if columns is None else side_by_side.index_select(1, columns)
+
+
+class Lookup(Protocol):
+    """The embedding lookups of a sharded collection without its distributions (train/direct_lookup.py)."""
+
+    def __call__(self, features: KeyedJaggedTensor) -> Dict[str, JaggedTensor]:
+        """Per feature a JaggedTensor of its embeddings [n_f, D] with its lengths [B]."""
+
+    def flat(self, features: KeyedJaggedTensor) -> Tuple[KeyedJaggedTensor, torch.Tensor]:
+        """(``features`` in the order of the lookup, the embeddings of their values in order [N, D])."""
 
 
 class SparseArch(nn.Module):
@@ -87,7 +99,13 @@ class SparseArch(nn.Module):
         self.register_buffer("single_columns", columns, persistent=False)
         # Set once the collection is sharded, where its distributions can be skipped
         # (train/direct_lookup.py); None: the collection's own forward.
-        self.lookup: Optional[Callable[[KeyedJaggedTensor], Dict[str, JaggedTensor]]] = None
+        self.lookup: Optional[Lookup] = None
+        # ``rows``' features: the collection's (``build_collection``), which batches carry in this order.
+        # Slots per sample: the sequences' lengths, 1 for the single-id features.
+        widths = {"target": 1, "recent": recent, "topk": k, "hist": max_history}
+        slots = {f"{kind}_{part}": width for kind in ("item", "cate") for part, width in widths.items()}
+        keys = F.lookup_order([*sequence_features, *self.side_dims])
+        self.row_layout = RowLayout.of(keys, {key: slots.get(key, 1) for key in keys})
 
     @property
     def side_dim(self) -> int:
@@ -110,24 +128,67 @@ class SparseArch(nn.Module):
         seq = self.tables(features) if self.lookup is None else self.lookup(features)
         # The target's item and category are dropped separately when unknown (id 0): each its own feature.
         singles = single_ids([seq[name] for name in self.single_features], self.single_columns)
-        # Contiguous: the graphed tower compiles its function for contiguous inputs when it captures
-        # (model/cuda_graphs.py), and evaluation calls that same function.
-        parts = singles.split([self.item_dim, self.side_dim], dim=1)
-        target, side = parts[0].contiguous(), parts[1].contiguous()
-        recent, recent_lengths = self._sequence(seq, "recent", self.recent)
-        inputs = SequenceInputs(
-            target=target,
-            topk=target.new_zeros(0),
-            topk_lengths=recent_lengths.new_zeros(0),
-            topk_scores=batch.topk_scores,
-            recent=recent,
-            recent_lengths=recent_lengths,
-            recent_scores=batch.recent_scores,
-        )
+        inputs, side = self._inputs(singles, *self._sequence(seq, "recent", self.recent), batch.topk_scores,
+                                    batch.recent_scores)
         if self.reads_topk:
             inputs.topk, inputs.topk_lengths = self._sequence(seq, "topk", self.k)
         if self.reads_history:
             inputs.history, inputs.history_lengths = self._sequence(seq, "hist", self.max_history)
+        return inputs, side
+
+    def _inputs(self, singles: torch.Tensor, recent: torch.Tensor, recent_lengths: torch.Tensor,
+                topk_scores: torch.Tensor, recent_scores: torch.Tensor) -> Tuple[SequenceInputs, torch.Tensor]:
+        """(single-id features [B, item_dim + side_dim], the recent sequence, the batch's scores) ->
+        (sequence inputs without the top-K and history, side features [B, side_dim])."""
+        # Contiguous: the graphed tower compiles its function for contiguous inputs when it captures
+        # (model/cuda_graphs.py), and evaluation calls that same function.
+        parts = singles.split([self.item_dim, self.side_dim], dim=1)
+        target, side = parts[0].contiguous(), parts[1].contiguous()
+        inputs = SequenceInputs(
+            target=target,
+            topk=target.new_zeros(0),
+            topk_lengths=recent_lengths.new_zeros(0),
+            topk_scores=topk_scores,
+            recent=recent,
+            recent_lengths=recent_lengths,
+            recent_scores=recent_scores,
+        )
+        return inputs, side
+
+    def rows(self, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The batch's lookups for ``padded``: (rows [row_layout.capacity(B) + 1, D]: the embeddings of
+        every id, feature after feature in ``row_layout.keys``, then zero rows; lengths [F * B])."""
+        features = batch.sparse_features
+        if self.lookup is not None:
+            features, values = self.lookup.flat(features)
+        else:
+            seq = self.tables(features)
+            values = torch.cat([seq[key].values() for key in features.keys()])
+        if tuple(features.keys()) != self.row_layout.keys:
+            raise ValueError(f"sparse features {features.keys()} are not in the collection's order "
+                             f"{list(self.row_layout.keys)}")
+        capacity = self.row_layout.capacity(features.stride())
+        if values.shape[0] > capacity:
+            raise ValueError(f"{values.shape[0]} ids in a batch of {features.stride()} samples: more than the "
+                             f"{capacity} its features hold (slots per sample {dict(zip(self.row_layout.keys, self.row_layout.slots))})")
+        return nnf.pad(values, (0, 0, 0, capacity + 1 - values.shape[0])), features.lengths()
+
+    def padded(self, rows: torch.Tensor, lengths: torch.Tensor, topk_scores: torch.Tensor,
+               recent_scores: torch.Tensor) -> Tuple[SequenceInputs, torch.Tensor]:
+        """``forward``'s result from ``rows``' (the batch's ``topk_scores`` [B, K] and ``recent_scores``
+        [B, R]), every shape fixed by B: capturable in CUDA graphs. Not the whole history."""
+        layout = self.row_layout
+        starts, lengths = row_starts(lengths, len(layout.keys))
+        singles = padded_slots(rows, starts, lengths, layout.positions(self.single_features), 1).flatten(1)
+        if self.single_columns is not None:
+            singles = singles.index_select(1, self.single_columns)
+        recent_features = layout.positions(["item_recent", "cate_recent"])
+        recent = padded_slots(rows, starts, lengths, recent_features, self.recent)
+        inputs, side = self._inputs(singles, recent, lengths[recent_features[0]], topk_scores, recent_scores)
+        if self.reads_topk:
+            topk_features = layout.positions(["item_topk", "cate_topk"])
+            inputs.topk = padded_slots(rows, starts, lengths, topk_features, self.k)
+            inputs.topk_lengths = lengths[topk_features[0]]
         return inputs, side
 
 
@@ -176,11 +237,7 @@ class DenseTower(nn.Module):
         """(sequence inputs, side features [B, side_dim]) -> click logits [B]."""
         args = (inputs.target, inputs.topk, inputs.topk_lengths, inputs.topk_scores, inputs.recent,
                 inputs.recent_lengths, inputs.recent_scores, side)
-        if self.graphs is None:
-            return self.logits(*args)
-        if self.training and torch.is_grad_enabled():
-            return self.graphs(*args)
-        return self.graphs.fn(*args)
+        return self.logits(*args) if self.graphs is None else self.graphs(*args)
 
 
 class MuseModel(nn.Module):
@@ -207,13 +264,31 @@ class MuseModel(nn.Module):
         self.sparse_arch = sparse_arch
         self.gsu = gsu
         self.tower = DenseTower(blocks, sparse_arch.item_dim, sparse_arch.side_dim, mlp_hidden)
+        # train.compile_mode "graphs" with the padding in the graphs (``compile_tower``): training
+        # steps replay CUDA graphs of the compiled ``logits_from_rows``.
+        self.graphs: Optional[GraphedFunction] = None
+
+    @property
+    def pads_in_graphs(self) -> bool:
+        """Whether the padding of the lookups can join the tower's graphs: not before a model-side
+        GSU (data-dependent shapes), nor with the whole history (``SparseArch.padded`` omits it)."""
+        return self.gsu is None and not self.sparse_arch.reads_history
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Returns click logits [B]."""
+        if self.graphs is not None:
+            rows, lengths = self.sparse_arch.rows(batch)
+            return self.graphs(rows, lengths, batch.topk_scores, batch.recent_scores)
         inputs, side = self.sparse_arch(batch)
         if self.gsu is not None:
             inputs = self.gsu(inputs, batch)
         return self.tower(inputs, side)
+
+    def logits_from_rows(self, rows: torch.Tensor, lengths: torch.Tensor, topk_scores: torch.Tensor,
+                         recent_scores: torch.Tensor) -> torch.Tensor:
+        """``forward`` from ``SparseArch.rows`` (and the batch's scores) -> click logits [B]: the
+        padding and the tower, one function of static shapes (``pads_in_graphs`` models)."""
+        return self.tower(*self.sparse_arch.padded(rows, lengths, topk_scores, recent_scores))
 
 
 # train.compile_mode -> torch.compile's mode (None: its default); "graphs" is handled by ``compile_tower``.
@@ -225,14 +300,18 @@ COMPILE_MODES: Dict[str, Optional[str]] = {
 TOWER_MODES = ["none", *COMPILE_MODES, "graphs"]
 
 
-def compile_tower(model: nn.Module, mode: str, device: torch.device) -> None:
-    """Compile every ``DenseTower`` of ``model`` in place (``mode`` "none" leaves them eager).
+def compile_tower(model: nn.Module, mode: str, device: torch.device, pad_in_graphs: bool = True) -> None:
+    """Compile the ``DenseTower`` of every ``MuseModel`` of ``model`` in place (``mode`` "none" leaves
+    them eager).
 
     In place, so parameter names, checkpoints and the pipeline's fx tracing are the same as eager.
     ``dynamic=False``: a training run's batches all have one shape. "graphs": ``torch.compile``'s
     default mode, and training steps replay the compiled tower's forward and backward as CUDA graphs
     captured at the first step (``cuda_graphs.GraphedFunction``: less host time per step than
-    "reduce-overhead"'s CUDA graph trees); CUDA only. ``device``: where the model will train.
+    "reduce-overhead"'s CUDA graph trees); CUDA only. With ``pad_in_graphs``, where the model allows
+    (``MuseModel.pads_in_graphs``), the graphs start from the looked-up rows, the padding inside
+    (``MuseModel.logits_from_rows``); False for TorchRec's pipeline, which traces the model's forward
+    with torch.fx and cannot trace into the graphs' checks. ``device``: where the model will train.
     """
     if mode not in TOWER_MODES:
         raise ValueError(f"train.compile_mode: unknown {mode!r}; choose one of {TOWER_MODES}")
@@ -240,14 +319,17 @@ def compile_tower(model: nn.Module, mode: str, device: torch.device) -> None:
         raise ValueError(f"train.compile_mode: 'graphs' captures CUDA graphs; this run trains on {device.type}")
     if mode == "none":
         return
-    towers = [m for m in model.modules() if isinstance(m, DenseTower)]
-    if not towers:
-        raise ValueError("compile_tower: the model has no DenseTower")
-    for tower in towers:
-        if mode == "graphs":
-            tower.graphs = GraphedFunction(tower, torch.compile(tower.logits, dynamic=False))
-        else:
+    models = [m for m in model.modules() if isinstance(m, MuseModel)]
+    if not models:
+        raise ValueError("compile_tower: the model has no MuseModel")
+    for muse in models:
+        tower = muse.tower
+        if mode != "graphs":
             tower.compile(mode=COMPILE_MODES[mode], dynamic=False)
+        elif pad_in_graphs and muse.pads_in_graphs:
+            muse.graphs = GraphedFunction(tower, torch.compile(muse.logits_from_rows, dynamic=False))
+        else:
+            tower.graphs = GraphedFunction(tower, torch.compile(tower.logits, dynamic=False))
 
 
 class MuseTrain(nn.Module):

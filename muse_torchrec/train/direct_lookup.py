@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
 
+import torch
 from torch import nn
 from torchrec.distributed.embedding import ShardedEmbeddingCollection
 from torchrec.distributed.types import ShardingType
@@ -59,13 +60,18 @@ class DirectLookup:
                              f"{self.feature_names}")
         return features.permute([keys.index(name) for name in self.feature_names])
 
-    def __call__(self, features: KeyedJaggedTensor) -> Dict[str, JaggedTensor]:
-        """KJT of B samples (every key the same B) -> per feature a JaggedTensor of [n_f, D] embeddings
-        with that feature's lengths [B]."""
+    def flat(self, features: KeyedJaggedTensor) -> Tuple[KeyedJaggedTensor, torch.Tensor]:
+        """KJT of B samples (every key the same B) -> (the KJT with its keys in the lookup's order, the
+        embeddings of its values in order [N, D])."""
         if features.variable_stride_per_key():
             raise ValueError("DirectLookup: features with a batch size per key are not supported")
         features = self._in_lookup_order(features)
-        embeddings = self.lookup(features).view(-1, self.dim)  # [sum of n_f, D]
+        return features, self.lookup(features).view(-1, self.dim)
+
+    def __call__(self, features: KeyedJaggedTensor) -> Dict[str, JaggedTensor]:
+        """KJT of B samples (every key the same B) -> per feature a JaggedTensor of [n_f, D] embeddings
+        with that feature's lengths [B]."""
+        features, embeddings = self.flat(features)
         values = embeddings.split(features.length_per_key())
         lengths = features.lengths().view(len(self.feature_names), -1)
         return {name: JaggedTensor(values=v, lengths=l) for name, v, l in zip(self.feature_names, values, lengths)}

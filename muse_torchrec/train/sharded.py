@@ -100,7 +100,7 @@ def shard_model(model: nn.Module, cfg: ExperimentConfig, ctx: DistContext, reser
     check_dense_sync(cfg.train.dense_sync, cfg.train.compile_mode)
     check_sparse_lookup(cfg.train.sparse_lookup)
     device_type = ctx.device.type
-    compile_tower(model, cfg.train.compile_mode, ctx.device)
+    compile_tower(model, cfg.train.compile_mode, ctx.device, pad_in_graphs=cfg.train.pipeline == "plain")
     attach_sparse_optimizer(model, cfg.train.sparse_optimizer, cfg.train.sparse_lr, device_type)
     sharders = make_sharders()
     report = plan_model(
