@@ -29,7 +29,8 @@ FIELDS = ("target", "topk", "topk_lengths", "recent", "recent_lengths")
 def _model(method: str, device: torch.device = torch.device("cpu"), seed: int = 0):
     cfg = load_config(None, [f"model.method={method}", f"model.k={K}", f"data.recent={RECENT}", "model.mlp=[16]"])
     torch.manual_seed(seed)
-    return build_model(cfg.model, VOCAB, sequence_features(get_method(method).gsu), RECENT, MAX_HISTORY, device=device)
+    features = sequence_features(get_method(method).gsu)
+    return build_model(cfg.model, VOCAB, features, RECENT, MAX_HISTORY, device=device).to(device)
 
 
 def _batch(method: str, seed: int, device: torch.device = torch.device("cpu")):
