@@ -4,10 +4,22 @@ import pytest
 import torch
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 
+from muse_torchrec.train.dense_sync import GradientAverage
 from muse_torchrec.train.graphed_adam import GraphedAdam
 from muse_torchrec.train.sharded import dense_adam
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+class _FourRanks(GradientAverage):
+    """Four ranks without a process group: the others' gradients sum to twice ours."""
+
+    def __init__(self) -> None:
+        self.group, self.world_size, self.sums = None, 4, 0
+
+    def sum_over_ranks(self, flat: torch.Tensor) -> None:
+        self.sums += 1
+        flat.mul_(3.0)
 
 
 def test_cpu_parameters_are_refused():
@@ -20,6 +32,15 @@ def test_cpu_runs_get_the_plain_adam_whatever_the_compile_mode():
     for mode in ("graphs", "none"):
         optimizer = dense_adam(params, 0.1, mode, torch.device("cpu"))
         assert type(optimizer) is torch.optim.Adam and not optimizer.param_groups[0]["fused"]
+
+
+def test_cpu_runs_average_through_the_pre_step_hook():
+    param = torch.nn.Parameter(torch.zeros(3))
+    average = _FourRanks()
+    optimizer = dense_adam([param], 0.1, "graphs", torch.device("cpu"), average)
+    param.grad = torch.ones(3)
+    optimizer.step()
+    assert average.sums == 1 and torch.equal(param.grad, torch.full((3,), 0.75))
 
 
 def _params(seed: int, device: torch.device):
@@ -75,3 +96,34 @@ def test_torchs_own_state_loading_drops_the_graph():
     assert optimizer._graph is not None
     optimizer.load_state_dict(optimizer.state_dict())  # new state tensors
     assert optimizer._graph is None
+
+
+@needs_cuda
+def test_averaged_graphed_steps_update_as_fused_adam_after_the_hook():
+    """With ``average`` the graph sums its own flat gradient buffer over the ranks and divides it: the
+    same updates as fused Adam after ``GradientAverage``'s pre-step hook, eager first step included."""
+    cuda = torch.device("cuda")
+    ours, ref = list(_params(0, cuda).values()), list(_params(0, cuda).values())
+    averages = _FourRanks(), _FourRanks()
+    graphed = GraphedAdam(ours, average=averages[0], lr=0.01)
+    plain = torch.optim.Adam(ref, lr=0.01, fused=True)
+    plain.register_step_pre_hook(averages[1])
+    for step in range(6):
+        torch.manual_seed(200 + step)
+        grads = [torch.randn_like(p) for p in ours]
+        for params in (ours, ref):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+        graphed.step()
+        plain.step()
+        for a, b in zip(ours, ref):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=f"step {step}")
+    assert graphed._graph is not None and averages[0].sums == averages[1].sums == 6
+
+
+@needs_cuda
+def test_parameters_of_several_dtypes_are_refused():
+    params = [torch.nn.Parameter(torch.zeros(2, device="cuda")),
+              torch.nn.Parameter(torch.zeros(2, device="cuda", dtype=torch.float64))]
+    with pytest.raises(ValueError, match="one flat buffer: parameters of one dtype"):
+        GraphedAdam(params, lr=0.1)

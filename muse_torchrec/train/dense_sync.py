@@ -3,7 +3,8 @@
 
 - "allreduce" (default): no DDP. ``ReplicatedDense`` moves the dense part to the device and
   broadcasts its parameters and buffers from rank 0 once; ``GradientAverage``, a pre-step hook of the
-  dense optimizer, averages its gradients over the ranks in one all-reduce of one flat buffer.
+  dense optimizer, averages its gradients over the ranks in one all-reduce of one flat buffer (with
+  ``graphs``, ``GraphedAdam`` sums its graph's own flat gradient buffer through it instead).
 - "ddp": TorchRec's default, the dense part wrapped in DistributedDataParallel (gradients
   all-reduced in buckets from hooks on every parameter during the backward).
 
@@ -80,9 +81,13 @@ class GradientAverage:
         if len({g.dtype for g in grads}) != 1:
             raise TypeError(f"GradientAverage: one flat buffer needs one dtype, got {sorted({str(g.dtype) for g in grads})}")
         flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=self.group)
+        self.sum_over_ranks(flat)
         flat.div_(self.world_size)
         torch._foreach_copy_(grads, [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)])
+
+    def sum_over_ranks(self, flat: torch.Tensor) -> None:
+        """Every rank's ``flat`` summed, in place (``GraphedAdam`` divides in its graph)."""
+        dist.all_reduce(flat, group=self.group)
 
 
 def dense_synchronisation(name: str, synchronised: bool) -> Tuple[DataParallelWrapper, Optional[GradientAverage]]:

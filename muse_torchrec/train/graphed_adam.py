@@ -17,6 +17,11 @@ What the graph bakes in, and how ``GraphedAdam`` keeps it right:
 
 A step where a parameter has no gradient, or whose state is not made yet (the first step), runs
 eagerly. Same updates as ``torch.optim.Adam(fused=True)``: tests/test_graphed_adam.py.
+
+Over several ranks (``average``) the gradients are averaged before the step as
+``dense_sync.GradientAverage`` does, but its flat buffer is the graph's own: the gradients are copied
+into it anyway, summed there in one all-reduce, and divided inside the graph. The pre-step hook
+would gather, concatenate, split and copy back every gradient on the host first.
 """
 
 from __future__ import annotations
@@ -26,17 +31,27 @@ from typing import Any, Iterable, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from muse_torchrec.train.dense_sync import GradientAverage
+
 
 class GraphedAdam(torch.optim.Adam):
     """``torch.optim.Adam(params, fused=True, capturable=True, **hyperparameters)`` whose step is a
-    CUDA graph replay once every parameter has a gradient and a state. Parameters must be on CUDA;
-    hyperparameters plain numbers (a tensor lr is not supported)."""
+    CUDA graph replay once every parameter has a gradient and a state. Parameters must be on one CUDA
+    device, of one dtype, hyperparameters plain numbers (a tensor lr is not supported). ``average``: the
+    gradients are averaged over its ranks before every step."""
 
-    def __init__(self, params: Iterable[Any], **hyperparameters: Any) -> None:
+    def __init__(self, params: Iterable[Any], average: Optional[GradientAverage] = None, **hyperparameters: Any) -> None:
         super().__init__(params, fused=True, capturable=True, **hyperparameters)
         if not all(p.is_cuda for p in self._params()):
             raise ValueError("GraphedAdam replays CUDA graphs: every parameter must be on a CUDA device")
+        kinds = {(p.dtype, p.device) for p in self._params()}
+        if len(kinds) > 1:
+            raise ValueError(f"GraphedAdam keeps the gradients in one flat buffer: parameters of one dtype on one "
+                             f"device, not {sorted(map(str, kinds))}")
+        self.average = average
         self._graph: Optional[torch.cuda.CUDAGraph] = None
+        # The graph's gradient buffers: views of one flat buffer, which ``average`` sums over the ranks.
+        self._flat_grads: Optional[Tensor] = None
         self._static_grads: List[Tensor] = []
         self._captured_with: Optional[Tuple[Any, ...]] = None
 
@@ -61,23 +76,31 @@ class GraphedAdam(torch.optim.Adam):
         params = self._params()
         grads = [p.grad for p in params]
         if any(g is None for g in grads) or any(p not in self.state for p in params):
+            if self.average is not None:
+                self.average(self, (), {})
             super().step()
             return
         hyperparameters = self._hyperparameters()
         if self._graph is None or hyperparameters != self._captured_with:
             self._capture(params, grads, hyperparameters)
         torch._foreach_copy_(self._static_grads, grads)
+        if self.average is not None:
+            self.average.sum_over_ranks(self._flat_grads)
         self._graph.replay()
 
     def _capture(self, params: List[Tensor], grads: List[Tensor], hyperparameters: Tuple[Any, ...]) -> None:
         """Record the step over static gradient buffers (nothing runs during capture); ``grads``:
         the parameters' gradients, put back afterwards."""
-        self._static_grads = [torch.zeros_like(p) for p in params]
+        numels = [p.numel() for p in params]
+        self._flat_grads = torch.zeros(sum(numels), dtype=params[0].dtype, device=params[0].device)
+        self._static_grads = [part.view_as(p) for part, p in zip(self._flat_grads.split(numels), params)]
         for p, static in zip(params, self._static_grads):
             p.grad = static
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
+                if self.average is not None:
+                    self._flat_grads.div_(self.average.world_size)
                 super().step()
         finally:
             for p, grad in zip(params, grads):

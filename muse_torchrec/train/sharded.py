@@ -13,7 +13,7 @@ against an unsharded model).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Dict, List, Type
+from typing import Dict, List, Optional, Type
 
 import torch
 from torch import nn
@@ -27,7 +27,7 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from muse_torchrec.config import ExperimentConfig, ShardingConfig
 from muse_torchrec.model.muse import compile_tower
 from muse_torchrec.sharding import GIB, PlanReport, make_sharders, plan_model
-from muse_torchrec.train.dense_sync import check_dense_sync, dense_synchronisation
+from muse_torchrec.train.dense_sync import GradientAverage, check_dense_sync, dense_synchronisation
 from muse_torchrec.train.direct_lookup import check_sparse_lookup, use_direct_lookup
 from muse_torchrec.train.distributed import DistContext
 from muse_torchrec.train.graphed_adam import GraphedAdam
@@ -71,12 +71,18 @@ def with_device_memory(cfg: ShardingConfig, device: torch.device, reserved_bytes
     return replace(cfg, hbm_gb=(torch.cuda.get_device_properties(device).total_memory - reserved_bytes) / GIB)
 
 
-def dense_adam(params: List[nn.Parameter], lr: float, compile_mode: str, device: torch.device) -> torch.optim.Optimizer:
+def dense_adam(params: List[nn.Parameter], lr: float, compile_mode: str, device: torch.device,
+               average: Optional[GradientAverage] = None) -> torch.optim.Optimizer:
     """The dense parameters' Adam: on GPU the fused (single-kernel) one, which saves launches on a
-    host-bound step, and with ``train.compile_mode: graphs`` its step replayed as a CUDA graph too."""
+    host-bound step, and with ``train.compile_mode: graphs`` its step replayed as a CUDA graph too.
+    ``average``: the gradients averaged over the ranks before each step (in the graph's own buffer
+    with ``graphs``, else by a pre-step hook)."""
     if compile_mode == "graphs" and device.type == "cuda":
-        return GraphedAdam(params, lr=lr)
-    return torch.optim.Adam(params, lr=lr, fused=device.type == "cuda")
+        return GraphedAdam(params, average=average, lr=lr)
+    optimizer = torch.optim.Adam(params, lr=lr, fused=device.type == "cuda")
+    if average is not None:
+        optimizer.register_step_pre_hook(average)
+    return optimizer
 
 
 @dataclass
@@ -119,10 +125,7 @@ def shard_model(model: nn.Module, cfg: ExperimentConfig, ctx: DistContext, reser
                                    data_parallel_wrapper=wrapper)
 
     def dense_optimizer(params: List[nn.Parameter]) -> torch.optim.Optimizer:
-        optimizer = dense_adam(params, cfg.train.dense_lr, cfg.train.compile_mode, ctx.device)
-        if average is not None:
-            optimizer.register_step_pre_hook(average)
-        return optimizer
+        return dense_adam(params, cfg.train.dense_lr, cfg.train.compile_mode, ctx.device, average)
 
     dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())), dense_optimizer)
     lookups = use_direct_lookup(dmp, cfg.train.sparse_lookup, cfg.train.pipeline)
