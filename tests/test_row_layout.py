@@ -26,8 +26,9 @@ BATCH, K, RECENT, MAX_HISTORY = 24, 6, 5, 40
 FIELDS = ("target", "topk", "topk_lengths", "recent", "recent_lengths")
 
 
-def _model(method: str, device: torch.device = torch.device("cpu"), seed: int = 0):
-    cfg = load_config(None, [f"model.method={method}", f"model.k={K}", f"data.recent={RECENT}", "model.mlp=[16]"])
+def _model(method: str, device: torch.device = torch.device("cpu"), seed: int = 0, dims: str = ""):
+    overrides = [f"model.method={method}", f"model.k={K}", f"data.recent={RECENT}", "model.mlp=[16]"]
+    cfg = load_config(None, overrides + ([f"model.embeddings.dims={dims}"] if dims else []))
     torch.manual_seed(seed)
     features = sequence_features(get_method(method).gsu)
     return build_model(cfg.model, VOCAB, features, RECENT, MAX_HISTORY, device=device).to(device)
@@ -61,7 +62,17 @@ def _table_grads(arch, inputs, side, seed: int):
 @pytest.mark.parametrize("seed", [1, 2])
 def test_padded_rows_equal_the_jagged_to_padded_conversion(method, seed):
     arch = _model(method).model.sparse_arch
-    assert arch.single_columns is not None  # narrower side tables: the column selection runs
+    assert arch.single_columns is not None  # narrower side tables (the default): the column selection runs
+    _check_equal(arch, method, seed)
+
+
+def test_padded_rows_equal_the_conversion_with_every_table_as_wide():
+    arch = _model("muse", dims="{}").model.sparse_arch
+    assert arch.single_columns is None
+    _check_equal(arch, "muse", 5)
+
+
+def _check_equal(arch, method: str, seed: int) -> None:
     batch = _batch(method, seed)
     (want, want_side), (got, got_side) = (_outputs(arch, batch, padded) for padded in (False, True))
     assert torch.equal(got_side, want_side)

@@ -170,13 +170,14 @@ class SparseArch(nn.Module):
         capacity = self.row_layout.capacity(features.stride())
         if values.shape[0] > capacity:
             raise ValueError(f"{values.shape[0]} ids in a batch of {features.stride()} samples: more than the "
-                             f"{capacity} its features hold (slots per sample {dict(zip(self.row_layout.keys, self.row_layout.slots))})")
+                             f"{capacity} its features hold ({self.row_layout})")
         return nnf.pad(values, (0, 0, 0, capacity + 1 - values.shape[0])), features.lengths()
 
     def padded(self, rows: torch.Tensor, lengths: torch.Tensor, topk_scores: torch.Tensor,
                recent_scores: torch.Tensor) -> Tuple[SequenceInputs, torch.Tensor]:
-        """``forward``'s result from ``rows``' (the batch's ``topk_scores`` [B, K] and ``recent_scores``
-        [B, R]), every shape fixed by B: capturable in CUDA graphs. Not the whole history."""
+        """What ``forward`` returns, from what ``rows`` returns and the batch's ``topk_scores`` [B, K] and
+        ``recent_scores`` [B, R]; every shape fixed by B, so capturable in CUDA graphs. Not the whole
+        history."""
         layout = self.row_layout
         starts, lengths = row_starts(lengths, len(layout.keys))
         singles = padded_slots(rows, starts, lengths, layout.positions(self.single_features), 1).flatten(1)
