@@ -142,9 +142,10 @@ def test_models_with_a_model_side_gsu_keep_the_padding_outside():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("method", ["muse", "din"])
 def test_padding_in_the_graphs_trains_as_the_tower_graphs(method):
-    """Six Adam steps over every parameter (tables included) on random batches: the losses,
+    """Six SGD steps over every parameter (tables included) on random batches: the losses,
     parameters and eval logits of a model whose graphs start from the looked-up rows follow those of
-    one whose graphs hold the tower only (the padding outside, eager)."""
+    one whose graphs hold the tower only (the padding outside, eager). SGD: Adam would turn the
+    compiled kernels' rounding differences on near-zero gradients into whole steps."""
     cuda = torch.device("cuda")
     models = {}
     for pad_in_graphs in (False, True):
@@ -152,7 +153,7 @@ def test_padding_in_the_graphs_trains_as_the_tower_graphs(method):
         compile_tower(model, "graphs", cuda, pad_in_graphs=pad_in_graphs)
         models[pad_in_graphs] = model
     muse = {p: next(m for m in model.modules() if isinstance(m, MuseModel)) for p, model in models.items()}
-    optimizers = {p: torch.optim.Adam(model.parameters(), lr=1e-2) for p, model in models.items()}
+    optimizers = {p: torch.optim.SGD(model.parameters(), lr=0.1) for p, model in models.items()}
     for step in range(6):
         batch = _batch(method, 10 + step, cuda)
         losses = {}
