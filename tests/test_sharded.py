@@ -181,8 +181,9 @@ def check_against_unsharded(tmp_path, method: str, compile_mode: str, pipeline: 
     trained = assemble([torch.load(tmp_path / f"state{r}.pt") for r in range(WORLD)], reference_state)
     start = reference_model(config(method)).state_dict()
     # Compiled kernels sum in another order; Adam's normalised steps carry that rounding into
-    # weights whose gradients are near zero (seen: 5e-6 on one weight of 9,728 after 4 steps).
-    atol = 1e-6 if compile_mode == "none" else 1e-5
+    # weights whose gradients are near zero (seen: 5e-6 on one weight of 9,728 after 4 steps on the
+    # CPU; 1.3e-5 on 2 H200 with "reduce-overhead" against this CPU reference).
+    atol = 1e-6 if compile_mode == "none" else 1e-5 if device == "cpu" else 1e-4
     for key, ref in reference_state.items():
         if ".norm." in key:
             continue
