@@ -1,6 +1,6 @@
 """Model-side GSUs (SIM-soft, TWIN, MISS, Table 2 variants) against brute-force references."""
 
-from typing import List, Tuple
+from typing import List
 
 import numpy as np
 import pytest
