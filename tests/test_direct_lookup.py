@@ -73,7 +73,8 @@ def _lookups_equal(method: str, device: str, ctx) -> dict:
     equal = []
     with torch.no_grad():
         for batch in _batches(method, seed=1):
-            features = batch.to(ctx.device).sparse_features
+            batch = batch.to(ctx.device)
+            features = batch.sparse_features
             keys = features.keys()
             reference = arch.tables(features).wait()
             for given in (features, features.permute(list(reversed(range(len(keys)))))):
@@ -82,6 +83,11 @@ def _lookups_equal(method: str, device: str, ctx) -> dict:
                     torch.equal(ours[k].values(), reference[k].values())
                     and torch.equal(ours[k].lengths(), reference[k].lengths()) for k in keys))
             equal.append(bool(ours[keys[0]].values().shape[0]))  # the batches are not empty
+            # The padding from the lookup's flat rows (tests/test_row_layout.py) as from its features.
+            (want, want_side), (got, got_side) = arch(batch), arch.padded(
+                *arch.rows(batch), batch.topk_scores, batch.recent_scores)
+            equal.append(torch.equal(got_side, want_side) and all(torch.equal(getattr(got, f), getattr(want, f))
+                                                                  for f in ("target", "topk", "recent")))
         try:
             arch.lookup(features.permute(list(range(len(keys) - 1))))
             refused = ""

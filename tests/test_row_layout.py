@@ -54,8 +54,7 @@ def _table_grads(arch, inputs, side, seed: int):
     tensors = [getattr(inputs, f) for f in FIELDS if getattr(inputs, f).is_floating_point()] + [side]
     g = torch.Generator().manual_seed(seed)
     loss = sum((t * torch.randn(t.shape, generator=g)).sum() for t in tensors)
-    weights = [p for p in arch.tables.parameters()]
-    return torch.autograd.grad(loss, weights)
+    return torch.autograd.grad(loss, list(arch.tables.parameters()))
 
 
 @pytest.mark.parametrize("method", ["muse", "din", "sim_hard", "sim_soft"])
