@@ -75,6 +75,10 @@ class GradientAverage:
         self.world_size = dist.get_world_size(group)
 
     def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.average_gradients(optimizer)
+
+    def average_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        """The gradients of ``optimizer``'s parameters averaged over the ranks, in place."""
         grads: List[torch.Tensor] = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         if not grads:
             return

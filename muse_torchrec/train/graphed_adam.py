@@ -77,7 +77,7 @@ class GraphedAdam(torch.optim.Adam):
         grads = [p.grad for p in params]
         if any(g is None for g in grads) or any(p not in self.state for p in params):
             if self.average is not None:
-                self.average(self, (), {})
+                self.average.average_gradients(self)
             super().step()
             return
         hyperparameters = self._hyperparameters()
