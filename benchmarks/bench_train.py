@@ -216,7 +216,8 @@ def bench_sharded(cfg: ExperimentConfig, vocab: Mapping[str, int], batches: Iter
                   profiler: str = "torch", pipeline: Optional[str] = None,
                   sync_dense_on_one_rank: bool = False, shard_as_on_several_ranks: bool = False) -> Dict[str, object]:
     """Samples/s of DMP under ``pipeline`` (``PIPELINES``; None: the config's ``train.pipeline``, as the
-    trainer) over ``batches`` (cycled if a list);
+    trainer) over ``batches`` (cycled if a list: pre-staged batches, routed first where the trainer's data
+    path would route them, ``train.sparse_lookup: routed``);
     ``profile_steps`` more steps under ``profiler`` ("torch": torch.profiler's op tables, "python": cProfile);
     ``sync_dense_on_one_rank``, ``shard_as_on_several_ranks``: the dense part synchronised, the tables
     sharded as on several ranks (``shard_model``)."""
@@ -226,6 +227,11 @@ def bench_sharded(cfg: ExperimentConfig, vocab: Mapping[str, int], batches: Iter
     sharded = shard_model(model, cfg, ctx, sync_dense_on_one_rank=sync_dense_on_one_rank,
                           shard_as_on_several_ranks=shard_as_on_several_ranks)
     step = step_function(pipeline or cfg.train.pipeline, sharded.model, sharded.optimizer, ctx.device)
+    if isinstance(batches, list):
+        router = sharded.router
+        batches = cycle(batches if router is None else [replace(b, routing=router(b.sparse_features)) for b in batches])
+    elif sharded.router is not None:
+        raise ValueError("bench_train: routed lookups over a data path: time the trainer (benchmarks/ab_trainer.sh)")
     batch_iter = iter(batches)
     timing = timed_steps(step, batch_iter, warmup, steps, ctx.device, freeze_gc)
     planned = sharded.plan.per_rank_bytes()[ctx.rank]
@@ -445,7 +451,7 @@ def main() -> None:
                 name += "" if args.busy_procs == [(0, "gather")] else f":busy{busy}" + (f"_{busy_kind}" if busy else "")
                 name = unique_name(name, results)
                 with busy_processes(busy, busy_cpus, busy_kind):
-                    results[name] = bench_sharded(mode_cfg, vocab, cycle(batches), ctx, args.warmup, args.steps,
+                    results[name] = bench_sharded(mode_cfg, vocab, batches, ctx, args.warmup, args.steps,
                                                   args.profile_steps, freeze_gc=gc_mode == "frozen",
                                                   profiler=args.profiler, pipeline=pipeline,
                                                   sync_dense_on_one_rank=args.sync_dense_on_one_rank,

@@ -138,7 +138,9 @@ class TrainConfig:
     dense_sync: str = "allreduce"
     # How the sharded embedding collection is called (train.direct_lookup.SPARSE_LOOKUPS): "direct"
     # calls its lookup module itself where TorchRec's input and output distributions are identities
-    # (one rank, the plain step), "distributed" always runs TorchRec's forward.
+    # (one rank, the plain step); "routed" also, on 2+ ranks with every table row-wise, has the data
+    # path's thread ahead send each id to the rank holding its row (data.gsu_placement "device", the
+    # plain step); "distributed" always runs TorchRec's forward.
     sparse_lookup: str = "direct"
 
 

@@ -13,7 +13,9 @@ On CPU (gloo) and, where there is one, a CUDA GPU (NCCL, fused Adam).
 """
 
 import sys
+from dataclasses import replace
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pytest
@@ -37,8 +39,8 @@ METHODS = ("muse", "sim_soft")
 SPARSE_OPTIMIZER = {"cpu": "rowwise_adagrad", "cuda": "adam"}
 
 
-def _config(method: str, device: str, sparse_lookup: str, pipeline: str = "plain"):
-    return load_config(None, [
+def _config(method: str, device: str, sparse_lookup: str, pipeline: str = "plain", extra: Sequence[str] = ()):
+    return load_config(None, [*extra,
         f"model.method={method}", f"train.sparse_lookup={sparse_lookup}", f"train.pipeline={pipeline}",
         f"model.k={K}", f"data.recent={RECENT}", f"data.max_history={MAX_HISTORY}",
         f"train.sparse_optimizer={SPARSE_OPTIMIZER[device]}", "train.sparse_lr=0.1",
@@ -53,14 +55,17 @@ def _batches(method: str, seed: int):
     return [builder(random_block(rng, num_users=8, max_len=60)) for _ in range(STEPS)]
 
 
-def _sharded(method: str, device: str, sparse_lookup: str, ctx, pipeline: str = "plain"):
+def _sharded(method: str, device: str, sparse_lookup: str, ctx, pipeline: str = "plain", extra: Sequence[str] = (),
+             several: bool = False):
+    """``several``: the tables sharded as on several ranks (``shard_model(shard_as_on_several_ranks)``)."""
     from muse_torchrec.train.sharded import load_unsharded_state, shard_model
 
-    cfg = _config(method, device, sparse_lookup, pipeline)
+    cfg = _config(method, device, sparse_lookup, pipeline, extra)
     features = sequence_features(get_method(method).gsu)
     torch.manual_seed(0)
     start = build_model(cfg.model, VOCAB, features, RECENT, MAX_HISTORY, device=torch.device("cpu")).state_dict()
-    sharded = shard_model(build_model(cfg.model, VOCAB, features, RECENT, MAX_HISTORY), cfg, ctx)
+    sharded = shard_model(build_model(cfg.model, VOCAB, features, RECENT, MAX_HISTORY), cfg, ctx,
+                          shard_as_on_several_ranks=several)
     load_unsharded_state(sharded.model, start)
     return sharded, next(m for m in sharded.model.modules() if isinstance(m, SparseArch))
 
@@ -96,13 +101,16 @@ def _lookups_equal(method: str, device: str, ctx) -> dict:
     return {"equal": equal, "refused": refused}
 
 
-def _trained(method: str, device: str, sparse_lookup: str, ctx) -> dict:
+def _trained(method: str, device: str, sparse_lookup: str, ctx, extra: Sequence[str] = (), several: bool = False) -> dict:
+    """``STEPS`` plain steps from the same weights; batches routed where the lookup needs it."""
     from muse_torchrec.train.step import make_stepper
 
-    sharded, arch = _sharded(method, device, sparse_lookup, ctx)
-    assert (arch.lookup is not None) == (sparse_lookup == "direct"), sharded.lookups
+    sharded, arch = _sharded(method, device, sparse_lookup, ctx, extra=extra, several=several)
+    assert (arch.lookup is not None) == (sparse_lookup != "distributed"), sharded.lookups
     stepper = make_stepper("plain", sharded.model, sharded.optimizer, ctx.device)
-    batches = iter(_batches(method, seed=2))
+    router = sharded.router
+    batches = iter([b if router is None else replace(b, routing=router(b.sparse_features))
+                    for b in _batches(method, seed=2)])
     losses = [float(stepper.progress(batches)[0]) for _ in range(STEPS)]
     state = {k: (v.local_shards()[0].tensor if isinstance(v, ShardedTensor) else v).detach().cpu().clone()
              for k, v in sharded.model.state_dict().items()}
@@ -118,7 +126,7 @@ def _worker(rank: int, device: str, tmp: str, port: str) -> None:
     out = {}
     for method in METHODS:
         out[method] = {"lookup": _lookups_equal(method, device, ctx),
-                       **{setting: _trained(method, device, setting, ctx) for setting in direct_lookup.SPARSE_LOOKUPS}}
+                       **{setting: _trained(method, device, setting, ctx) for setting in ("direct", "distributed")}}
     _, arch = _sharded("muse", device, "direct", ctx, pipeline="sparse_dist")
     out["pipeline_lookup"] = arch.lookup
     torch.save(out, Path(tmp, "out.pt"))
@@ -148,8 +156,9 @@ def test_direct_lookup_computes_as_torchrec(tmp_path, device):
 
 def test_settings_are_checked():
     with pytest.raises(ConfigError, match="train.sparse_lookup: unknown 'fast'"):
-        direct_lookup.check_sparse_lookup("fast")
-    assert direct_lookup.use_direct_lookup(torch.nn.Linear(2, 2), "distributed", "plain").startswith("TorchRec's")
+        direct_lookup.check_sparse_lookup("fast", "device")
+    description, router = direct_lookup.use_direct_lookup(torch.nn.Linear(2, 2), "distributed", "plain")
+    assert description.startswith("TorchRec's") and router is None
     with pytest.raises(ConfigError, match="train.sparse_lookup"):
         direct_lookup.use_direct_lookup(torch.nn.Linear(2, 2), "fast", "plain")
 
@@ -157,5 +166,5 @@ def test_settings_are_checked():
 def test_unsharded_collection_keeps_its_forward():
     cfg = _config("muse", "cpu", "direct")
     model = build_model(cfg.model, VOCAB, sequence_features("scl_cosine"), RECENT, MAX_HISTORY, device=torch.device("cpu"))
-    assert "not a ShardedEmbeddingCollection" in direct_lookup.use_direct_lookup(model, "direct", "plain")
+    assert "not a ShardedEmbeddingCollection" in direct_lookup.use_direct_lookup(model, "direct", "plain")[0]
     assert model.model.sparse_arch.lookup is None

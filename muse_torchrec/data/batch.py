@@ -18,6 +18,7 @@ from torchrec.streamable import Pipelineable
 
 from muse_torchrec import features as F
 from muse_torchrec.data.block import SampleBlock
+from muse_torchrec.data.routing import Routing
 from muse_torchrec.model import gsu as gsu_ops
 
 GSU_KINDS = ("scl_cosine", "category", "recent_only", "whole_history", "whole_history_scl", "whole_history_scl_vectors")
@@ -47,6 +48,8 @@ class Batch(Pipelineable):
         hist_scl: [U, L, 128] int8 SCL vectors of each user's history, aligned with ``item_hist``
             (zero = missing or padding), target_scl: [B, 128] int8, sample_user: [B] int64 index of each
             sample's user (GSU kind "whole_history_scl_vectors"; empty for the other kinds).
+        routing: where ``sparse_features``' ids are looked up over the ranks, set by the data path for
+            row-wise tables (``data.routing``); None: the lookup distributes them itself.
     """
 
     sparse_features: KeyedJaggedTensor
@@ -60,29 +63,35 @@ class Batch(Pipelineable):
     hist_scl: torch.Tensor
     target_scl: torch.Tensor
     sample_user: torch.Tensor
+    routing: Optional[Routing] = None
+
+    def _parts(self) -> List[Union[torch.Tensor, KeyedJaggedTensor, Routing]]:
+        return [part for part in (getattr(self, f.name) for f in fields(self)) if part is not None]
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
         """The batch on ``device``: itself when every tensor is there already (as ``Tensor.to``), which
         is what the training step meets with the device GSU and costs it no rebuilding."""
-        moved = [getattr(self, f.name) for f in fields(self)]
-        if all(_device(t) == device for t in moved):
+        if all(_device(part) == device for part in self._parts()):
             return self
-        return Batch(*(t.to(device=device, non_blocking=non_blocking) for t in moved))
+        return Batch(**{f.name: None if part is None else part.to(device=device, non_blocking=non_blocking)
+                        for f, part in ((f, getattr(self, f.name)) for f in fields(self))})
 
     def record_stream(self, stream: torch.Stream) -> None:
-        for f in fields(self):
-            getattr(self, f.name).record_stream(stream)
+        for part in self._parts():
+            part.record_stream(stream)
 
     def pin_memory(self) -> "Batch":
-        return Batch(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
+        if self.routing is not None:
+            raise ValueError("Batch.pin_memory: a routed batch is made on the device, not pinned")
+        return Batch(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self) if f.name != "routing"})
 
     @property
     def batch_size(self) -> int:
         return int(self.labels.shape[0])
 
 
-def _device(tensor: Union[torch.Tensor, KeyedJaggedTensor]) -> torch.device:
-    return tensor.device() if isinstance(tensor, KeyedJaggedTensor) else tensor.device
+def _device(part: Union[torch.Tensor, KeyedJaggedTensor, Routing]) -> torch.device:
+    return part.device() if isinstance(part, (KeyedJaggedTensor, Routing)) else part.device
 
 
 def _padded_rows(offsets: np.ndarray, values: np.ndarray, width: int) -> Tuple[np.ndarray, np.ndarray]:

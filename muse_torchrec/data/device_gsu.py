@@ -19,16 +19,18 @@ import contextlib
 import queue
 import threading
 from dataclasses import dataclass, fields, replace
-from typing import Dict, Iterable, Iterator, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple, Union
 
 import numpy as np
 import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
 from muse_torchrec import features as F
 from muse_torchrec.data.batch import Batch, BatchBuilder, padded_block, user_histories
 from muse_torchrec.data.block import SampleBlock
 from muse_torchrec.data.packed import Packed
+from muse_torchrec.data.routing import Routing
 from muse_torchrec.data.slots import SlotRef
 from muse_torchrec.model import gsu as gsu_ops
 
@@ -283,9 +285,11 @@ class DeviceGsu:
         for raw in batches:
             yield self(raw)
 
-    def ahead(self, batches: Iterable[Union[GsuBatch, Packed, SlotRef]], depth: int = 2) -> "GsuAhead":
-        """Apply to every batch of a loader in a background thread, ``depth`` batches ahead."""
-        return GsuAhead(self, batches, depth)
+    def ahead(self, batches: Iterable[Union[GsuBatch, Packed, SlotRef]], depth: int = 2,
+              router: Optional[Callable[[KeyedJaggedTensor], Routing]] = None) -> "GsuAhead":
+        """Apply to every batch of a loader in a background thread, ``depth`` batches ahead; with
+        ``router``, then route each batch's ids there too (``data.routing``)."""
+        return GsuAhead(self, batches, depth, router)
 
 
 _END = object()
@@ -301,12 +305,17 @@ class GsuAhead:
     0.98-1.11x end to end against the training thread, benchmarks/RESULTS.md rows 16, 20, 21, 25).
     On CUDA each batch carries an event recorded after its GSU; the consumer's current stream waits
     for it and the batch's memory is recorded as used there.
+
+    ``router``: each batch's ids are routed over the ranks in the thread too, after its GSU
+    (``data.routing``: the exchanges and their read-backs off the training thread). Every rank's
+    thread must then route the same number of batches: give it exactly the batches to be trained.
     """
 
-    def __init__(self, gsu: DeviceGsu, batches: Iterable[Union[GsuBatch, Packed, SlotRef]], depth: int = 2) -> None:
+    def __init__(self, gsu: DeviceGsu, batches: Iterable[Union[GsuBatch, Packed, SlotRef]], depth: int = 2,
+                 router: Optional[Callable[[KeyedJaggedTensor], Routing]] = None) -> None:
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
-        self.gsu, self.batches, self.depth = gsu, batches, depth
+        self.gsu, self.batches, self.depth, self.router = gsu, batches, depth, router
 
     @staticmethod
     def _put(out: "queue.Queue", item: object, stop: threading.Event) -> bool:
@@ -326,6 +335,8 @@ class GsuAhead:
             with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
                 for raw in source:
                     batch = self.gsu(raw)
+                    if self.router is not None:
+                        batch = replace(batch, routing=self.router(batch.sparse_features))
                     event = None
                     if cuda:
                         event = torch.cuda.Event()

@@ -18,6 +18,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from muse_torchrec import features as F
 from muse_torchrec.data.batch import Batch
+from muse_torchrec.data.routing import Routing
 from muse_torchrec.model.cuda_graphs import GraphedFunction
 from muse_torchrec.model.esu import SequenceInputs
 from muse_torchrec.model.mlp import MLP
@@ -54,10 +55,11 @@ def single_ids(features: Sequence[JaggedTensor], columns: Optional[torch.Tensor]
 class Lookup(Protocol):
     """The embedding lookups of a sharded collection without its distributions (train/direct_lookup.py)."""
 
-    def __call__(self, features: KeyedJaggedTensor) -> Dict[str, JaggedTensor]:
-        """Per feature a JaggedTensor of its embeddings [n_f, D] with its lengths [B]."""
+    def __call__(self, features: KeyedJaggedTensor, routing: Optional[Routing] = None) -> Dict[str, JaggedTensor]:
+        """Per feature a JaggedTensor of its embeddings [n_f, D] with its lengths [B]; ``routing``: the
+        batch's, where the data path routed its ids over the ranks (data/routing.py)."""
 
-    def flat(self, features: KeyedJaggedTensor) -> Tuple[KeyedJaggedTensor, torch.Tensor]:
+    def flat(self, features: KeyedJaggedTensor, routing: Optional[Routing] = None) -> Tuple[KeyedJaggedTensor, torch.Tensor]:
         """(``features`` in the order of the lookup, the embeddings of their values in order [N, D])."""
 
 
@@ -125,7 +127,7 @@ class SparseArch(nn.Module):
     def forward(self, batch: Batch) -> Tuple[SequenceInputs, torch.Tensor]:
         """Returns (sequence inputs, side features [B, side_dim])."""
         features = batch.sparse_features
-        seq = self.tables(features) if self.lookup is None else self.lookup(features)
+        seq = self.tables(features) if self.lookup is None else self.lookup(features, batch.routing)
         # The target's item and category are dropped separately when unknown (id 0): each its own feature.
         singles = single_ids([seq[name] for name in self.single_features], self.single_columns)
         inputs, side = self._inputs(singles, *self._sequence(seq, "recent", self.recent), batch.topk_scores,
@@ -160,7 +162,7 @@ class SparseArch(nn.Module):
         every id, feature after feature in ``row_layout.keys``, then zero rows; lengths [F * B])."""
         features = batch.sparse_features
         if self.lookup is not None:
-            features, values = self.lookup.flat(features)
+            features, values = self.lookup.flat(features, batch.routing)
         else:
             seq = self.tables(features)
             values = torch.cat([seq[key].values() for key in features.keys()])

@@ -11,8 +11,16 @@ checkpoints, the plan and the optimizer state are TorchRec's, unchanged; only th
 skipped. tests/test_direct_lookup.py checks it against TorchRec's forward, lookup by lookup and
 step by step.
 
-``train.sparse_lookup`` chooses: "direct" (the default) uses it where it applies (one rank, the
-plain step, one table-wise lookup), "distributed" always runs TorchRec's forward.
+With several ranks and row-wise tables the distributions are real. ``RoutedLookup`` runs the second
+half, the rows' all-to-all, itself: the first half, each id sent to the rank holding its row, was
+done by the data path ahead of the step (``data.routing.RowWiseRouter``), so the training thread
+neither bucketises nor reads anything back. Its backward sends the gradients back, divided by the
+world size as TorchRec's is. Batches without a routing (evaluation) go through TorchRec's forward.
+
+``train.sparse_lookup`` chooses: "direct" (the default) uses ``DirectLookup`` where it applies (one
+rank, the plain step, one table-wise lookup); "routed" also ``RoutedLookup`` (2+ ranks, the plain
+step, every table row-wise, one lookup; the training batches routed by the data path);
+"distributed" always runs TorchRec's forward.
 """
 
 from __future__ import annotations
@@ -20,21 +28,32 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.embedding import ShardedEmbeddingCollection
 from torchrec.distributed.types import ShardingType
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from muse_torchrec.config import ConfigError
+from muse_torchrec.data.routing import Routing, RowWiseRouter, in_order
 from muse_torchrec.model.muse import SparseArch
 
-SPARSE_LOOKUPS = ("direct", "distributed")
+SPARSE_LOOKUPS = ("direct", "routed", "distributed")
 
 
-def check_sparse_lookup(name: str) -> None:
-    """ConfigError unless ``name`` is a ``train.sparse_lookup`` (checked before a run builds anything)."""
+def _check_known(name: str) -> None:
     if name not in SPARSE_LOOKUPS:
         raise ConfigError(f"train.sparse_lookup: unknown {name!r}; choose one of {list(SPARSE_LOOKUPS)}")
+
+
+def check_sparse_lookup(name: str, gsu_placement: str) -> None:
+    """ConfigError unless ``name`` is a ``train.sparse_lookup`` the data path (``data.gsu_placement``)
+    can serve (checked before a run builds anything): "routed" needs the data path's thread ahead
+    of the step, which "device" runs."""
+    _check_known(name)
+    if name == "routed" and gsu_placement != "device":
+        raise ConfigError(f"train.sparse_lookup: 'routed' routes the ids in the data path's thread ahead of the "
+                          f"step, which data.gsu_placement 'device' runs, not {gsu_placement!r}")
 
 
 class DirectLookup:
@@ -50,68 +69,138 @@ class DirectLookup:
     def __init__(self, lookup: nn.Module, feature_names: List[str], dim: int) -> None:
         self.lookup, self.feature_names, self.dim = lookup, list(feature_names), dim
 
-    def _in_lookup_order(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        """``features`` with its keys in the lookup's order (batches are built so: then as given)."""
-        keys = features.keys()
-        if keys == self.feature_names:
-            return features
-        if sorted(keys) != sorted(self.feature_names):
-            raise ValueError(f"sparse features {keys} are not the embedding collection's features "
-                             f"{self.feature_names}")
-        return features.permute([keys.index(name) for name in self.feature_names])
-
-    def flat(self, features: KeyedJaggedTensor) -> Tuple[KeyedJaggedTensor, torch.Tensor]:
+    def flat(self, features: KeyedJaggedTensor, routing: Optional[Routing] = None) -> Tuple[KeyedJaggedTensor, torch.Tensor]:
         """KJT of B samples (every key the same B) -> (the KJT with its keys in the lookup's order, the
-        embeddings of its values in order [N, D])."""
+        embeddings of its values in order [N, D]). ``routing``: the batch's (``RoutedLookup`` only)."""
         if features.variable_stride_per_key():
-            raise ValueError("DirectLookup: features with a batch size per key are not supported")
-        features = self._in_lookup_order(features)
-        return features, self.lookup(features).view(-1, self.dim)
+            raise ValueError(f"{type(self).__name__}: features with a batch size per key are not supported")
+        features = in_order(features, self.feature_names)
+        return features, self._embeddings(features, routing)
 
-    def __call__(self, features: KeyedJaggedTensor) -> Dict[str, JaggedTensor]:
+    def _embeddings(self, features: KeyedJaggedTensor, routing: Optional[Routing]) -> torch.Tensor:
+        if routing is not None:
+            raise ValueError("DirectLookup: a batch routed over several ranks, but the tables are on this rank alone")
+        return self.lookup(features).view(-1, self.dim)
+
+    def __call__(self, features: KeyedJaggedTensor, routing: Optional[Routing] = None) -> Dict[str, JaggedTensor]:
         """KJT of B samples (every key the same B) -> per feature a JaggedTensor of [n_f, D] embeddings
         with that feature's lengths [B]."""
-        features, embeddings = self.flat(features)
+        features, embeddings = self.flat(features, routing)
         values = embeddings.split(features.length_per_key())
         lengths = features.lengths().view(len(self.feature_names), -1)
         return {name: JaggedTensor(values=v, lengths=l) for name, v, l in zip(self.feature_names, values, lengths)}
 
 
-def direct_lookup_of(collection: nn.Module) -> Tuple[Optional[DirectLookup], str]:
-    """A ``DirectLookup`` for a sharded collection where its distributions are identities, else None;
-    with the reason either way (for the run's log)."""
+class _RowsAllToAll(torch.autograd.Function):
+    """Rows [N, D], ``send[r]`` of them to rank r -> the rows received, ``recv[r]`` from rank r
+    [sum(recv), D]; backward sends the gradients back, divided by the world size (TorchRec's row-wise
+    output distribution divides them so)."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, send: List[int], recv: List[int], group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.send, ctx.recv, ctx.group = send, recv, group
+        out = rows.new_empty((sum(recv), rows.shape[1]))
+        dist.all_to_all_single(out, rows.contiguous(), output_split_sizes=recv, input_split_sizes=send, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> Tuple[torch.Tensor, None, None, None]:
+        out = grad.new_empty((sum(ctx.send), grad.shape[1]))
+        dist.all_to_all_single(out, grad.contiguous(), output_split_sizes=ctx.send, input_split_sizes=ctx.recv,
+                               group=ctx.group)
+        return out.div_(dist.get_world_size(ctx.group)), None, None, None
+
+
+class RoutedLookup(DirectLookup):
+    """``DirectLookup`` over row-wise tables on W ranks, for batches routed by the data path.
+
+    Args (besides ``DirectLookup``'s): collection: the sharded collection, whose own forward serves
+    batches without a routing; group: the collection's process group (the rows' all-to-all).
+    """
+
+    def __init__(self, lookup: nn.Module, feature_names: List[str], dim: int, collection: nn.Module,
+                 group: dist.ProcessGroup) -> None:
+        super().__init__(lookup, feature_names, dim)
+        self.collection, self.group = collection, group
+
+    def _embeddings(self, features: KeyedJaggedTensor, routing: Optional[Routing]) -> torch.Tensor:
+        if routing is None:
+            embedded = self.collection(features)
+            return torch.cat([embedded[name].values() for name in self.feature_names])
+        if routing.batch_size != features.stride():
+            raise ValueError(f"a routing of {routing.batch_size} samples for a batch of {features.stride()}")
+        rows = self.lookup(routing.read).view(-1, self.dim)  # (feature, source rank, sample)
+        as_sent = rows.index_select(0, routing.as_received)  # (source rank, feature, sample)
+        mine = _RowsAllToAll.apply(as_sent, routing.received, routing.sent, self.group)  # (holding rank, ...)
+        return mine.index_select(0, routing.restore)  # the batch's order
+
+
+def _row_wise_blocks(tables: List[nn.Module], world_size: int) -> Optional[List[int]]:
+    """Rows per rank of each sharded table when rank r holds rows [r * block, (r + 1) * block) of
+    every table (TorchRec's row-wise blocks of ceil(rows / W)), else None. From the tables' global
+    metadata, so every rank decides alike."""
+    blocks = [-(-table.num_embeddings // world_size) for table in tables]
+    for table, block in zip(tables, blocks):
+        offsets = sorted(shard.shard_offsets[0] for shard in table.global_metadata.shards_metadata)
+        if offsets != [r * block for r in range(len(offsets))]:
+            return None
+    return blocks
+
+
+def direct_lookup_of(collection: nn.Module, routed: bool = False
+                     ) -> Tuple[Optional[DirectLookup], Optional[RowWiseRouter], str]:
+    """A ``DirectLookup`` for a sharded collection where its distributions are identities, with
+    ``routed`` a ``RoutedLookup`` and the ``RowWiseRouter`` its batches need where every table is
+    row-wise over 2+ ranks; else None; with the reason either way (for the run's log). Collective
+    when it makes a router (a gloo group of its own): every rank must call it."""
     if not isinstance(collection, ShardedEmbeddingCollection):
-        return None, f"the collection is a {type(collection).__name__}, not a ShardedEmbeddingCollection"
+        return None, None, f"the collection is a {type(collection).__name__}, not a ShardedEmbeddingCollection"
     world_size = collection._env.world_size
     sharding_types = list(collection._sharding_type_to_sharding)
-    if world_size != 1 or sharding_types != [ShardingType.TABLE_WISE.value] or len(collection._lookups) != 1:
-        return None, f"{world_size} ranks, sharding types {sharding_types}"
+    one_rank = world_size == 1 and sharding_types == [ShardingType.TABLE_WISE.value]
+    row_wise = routed and sharding_types == [ShardingType.ROW_WISE.value]
+    if not (one_rank or row_wise) or len(collection._lookups) != 1:
+        return None, None, f"{world_size} ranks, sharding types {sharding_types}"
     if collection._use_index_dedup or collection._need_indices:
-        return None, "the collection deduplicates indices or returns them"
+        return None, None, "the collection deduplicates indices or returns them"
     lookup = collection._lookups[0]
-    configs = lookup.grouped_configs
-    dims = {table.embedding_dim for config in configs for table in config.embedding_tables}
+    pairs = [(name, table) for config in lookup.grouped_configs for table in config.embedding_tables
+             for name in table.feature_names]
+    dims = {table.embedding_dim for _, table in pairs}
     if len(dims) != 1:
-        return None, f"tables of several widths {sorted(dims)}"
-    names = [name for config in configs for name in config.feature_names()]
-    return DirectLookup(lookup, names, dims.pop()), "one rank, table-wise: the lookup called directly"
+        return None, None, f"tables of several widths {sorted(dims)}"
+    names, tables, dim = [name for name, _ in pairs], [table for _, table in pairs], dims.pop()
+    if one_rank:
+        return DirectLookup(lookup, names, dim), None, "one rank, table-wise: the lookup called directly"
+    blocks = _row_wise_blocks(tables, world_size)
+    if blocks is None:
+        return None, None, "row-wise shards of uneven blocks"
+    group = collection._env.process_group
+    router = RowWiseRouter(names, blocks, dist.new_group(ranks=dist.get_process_group_ranks(group), backend="gloo"))
+    return (RoutedLookup(lookup, names, dim, collection, group), router,
+            f"{world_size} ranks, row-wise: the ids routed by the data path, the rows' all-to-all ours")
 
 
-def use_direct_lookup(model: nn.Module, setting: str, pipeline: str) -> str:
-    """Give every ``SparseArch`` of the DMP-sharded ``model`` a ``DirectLookup`` where ``setting``
-    (``train.sparse_lookup``) and the stepper (``train.pipeline``) allow it and it applies; returns
-    how the lookups run, for the run's log.
+def use_direct_lookup(model: nn.Module, setting: str, pipeline: str) -> Tuple[str, Optional[RowWiseRouter]]:
+    """Give every ``SparseArch`` of the DMP-sharded ``model`` a ``DirectLookup`` (or ``RoutedLookup``)
+    where ``setting`` (``train.sparse_lookup``) and the stepper (``train.pipeline``) allow it and it
+    applies; returns how the lookups run (for the run's log) and the router the training batches
+    need (None: no routing).
 
     TorchRec's pipeline (``sparse_dist``) keeps the collection's forward: it traces the model to find
-    the sharded modules it runs the input distribution of ahead.
+    the sharded modules it runs the input distribution of ahead. Routing needs one ``SparseArch``
+    (a batch carries one routing).
     """
-    check_sparse_lookup(setting)
+    _check_known(setting)
     if setting == "distributed":
-        return "TorchRec's forward (train.sparse_lookup: distributed)"
+        return "TorchRec's forward (train.sparse_lookup: distributed)", None
     if pipeline != "plain":
-        return f"TorchRec's forward (train.pipeline {pipeline!r} runs its input distribution ahead)"
-    reasons = []
-    for arch in (m for m in model.modules() if isinstance(m, SparseArch)):
-        arch.lookup, reason = direct_lookup_of(arch.tables)
+        return f"TorchRec's forward (train.pipeline {pipeline!r} runs its input distribution ahead)", None
+    archs = [m for m in model.modules() if isinstance(m, SparseArch)]
+    routed = setting == "routed" and len(archs) == 1
+    reasons, router = [], None
+    for arch in archs:
+        arch.lookup, arch_router, reason = direct_lookup_of(arch.tables, routed)
+        router = router or arch_router
         reasons.append(reason if arch.lookup is not None else f"TorchRec's forward ({reason})")
-    return "; ".join(reasons)
+    return "; ".join(reasons), router

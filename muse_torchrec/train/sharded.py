@@ -28,6 +28,7 @@ from muse_torchrec.config import ExperimentConfig, ShardingConfig
 from muse_torchrec.model.muse import compile_tower
 from muse_torchrec.sharding import GIB, PlanReport, make_sharders, plan_model
 from muse_torchrec.train.dense_sync import GradientAverage, check_dense_sync, dense_synchronisation
+from muse_torchrec.data.routing import RowWiseRouter
 from muse_torchrec.train.direct_lookup import check_sparse_lookup, use_direct_lookup
 from muse_torchrec.train.distributed import DistContext
 from muse_torchrec.train.graphed_adam import GraphedAdam
@@ -92,6 +93,9 @@ class ShardedModel:
     plan: PlanReport
     # How the embedding lookups run (train/direct_lookup.py), for the run's log.
     lookups: str
+    # Routes the training batches' ids over the ranks ahead of the step (train.sparse_lookup: routed
+    # on 2+ ranks, data/routing.py); None: the lookups distribute them themselves.
+    router: Optional[RowWiseRouter] = None
 
 
 def shard_model(model: nn.Module, cfg: ExperimentConfig, ctx: DistContext, reserved_bytes: int = 0,
@@ -104,7 +108,7 @@ def shard_model(model: nn.Module, cfg: ExperimentConfig, ctx: DistContext, reser
     ``shard_as_on_several_ranks``: plan the tables as ``sharding.constraints`` say even on one rank
     (the GPU configs: row-wise), so TorchRec's input and output distributions run as on several."""
     check_dense_sync(cfg.train.dense_sync, cfg.train.compile_mode)
-    check_sparse_lookup(cfg.train.sparse_lookup)
+    check_sparse_lookup(cfg.train.sparse_lookup, cfg.data.gsu_placement)
     device_type = ctx.device.type
     compile_tower(model, cfg.train.compile_mode, ctx.device, pad_in_graphs=cfg.train.pipeline == "plain")
     attach_sparse_optimizer(model, cfg.train.sparse_optimizer, cfg.train.sparse_lr, device_type)
@@ -128,9 +132,9 @@ def shard_model(model: nn.Module, cfg: ExperimentConfig, ctx: DistContext, reser
         return dense_adam(params, cfg.train.dense_lr, cfg.train.compile_mode, ctx.device, average)
 
     dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())), dense_optimizer)
-    lookups = use_direct_lookup(dmp, cfg.train.sparse_lookup, cfg.train.pipeline)
+    lookups, router = use_direct_lookup(dmp, cfg.train.sparse_lookup, cfg.train.pipeline)
     return ShardedModel(model=dmp, optimizer=CombinedOptimizer([dmp.fused_optimizer, dense]), plan=report,
-                        lookups=lookups)
+                        lookups=lookups, router=router)
 
 
 @torch.no_grad()

@@ -36,6 +36,7 @@ from muse_torchrec.data.integrity import check_prepared_config
 from muse_torchrec.data.loader import PreparedData, count_batches, make_loader
 from muse_torchrec.data.device_gsu import (DEVICE_GSU_KINDS, GRAPHED_KINDS, DeferredGsuBuilder, DeviceGsu,
                                             GraphedMuseSelection)
+from muse_torchrec.data.routing import RowWiseRouter
 from muse_torchrec.data.slots import SlotReceiver, SlotTransform
 from muse_torchrec.metrics import EvalAccumulator, EvalMetrics
 from muse_torchrec.model.methods import build_model, get_method
@@ -68,18 +69,21 @@ class BatchPath:
 
     ``transform`` runs in the loader workers; ``gsu`` (placements "device*") then selects the top-K
     on the GPU: ahead of the training thread in a thread of its own (``ahead``), or in the training
-    thread as each batch is drawn.
+    thread as each batch is drawn. ``router`` (training with ``train.sparse_lookup: routed``, placement
+    "device"): the thread ahead then routes each batch's ids over the ranks (``data.routing``).
     """
 
     transform: Callable[[SampleBlock], object]
     gsu: Optional[DeviceGsu] = None
     ahead: bool = True
+    router: Optional[RowWiseRouter] = None
 
     def finish(self, batches: Iterable[object]) -> Iterable[object]:
-        """The loader's output -> batches (``.to(device)`` still applies)."""
+        """The loader's output -> batches (``.to(device)`` still applies). With a router, ``batches``
+        must be exactly those every rank trains (as many on each)."""
         if self.gsu is None:
             return batches
-        return self.gsu.ahead(batches) if self.ahead else self.gsu.over(batches)
+        return self.gsu.ahead(batches, router=self.router) if self.ahead else self.gsu.over(batches)
 
     def build(self, block: SampleBlock) -> Batch:
         """One block in the training process (e.g. eval's padding batch)."""
@@ -100,7 +104,9 @@ def _device_gsu_kind(cfg: ExperimentConfig) -> Optional[str]:
     return kind
 
 
-def batch_path(cfg: ExperimentConfig, data: PreparedData, device: torch.device, pad_to: Optional[int] = None) -> BatchPath:
+def batch_path(cfg: ExperimentConfig, data: PreparedData, device: torch.device, pad_to: Optional[int] = None,
+               router: Optional[RowWiseRouter] = None) -> BatchPath:
+    """``router``: for training batches (placement "device", checked by ``check_sparse_lookup``)."""
     kind = _device_gsu_kind(cfg)
     if kind is None:
         return BatchPath(make_builder(cfg, data, pad_to))
@@ -108,7 +114,7 @@ def batch_path(cfg: ExperimentConfig, data: PreparedData, device: torch.device, 
                                   max_history=cfg.data.max_history, pad_to=pad_to, k=cfg.model.k, kind=kind)
     gsu = DeviceGsu(data.scl_vectors(), data.item_scl_row(), device, k=cfg.model.k, kind=kind,
                     graph_shape=(cfg.train.batch_size, cfg.data.max_history))
-    return BatchPath(deferred, gsu, ahead=cfg.data.gsu_placement == "device")
+    return BatchPath(deferred, gsu, ahead=cfg.data.gsu_placement == "device", router=router)
 
 
 def device_data_bytes(cfg: ExperimentConfig, data: PreparedData) -> int:
@@ -185,9 +191,10 @@ class NonFiniteLossError(ValueError):
 
 
 def _loader(cfg: ExperimentConfig, data: PreparedData, split: str, ctx: DistContext, path: BatchPath,
-            batch_size: int, shuffle: bool, drop_last: bool, seed: int, skip: int = 0) -> Iterable[object]:
-    """Batches of ``split``; from worker processes they come packed in the workers' shared slots
-    (``data.slots``): ``.to(device)`` gives the Batch."""
+            batch_size: int, shuffle: bool, drop_last: bool, seed: int, skip: int = 0,
+            limit: Optional[int] = None) -> Iterable[object]:
+    """Batches of ``split`` (the first ``limit``); from worker processes they come packed in the
+    workers' shared slots (``data.slots``): ``.to(device)`` gives the Batch."""
     workers = cfg.data.num_workers
     loader = make_loader(
         data, split, batch_size, SlotTransform(path.transform) if workers > 0 else path.transform,
@@ -195,7 +202,8 @@ def _loader(cfg: ExperimentConfig, data: PreparedData, split: str, ctx: DistCont
         seed=seed, shuffle=shuffle, drop_last=drop_last, skip=skip,
         worker_cpus=loader_worker_cpus(cfg.data.cpu_affinity, ctx.local_rank, ctx.local_world_size),
     )
-    return path.finish(SlotReceiver(loader, ctx.device) if workers > 0 else loader)
+    received = SlotReceiver(loader, ctx.device) if workers > 0 else loader
+    return path.finish(received if limit is None else itertools.islice(received, limit))
 
 
 def steps_per_epoch(cfg: ExperimentConfig, data: PreparedData, ctx: DistContext) -> int:
@@ -234,7 +242,7 @@ def train(cfg: ExperimentConfig, data: PreparedData, sharded: ShardedModel, ctx:
     per_epoch = steps_per_epoch(cfg, data, ctx)
     total = per_epoch * cfg.train.epochs
     every = cfg.train.checkpoint_every if checkpoint is not None else None
-    path = batch_path(cfg, data, ctx.device)
+    path = batch_path(cfg, data, ctx.device, router=sharded.router)
     stepper = make_stepper(cfg.train.pipeline, sharded.model, sharded.optimizer, ctx.device)
     sharded.model.train()
     saved_step = progress.step
@@ -245,8 +253,11 @@ def train(cfg: ExperimentConfig, data: PreparedData, sharded: ShardedModel, ctx:
     first_logged: Optional[Tuple[int, float]] = None
     while progress.epoch < cfg.train.epochs:
         if batches is None:
+            # Exactly the epoch's steps: ranks whose share holds more batches leave them (a router
+            # would otherwise wait in its exchanges for ranks that have none).
             batches = iter(_loader(cfg, data, "train", ctx, path, cfg.train.batch_size, shuffle=True,
-                                   drop_last=True, seed=cfg.data.seed + progress.epoch, skip=progress.epoch_step))
+                                   drop_last=True, seed=cfg.data.seed + progress.epoch, skip=progress.epoch_step,
+                                   limit=max(per_epoch - progress.epoch_step, 0)))
         # (A checkpoint of another world size may stand past this run's epoch end.)
         segment = max(per_epoch - progress.epoch_step, 0)
         if every is not None:
@@ -426,7 +437,7 @@ def run(cfg: ExperimentConfig, ctx: DistContext) -> Dict[str, float]:
     check_checkpoint_settings(cfg)
     check_pipeline(cfg.train.pipeline)
     check_dense_sync(cfg.train.dense_sync, cfg.train.compile_mode)
-    check_sparse_lookup(cfg.train.sparse_lookup)
+    check_sparse_lookup(cfg.train.sparse_lookup, cfg.data.gsu_placement)
     pinned = place_training_process(cfg.data.cpu_affinity, ctx.local_rank, ctx.local_world_size)  # ConfigError now
     if pinned is not None:
         log.info("rank %d: training process pinned to CPUs %s", ctx.rank, pinned)

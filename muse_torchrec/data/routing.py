@@ -1,0 +1,133 @@
+"""Each id of a batch sent to the rank that holds its row, by the data path, ahead of the training step.
+
+With row-wise tables over W ranks, every step first sends each id to the rank holding its row and
+later sends the looked-up rows back. TorchRec does the first part (its input distribution) inside
+the model's forward: a bucketisation, the counts', lengths' and ids' all-to-alls, and a read-back
+of the counts that holds the training thread until the GPU and the other ranks have caught up. At
+1,000 samples per GPU the step is bound by host time, so that work and that wait are most of what
+two GPUs add to one (benchmarks/RESULTS.md rows 70, 78).
+
+``RowWiseRouter`` does the first part in the data path's thread ahead of the step instead, on the
+host, over a gloo group of its own (never the training's group: collectives of one group must come
+in the same order on every rank, and two threads would interleave them). It attaches a ``Routing``
+to the batch: the ids this rank looks up for every rank, the orders to put the rows back, and the
+counts, as host integers, that the rows' all-to-all needs, so the training thread runs that
+all-to-all (``direct_lookup.RoutedLookup``) without reading anything back.
+
+Every rank must route the same number of batches, in the same order (the trainer routes an epoch's
+training batches, whose count is equal on every rank): a rank's router waits in each exchange for
+every other rank's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Sequence
+
+import torch
+import torch.distributed as dist
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+
+def in_order(features: KeyedJaggedTensor, names: Sequence[str]) -> KeyedJaggedTensor:
+    """``features`` with its keys in the order ``names`` (batches are built so: then as given)."""
+    keys = features.keys()
+    if keys == list(names):
+        return features
+    if sorted(keys) != sorted(names):
+        raise ValueError(f"sparse features {keys} are not the embedding collection's features {list(names)}")
+    return features.permute([keys.index(name) for name in names])
+
+
+@dataclass
+class Routing:
+    """Where a batch's ids are looked up over W ranks, and how their rows come back.
+
+    Attributes:
+        read: KJT of the ids this rank looks up (local to its rows), feature-major: per feature the
+            ids of every rank's batch, source rank after source rank (stride W * B).
+        as_received: [n_read] for each row in the order the ranks sent the ids (source, feature,
+            sample), its position in ``read``.
+        restore: [n] for each of the batch's ids (feature, sample), its position among the rows
+            coming back (holding rank, feature, sample).
+        sent: ids sent to each rank [W]; received: ids received from each rank [W] (host integers).
+        batch_size: B.
+    """
+
+    read: KeyedJaggedTensor
+    as_received: torch.Tensor
+    restore: torch.Tensor
+    sent: List[int]
+    received: List[int]
+    batch_size: int
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "Routing":
+        return Routing(self.read.to(device, non_blocking=non_blocking),
+                       self.as_received.to(device, non_blocking=non_blocking),
+                       self.restore.to(device, non_blocking=non_blocking), self.sent, self.received, self.batch_size)
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        self.read.record_stream(stream)
+        self.as_received.record_stream(stream)
+        self.restore.record_stream(stream)
+
+    def device(self) -> torch.device:
+        return self.as_received.device
+
+
+class RowWiseRouter:
+    """``features -> Routing`` for row-wise tables over ``group``'s W ranks.
+
+    Args:
+        feature_names: the features the sharded lookup reads, in its order (F of them).
+        block_sizes: rows per rank of each feature's table [F]: rank r holds rows
+            [r * size, (r + 1) * size) (TorchRec's row-wise blocks).
+        group: a gloo group of the W ranks, used by this router alone.
+    """
+
+    def __init__(self, feature_names: Sequence[str], block_sizes: Sequence[int], group: dist.ProcessGroup) -> None:
+        if len(feature_names) != len(block_sizes):
+            raise ValueError(f"{len(feature_names)} features, {len(block_sizes)} block sizes")
+        self.feature_names = list(feature_names)
+        self.block_sizes = torch.tensor(block_sizes, dtype=torch.int64)
+        self.group = group
+        self.world_size = dist.get_world_size(group)
+        count, ranks = len(self.feature_names), self.world_size
+        # Received ids come (source rank, feature); the lookup reads them feature-major.
+        self.feature_major = torch.tensor([r * count + f for f in range(count) for r in range(ranks)],
+                                          dtype=torch.int32)
+
+    def _all_to_all(self, tensor: torch.Tensor, received: List[int], sent: List[int]) -> torch.Tensor:
+        out = tensor.new_empty(sum(received))
+        dist.all_to_all_single(out, tensor, output_split_sizes=received, input_split_sizes=sent, group=self.group)
+        return out
+
+    def __call__(self, features: KeyedJaggedTensor) -> Routing:
+        """``features``: KJT of B samples (every key the same B) on any device; the routing comes on
+        that device (its ids are exchanged through the host)."""
+        if features.variable_stride_per_key():
+            raise ValueError("RowWiseRouter: features with a batch size per key are not supported")
+        features = in_order(features, self.feature_names)
+        device, batch, ranks = features.values().device, features.stride(), self.world_size
+        lengths = features.lengths().to("cpu", torch.int64)
+        values = features.values().to("cpu", torch.int64)
+        # lengths [W * F * B] and ids (holding rank, feature, sample), each local to its rank's rows
+        bucket_lengths, ids, _, _, restore = torch.ops.fbgemm.block_bucketize_sparse_features(
+            lengths, values, bucketize_pos=False, sequence=True, block_sizes=self.block_sizes, my_size=ranks,
+            weights=None)
+        sent = bucket_lengths.view(ranks, -1).sum(1)
+        one_each = [1] * ranks
+        received = self._all_to_all(sent, one_each, one_each)
+        sent_list, received_list = sent.tolist(), received.tolist()
+        per_rank = len(self.feature_names) * batch
+        received_lengths = self._all_to_all(bucket_lengths, [per_rank] * ranks, [per_rank] * ranks)
+        received_ids = self._all_to_all(ids, received_list, sent_list)
+        positions = torch.arange(received_ids.numel())
+        read_lengths, order, _ = torch.ops.fbgemm.permute_2D_sparse_data(
+            self.feature_major, received_lengths.view(ranks * len(self.feature_names), batch), positions)
+        # The ids per key as host numbers: the lookup would otherwise read them back from the device.
+        read = KeyedJaggedTensor(keys=self.feature_names, values=received_ids.index_select(0, order),
+                                 lengths=read_lengths.view(-1), stride=ranks * batch,
+                                 length_per_key=read_lengths.view(len(self.feature_names), -1).sum(1).tolist())
+        as_received = torch.empty_like(order).scatter_(0, order, positions)
+        return Routing(read, as_received, restore, sent_list, received_list, batch).to(device)

@@ -1,0 +1,170 @@
+"""train.sparse_lookup "routed": each id sent to the rank holding its row by the data path
+(``data/routing.py``), the rows' all-to-all by ``RoutedLookup`` (``train/direct_lookup.py``), against
+TorchRec's forward, its reference, over 2 gloo ranks with every table row-wise:
+
+- lookup by lookup: every feature's embeddings equal TorchRec's on random batches (each rank its
+  own), also for features given in another key order; a batch without a routing goes through
+  TorchRec's forward; a routing made for another batch size is refused;
+- the trainer end to end (GSU and routing in the data path's thread ahead, 2 epochs, evaluation):
+  the same loss at every log line, the same metrics and the same final tables as TorchRec's forward;
+- one rank with the tables row-wise as on several (what ``bench_train --shard-as-on-several-ranks``
+  times): 4 training steps from the same weights equal TorchRec's forward's, on the CPU and on a GPU;
+- settings: "routed" needs ``data.gsu_placement: device``.
+"""
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tiny_run  # noqa: E402
+from random_data import VOCAB, random_block, random_scl  # noqa: E402
+from test_direct_lookup import METHODS, _trained as _trained_steps  # noqa: E402
+
+from muse_torchrec import features as F  # noqa: E402
+from muse_torchrec.config import ConfigError, load_config  # noqa: E402
+from muse_torchrec.data.batch import BatchBuilder, sequence_features  # noqa: E402
+from muse_torchrec.model.methods import build_model  # noqa: E402
+from muse_torchrec.model.muse import SparseArch  # noqa: E402
+from muse_torchrec.train import checkpoint as ck  # noqa: E402
+from muse_torchrec.train import direct_lookup  # noqa: E402
+
+BATCH, K, RECENT, MAX_HISTORY = 24, 6, 5, 40
+ROW_WISE = "sharding.constraints={" + ", ".join(f"{t.name}: {{sharding_types: [row_wise]}}" for t in F.TABLES) + "}"
+ROUTED = ("train.sparse_lookup=routed", "data.gsu_placement=device", "train.pipeline=plain", ROW_WISE)
+
+
+def _lookups(rank: int, tmp: str) -> None:
+    from muse_torchrec.train.distributed import init_distributed, shutdown
+    from muse_torchrec.train.sharded import shard_model
+
+    ctx = init_distributed("cpu")
+    cfg = load_config(None, [*ROUTED, f"model.k={K}", f"data.recent={RECENT}", f"data.max_history={MAX_HISTORY}",
+                             f"train.batch_size={BATCH}", "model.mlp=[32, 16]"])
+    torch.manual_seed(0)
+    sharded = shard_model(build_model(cfg.model, VOCAB, sequence_features("scl_cosine"), RECENT, MAX_HISTORY), cfg, ctx)
+    arch = next(m for m in sharded.model.modules() if isinstance(m, SparseArch))
+    router = sharded.router
+    rng = np.random.default_rng(100 + rank)  # each rank its own batches
+    builder = BatchBuilder(*random_scl(rng), gsu="scl_cosine", k=K, recent=RECENT, max_history=MAX_HISTORY, pad_to=BATCH)
+    equal, sent = [], []
+    with torch.no_grad():
+        for _ in range(3):
+            features = builder(random_block(rng, num_users=8, max_len=60)).sparse_features
+            keys = features.keys()
+            reference = arch.tables(features).wait()
+            reversed_keys = features.permute(list(reversed(range(len(keys)))))
+            for given, routing in ((features, router(features)), (reversed_keys, router(reversed_keys)),
+                                   (features, None)):
+                ours = arch.lookup(given, routing)
+                equal.append(sorted(ours) == sorted(keys) and all(
+                    torch.equal(ours[k].values(), reference[k].values()) for k in keys))
+                sent.append(None if routing is None else routing.sent)
+        try:
+            arch.lookup(features, replace(router(features), batch_size=BATCH + 1))
+            refused = ""
+        except ValueError as error:
+            refused = str(error)
+    torch.save({"equal": equal, "sent": sent, "refused": refused, "lookups": sharded.lookups},
+               Path(tmp, f"lookups{rank}.pt"))
+    shutdown()
+
+
+def test_routed_lookups_equal_torchrecs_over_two_ranks(tmp_path):
+    tiny_run.spawn(_lookups, 2, tmp_path, str(tmp_path))
+    for rank in range(2):
+        out = torch.load(tmp_path / f"lookups{rank}.pt", weights_only=False)
+        assert out["lookups"].startswith("2 ranks, row-wise: the ids routed by the data path"), out["lookups"]
+        assert all(out["equal"]), out["equal"]
+        # Ids went to both ranks (each holds half of every table's rows).
+        assert all(min(s) > 0 for s in out["sent"] if s is not None), out["sent"]
+        assert "a routing of 25 samples for a batch of 24" in out["refused"], out["refused"]
+
+
+def _trained(rank: int, root: str, name: str, extra: tuple) -> None:
+    """A 2-epoch run; writes how many batches this rank's router routed."""
+    from muse_torchrec.data.routing import RowWiseRouter
+    from muse_torchrec.train.distributed import init_distributed, shutdown
+    from muse_torchrec.train.trainer import run
+
+    routed, route = [], RowWiseRouter.__call__
+    RowWiseRouter.__call__ = lambda self, features: routed.append(1) or route(self, features)
+    cfg = tiny_run.config(Path(root), run=name, extra=["train.epochs=2", "train.checkpoint_every=null", *extra])
+    run(cfg, init_distributed("cpu"))
+    Path(root, f"{name}_routed{rank}").write_text(str(len(routed)))
+    shutdown()
+
+
+def _final_state(root: Path, name: str) -> dict:
+    """The run's final checkpoint (tables, optimizer states, dense weights) as full tensors."""
+    dcp_to_torch_save(ck.latest_checkpoint(ck.checkpoints_dir(root / name)), root / f"{name}.pt")
+    return tiny_run.flat(torch.load(root / f"{name}.pt", weights_only=False))
+
+
+def test_trainer_routed_equals_torchrecs_forward(tmp_path):
+    tiny_run.prepare(tmp_path)
+    common = ("data.gsu_placement=device", "train.pipeline=plain", "data.num_workers=1", ROW_WISE)
+    tiny_run.spawn(_trained, 2, tmp_path, str(tmp_path), "distributed", (*common, "train.sparse_lookup=distributed"))
+    tiny_run.spawn(_trained, 2, tmp_path, str(tmp_path), "routed", (*common, "train.sparse_lookup=routed"))
+    logs = {name: [(r["step"], r["loss"]) for r in map(json.loads, (tmp_path / name / "train_log.jsonl").read_text().splitlines())]
+            for name in ("distributed", "routed")}
+    assert logs["routed"] == logs["distributed"] and len(logs["routed"]) == 9, logs
+    # Every training batch routed (2 epochs of 9 steps), evaluation's through TorchRec's forward.
+    assert [int((tmp_path / f"{name}_routed{r}").read_text()) for name in ("distributed", "routed")
+            for r in range(2)] == [0, 0, 18, 18]
+    timing = ("train_samples_per_s", "train_samples_per_s_warm", "train_seconds")
+    metrics = {name: {k: v for k, v in json.loads((tmp_path / name / "metrics.json").read_text()).items() if k not in timing}
+               for name in ("distributed", "routed")}
+    assert metrics["routed"] == metrics["distributed"]
+    states = {name: _final_state(tmp_path, name) for name in ("distributed", "routed")}
+    assert sorted(states["routed"]) == sorted(states["distributed"])
+    assert any("embeddings.item" in key for key in states["routed"]), sorted(states["routed"])
+    for key, value in states["distributed"].items():
+        assert torch.equal(states["routed"][key], value) if isinstance(value, torch.Tensor) else value == states["routed"][key], key
+
+
+def _one_rank(rank: int, device: str, tmp: str) -> None:
+    from muse_torchrec.train.distributed import init_distributed, shutdown
+
+    ctx = init_distributed(device)
+    out = {method: {setting: _trained_steps(method, device, setting, ctx, extra=ROUTED, several=True)
+                    for setting in ("routed", "distributed")} for method in METHODS}
+    torch.save(out, Path(tmp, "one_rank.pt"))
+    shutdown()
+
+
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
+])
+def test_one_rank_row_wise_routed_trains_as_torchrecs_forward(tmp_path, device):
+    tiny_run.spawn(_one_rank, 1, tmp_path, device, str(tmp_path))
+    out = torch.load(tmp_path / "one_rank.pt", weights_only=False)
+    for method, runs in out.items():
+        routed, distributed = runs["routed"], runs["distributed"]
+        assert routed["lookups"].startswith("1 ranks, row-wise: the ids routed"), routed["lookups"]
+        assert routed["losses"] == distributed["losses"] and routed["losses"][0] != routed["losses"][-1], method
+        for key, value in distributed["state"].items():
+            torch.testing.assert_close(routed["state"][key], value, rtol=0, atol=0, msg=f"{method}: {key}")
+
+
+def test_routed_needs_the_data_paths_thread_ahead():
+    with pytest.raises(ConfigError, match="'routed' routes the ids in the data path's thread ahead"):
+        direct_lookup.check_sparse_lookup("routed", "workers")
+    direct_lookup.check_sparse_lookup("routed", "device")
+
+
+def test_direct_lookup_refuses_a_routed_batch():
+    from muse_torchrec.data.routing import Routing
+
+    features = BatchBuilder(*random_scl(np.random.default_rng(0)), gsu="scl_cosine", k=K, recent=RECENT,
+                            max_history=MAX_HISTORY)(random_block(np.random.default_rng(1), 2, 10)).sparse_features
+    lookup = direct_lookup.DirectLookup(torch.nn.Identity(), features.keys(), 8)
+    routing = Routing(features, torch.zeros(0), torch.zeros(0), [0], [0], features.stride())
+    with pytest.raises(ValueError, match="a batch routed over several ranks"):
+        lookup.flat(features, routing)
