@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass, replace
 from itertools import cycle, product
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional
+from typing import Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -54,6 +54,7 @@ from muse_torchrec.model.methods import build_model, get_method
 from muse_torchrec.train.distributed import DistContext, init_distributed, shutdown
 from muse_torchrec.data.loader import PreparedData, count_batches, make_loader
 from muse_torchrec.data.packed import PackingTransform
+from muse_torchrec.data.routing import RowWiseRouter
 from muse_torchrec.data.slots import SlotReceiver, SlotTransform
 from muse_torchrec.train.sharded import embedding_parameters, shard_model
 from muse_torchrec.train.step import STEPPERS, make_stepper
@@ -227,9 +228,11 @@ def bench_sharded(cfg: ExperimentConfig, vocab: Mapping[str, int], batches: Iter
     sharded = shard_model(model, cfg, ctx, sync_dense_on_one_rank=sync_dense_on_one_rank,
                           shard_as_on_several_ranks=shard_as_on_several_ranks)
     step = step_function(pipeline or cfg.train.pipeline, sharded.model, sharded.optimizer, ctx.device)
+    route_ms = None
     if isinstance(batches, list):
-        router = sharded.router
-        batches = cycle(batches if router is None else [replace(b, routing=router(b.sparse_features)) for b in batches])
+        if sharded.router is not None:
+            batches, route_ms = routed(sharded.router, batches, ctx.device)
+        batches = cycle(batches)
     elif sharded.router is not None:
         raise ValueError("bench_train: routed lookups over a data path: time the trainer (benchmarks/ab_trainer.sh)")
     batch_iter = iter(batches)
@@ -237,6 +240,7 @@ def bench_sharded(cfg: ExperimentConfig, vocab: Mapping[str, int], batches: Iter
     planned = sharded.plan.per_rank_bytes()[ctx.rank]
     result = {
         **timing.per_step(steps, cfg.train.batch_size),
+        "route_ms": route_ms,
         "peak_gib": _peak_gib(ctx.device),
         "planned_gib": (planned["hbm"] if ctx.device.type == "cuda" else planned["ddr"]) / GIB,
         "plan": sharded.plan.format(),
@@ -245,6 +249,18 @@ def bench_sharded(cfg: ExperimentConfig, vocab: Mapping[str, int], batches: Iter
         result["profile"] = PROFILERS[profiler](step, batch_iter, profile_steps, ctx.device)
     del step, sharded, model
     return result
+
+
+def routed(router: RowWiseRouter, batches: List[Batch], device: torch.device) -> Tuple[List[Batch], float]:
+    """``batches`` with their routings (what the trainer's data path adds in its thread ahead), and
+    the milliseconds routing took per batch (after one batch's warm-up; in the data path's thread in
+    the trainer, not in the step)."""
+    first = [replace(batches[0], routing=router(batches[0].sparse_features))]
+    _sync(device)
+    start = time.perf_counter()
+    rest = [replace(b, routing=router(b.sparse_features)) for b in batches[1:]]
+    _sync(device)
+    return first + rest, 1000 * (time.perf_counter() - start) / max(len(rest), 1)
 
 
 def e2e_batches(cfg: ExperimentConfig, work: Path, ctx: DistContext, num_workers: int, needed: int,
@@ -510,6 +526,8 @@ def format_results(results: Mapping[str, object]) -> str:
         planned = "-" if r.get("planned_gib") is None else f"{r['planned_gib']:.2f}"
         lines.append(f"{name:<34} {r['samples_per_s_per_gpu']:>14,.0f} {r['step_ms']:>9.1f} {r['cpu_ms']:>7.1f} "
                      f"{peak:>9} {planned:>12}")
+        if r.get("route_ms") is not None:
+            lines.append(f"{'':<34} routing (the data path's, not in the step): {r['route_ms']:.2f} ms a batch")
     base = results.get("baseline")
     for name, r in results.items():
         if isinstance(base, dict) and name.startswith("model") and isinstance(r, dict):

@@ -27,6 +27,7 @@ def test_shadow_pacing_draws_one_data_batch_per_staged_batch_and_ends_with_the_d
     assert list(paced) == ["a", "b", "a"] and drawn == [0, 1, 2, 3, 4]
 
 
+
 def test_every_mode_runs_on_the_cpu(tmp_path):
     out = tmp_path / "bench.json"
     subprocess.run(
@@ -34,12 +35,15 @@ def test_every_mode_runs_on_the_cpu(tmp_path):
          "--config", str(tiny_run.ROOT / "configs" / "demo_cpu.yaml"), "--set", "train.batch_size=64",
          "--modes", "model", "e2e", "shadow", "--steps", "2", "--warmup", "1", "--workers", "1",
          "--e2e-samples", "3000", "--sync-dense-on-one-rank", "--gsu-places", "device", "device_process", "--work", str(tmp_path / "work"), "--out", str(out),
-         "--shard-as-on-several-ranks", "--set", "sharding.constraints={item: {sharding_types: [row_wise]}}"],
+         "--shard-as-on-several-ranks", "--set", tiny_run.ALL_ROW_WISE,
+         "--variant", "", "--variant", "train.sparse_lookup=routed;data.gsu_placement=device;train.pipeline=plain"],
         check=True, env={**os.environ, **tiny_run.dist_env(0, 1, tiny_run.free_port(), tmp_path)},
         capture_output=True, timeout=600)
     results = json.loads(out.read_text())
     assert results["sync_dense_on_one_rank"] is True and results["shard_as_on_several_ranks"] is True
-    item_plan = next(line for line in results["model"]["plan"].splitlines() if line.startswith("item "))
+    item_plan = next(line for line in results["model:v0"]["plan"].splitlines() if line.startswith("item "))
     assert "row_wise" in item_plan, item_plan  # kept on one rank, as on several
-    for name in ("model", "e2e_device_gsu", "shadow_device_gsu", "e2e_device_gsu_process", "shadow_device_gsu_process"):
+    # The routed lookup's batches routed before the timed steps, their routing timed.
+    assert results["model:v0"]["route_ms"] is None and results["model:v1"]["route_ms"] > 0
+    for name in ("model:v0", "model:v1", "e2e_device_gsu", "shadow_device_gsu", "e2e_device_gsu_process", "shadow_device_gsu_process"):
         assert results[name]["samples_per_s_per_gpu"] > 0, name

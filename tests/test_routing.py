@@ -27,7 +27,6 @@ import tiny_run  # noqa: E402
 from random_data import VOCAB, random_block, random_scl  # noqa: E402
 from test_direct_lookup import METHODS, _trained as _trained_steps  # noqa: E402
 
-from muse_torchrec import features as F  # noqa: E402
 from muse_torchrec.config import ConfigError, load_config  # noqa: E402
 from muse_torchrec.data.batch import BatchBuilder, sequence_features  # noqa: E402
 from muse_torchrec.model.methods import build_model  # noqa: E402
@@ -36,8 +35,7 @@ from muse_torchrec.train import checkpoint as ck  # noqa: E402
 from muse_torchrec.train import direct_lookup  # noqa: E402
 
 BATCH, K, RECENT, MAX_HISTORY = 24, 6, 5, 40
-ROW_WISE = "sharding.constraints={" + ", ".join(f"{t.name}: {{sharding_types: [row_wise]}}" for t in F.TABLES) + "}"
-ROUTED = ("train.sparse_lookup=routed", "data.gsu_placement=device", "train.pipeline=plain", ROW_WISE)
+ROUTED = ("train.sparse_lookup=routed", "data.gsu_placement=device", "train.pipeline=plain", tiny_run.ALL_ROW_WISE)
 
 
 def _lookups(rank: int, tmp: str) -> None:
@@ -109,7 +107,7 @@ def _final_state(root: Path, name: str) -> dict:
 
 def test_trainer_routed_equals_torchrecs_forward(tmp_path):
     tiny_run.prepare(tmp_path)
-    common = ("data.gsu_placement=device", "train.pipeline=plain", "data.num_workers=1", ROW_WISE)
+    common = ("data.gsu_placement=device", "train.pipeline=plain", "data.num_workers=1", tiny_run.ALL_ROW_WISE)
     tiny_run.spawn(_trained, 2, tmp_path, str(tmp_path), "distributed", (*common, "train.sparse_lookup=distributed"))
     tiny_run.spawn(_trained, 2, tmp_path, str(tmp_path), "routed", (*common, "train.sparse_lookup=routed"))
     logs = {name: [(r["step"], r["loss"]) for r in map(json.loads, (tmp_path / name / "train_log.jsonl").read_text().splitlines())]

@@ -16,10 +16,13 @@ import torch
 import torch.multiprocessing as mp
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
+from muse_torchrec import features as F
 from muse_torchrec.config import ExperimentConfig, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 WORLD = 2
+# Every table row-wise (``train.sparse_lookup: routed`` routes only then).
+ALL_ROW_WISE = "sharding.constraints={" + ", ".join(f"{t.name}: {{sharding_types: [row_wise]}}" for t in F.TABLES) + "}"
 
 
 def overrides(root: Path, run: str = "run", extra: Sequence[str] = ()) -> List[str]:

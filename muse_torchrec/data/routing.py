@@ -7,8 +7,8 @@ of the counts that holds the training thread until the GPU and the other ranks h
 1,000 samples per GPU the step is bound by host time, so that work and that wait are most of what
 two GPUs add to one (benchmarks/RESULTS.md rows 70, 78).
 
-``RowWiseRouter`` does the first part in the data path's thread ahead of the step instead, on the
-host, over a gloo group of its own (never the training's group: collectives of one group must come
+``RowWiseRouter`` does the first part in the data path's thread ahead of the step instead, the
+exchanges through the host, over a gloo group of its own (never the training's group: collectives of one group must come
 in the same order on every rank, and two threads would interleave them). It attaches a ``Routing``
 to the batch: the ids this rank looks up for every rank, the orders to put the rows back, and the
 counts, as host integers, that the rows' all-to-all needs, so the training thread runs that
@@ -78,6 +78,10 @@ class Routing:
 class RowWiseRouter:
     """``features -> Routing`` for row-wise tables over ``group``'s W ranks.
 
+    Where the batch is (the GPU with the device GSU), it bucketises the ids and orders what it
+    receives; only the exchanges go through the host (gloo). On the host the bucketisation alone
+    took ~7 ms a batch of 1,000 samples (210 k ids, one core), longer than a training step.
+
     Args:
         feature_names: the features the sharded lookup reads, in its order (F of them).
         block_sizes: rows per rank of each feature's table [F]: rank r holds rows
@@ -89,13 +93,13 @@ class RowWiseRouter:
         if len(feature_names) != len(block_sizes):
             raise ValueError(f"{len(feature_names)} features, {len(block_sizes)} block sizes")
         self.feature_names = list(feature_names)
-        self.block_sizes = torch.tensor(block_sizes, dtype=torch.int64)
         self.group = group
         self.world_size = dist.get_world_size(group)
         count, ranks = len(self.feature_names), self.world_size
+        self._block_sizes = torch.tensor(block_sizes, dtype=torch.int64)
         # Received ids come (source rank, feature); the lookup reads them feature-major.
-        self.feature_major = torch.tensor([r * count + f for f in range(count) for r in range(ranks)],
-                                          dtype=torch.int32)
+        self._feature_major = torch.tensor([r * count + f for f in range(count) for r in range(ranks)],
+                                           dtype=torch.int32)
 
     def _all_to_all(self, tensor: torch.Tensor, received: List[int], sent: List[int]) -> torch.Tensor:
         out = tensor.new_empty(sum(received))
@@ -104,30 +108,33 @@ class RowWiseRouter:
 
     def __call__(self, features: KeyedJaggedTensor) -> Routing:
         """``features``: KJT of B samples (every key the same B) on any device; the routing comes on
-        that device (its ids are exchanged through the host)."""
+        that device."""
         if features.variable_stride_per_key():
             raise ValueError("RowWiseRouter: features with a batch size per key are not supported")
         features = in_order(features, self.feature_names)
-        device, batch, ranks = features.values().device, features.stride(), self.world_size
-        lengths = features.lengths().to("cpu", torch.int64)
-        values = features.values().to("cpu", torch.int64)
+        values = features.values()
+        device, batch, ranks, count = values.device, features.stride(), self.world_size, len(self.feature_names)
+        if self._block_sizes.device != device or self._block_sizes.dtype != values.dtype:
+            self._block_sizes = self._block_sizes.to(device, values.dtype)  # once, not a copy a batch
+            self._feature_major = self._feature_major.to(device)
         # lengths [W * F * B] and ids (holding rank, feature, sample), each local to its rank's rows
         bucket_lengths, ids, _, _, restore = torch.ops.fbgemm.block_bucketize_sparse_features(
-            lengths, values, bucketize_pos=False, sequence=True, block_sizes=self.block_sizes, my_size=ranks,
-            weights=None)
+            features.lengths(), values, bucketize_pos=False, sequence=True, block_sizes=self._block_sizes,
+            my_size=ranks, weights=None)
+        bucket_lengths, ids = bucket_lengths.cpu(), ids.cpu()  # the exchanges go through the host
         sent = bucket_lengths.view(ranks, -1).sum(1)
         one_each = [1] * ranks
         received = self._all_to_all(sent, one_each, one_each)
         sent_list, received_list = sent.tolist(), received.tolist()
-        per_rank = len(self.feature_names) * batch
-        received_lengths = self._all_to_all(bucket_lengths, [per_rank] * ranks, [per_rank] * ranks)
+        received_lengths = self._all_to_all(bucket_lengths, [count * batch] * ranks, [count * batch] * ranks)
         received_ids = self._all_to_all(ids, received_list, sent_list)
-        positions = torch.arange(received_ids.numel())
-        read_lengths, order, _ = torch.ops.fbgemm.permute_2D_sparse_data(
-            self.feature_major, received_lengths.view(ranks * len(self.feature_names), batch), positions)
         # The ids per key as host numbers: the lookup would otherwise read them back from the device.
+        length_per_key = received_lengths.view(ranks, count, batch).sum((0, 2)).tolist()
+        received_lengths, received_ids = received_lengths.to(device), received_ids.to(device)
+        positions = torch.arange(received_ids.numel(), device=device)
+        read_lengths, order, _ = torch.ops.fbgemm.permute_2D_sparse_data(
+            self._feature_major, received_lengths.view(ranks * count, batch), positions)
         read = KeyedJaggedTensor(keys=self.feature_names, values=received_ids.index_select(0, order),
-                                 lengths=read_lengths.view(-1), stride=ranks * batch,
-                                 length_per_key=read_lengths.view(len(self.feature_names), -1).sum(1).tolist())
+                                 lengths=read_lengths.view(-1), stride=ranks * batch, length_per_key=length_per_key)
         as_received = torch.empty_like(order).scatter_(0, order, positions)
-        return Routing(read, as_received, restore, sent_list, received_list, batch).to(device)
+        return Routing(read, as_received, restore, sent_list, received_list, batch)
