@@ -33,9 +33,9 @@ import os
 import pstats
 import time
 from dataclasses import dataclass, replace
-from itertools import cycle, product
+from itertools import cycle, islice, product
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -212,13 +212,18 @@ def step_function(pipeline: str, model: torch.nn.Module, optimizer: torch.optim.
     return make_stepper(pipeline, model, optimizer, device).progress
 
 
-def bench_sharded(cfg: ExperimentConfig, vocab: Mapping[str, int], batches: Iterable[Batch], ctx: DistContext,
+# A data path made once the model is sharded, given the router its batches need (None: no routing).
+RoutedPath = Callable[[Optional[RowWiseRouter]], Iterable[Batch]]
+
+
+def bench_sharded(cfg: ExperimentConfig, vocab: Mapping[str, int], batches: Union[Iterable[Batch], RoutedPath],
+                  ctx: DistContext,
                   warmup: int, steps: int, profile_steps: int = 0, freeze_gc: bool = False,
                   profiler: str = "torch", pipeline: Optional[str] = None,
                   sync_dense_on_one_rank: bool = False, shard_as_on_several_ranks: bool = False) -> Dict[str, object]:
     """Samples/s of DMP under ``pipeline`` (``PIPELINES``; None: the config's ``train.pipeline``, as the
     trainer) over ``batches`` (cycled if a list: pre-staged batches, routed first where the trainer's data
-    path would route them, ``train.sparse_lookup: routed``);
+    path would route them, ``train.sparse_lookup: routed``; a ``RoutedPath``: called with the router);
     ``profile_steps`` more steps under ``profiler`` ("torch": torch.profiler's op tables, "python": cProfile);
     ``sync_dense_on_one_rank``, ``shard_as_on_several_ranks``: the dense part synchronised, the tables
     sharded as on several ranks (``shard_model``)."""
@@ -233,14 +238,17 @@ def bench_sharded(cfg: ExperimentConfig, vocab: Mapping[str, int], batches: Iter
         if sharded.router is not None:
             batches, route_ms = routed(sharded.router, batches, ctx.device)
         batches = cycle(batches)
+    elif callable(batches):
+        batches = batches(sharded.router)
     elif sharded.router is not None:
-        raise ValueError("bench_train: routed lookups over a data path: time the trainer (benchmarks/ab_trainer.sh)")
+        raise ValueError("bench_train: routed lookups need their batches routed: give a list or a RoutedPath")
     batch_iter = iter(batches)
     timing = timed_steps(step, batch_iter, warmup, steps, ctx.device, freeze_gc)
     planned = sharded.plan.per_rank_bytes()[ctx.rank]
     result = {
         **timing.per_step(steps, cfg.train.batch_size),
         "route_ms": route_ms,
+        "lookups": sharded.lookups,
         "peak_gib": _peak_gib(ctx.device),
         "planned_gib": (planned["hbm"] if ctx.device.type == "cuda" else planned["ddr"]) / GIB,
         "plan": sharded.plan.format(),
@@ -265,14 +273,17 @@ def routed(router: RowWiseRouter, batches: List[Batch], device: torch.device) ->
 
 def e2e_batches(cfg: ExperimentConfig, work: Path, ctx: DistContext, num_workers: int, needed: int,
                 device_gsu: bool, handover: str = "slots", gsu_thread: bool = False,
-                graphed_gsu: bool = True) -> Iterable[Batch]:
+                graphed_gsu: bool = True, router: Optional[RowWiseRouter] = None) -> Iterable[Batch]:
     """Ready batches from prepared shards on local disk through the real loader: the GSU in the loader
     workers (host), or on the training device after the workers built the rest (``device_gsu``; in
     the training thread, or ahead of it in a background thread with ``gsu_thread``);
     ``handover``: how the workers hand each batch over: in their rings of shared slots ("slots",
     ``data.slots``, as the trainer: on a GPU page-locked by the receiver; "pageable_slots": not), as
     one new buffer ("packed", ``data.packed``), or as is ("unpacked");
-    ``graphed_gsu``: the device GSU replays batches of the configured size as one CUDA graph (as the trainer)."""
+    ``graphed_gsu``: the device GSU replays batches of the configured size as one CUDA graph (as the trainer);
+    ``router``: the thread ahead routes the first ``needed`` batches (as the trainer an epoch's)."""
+    if router is not None and not (device_gsu and gsu_thread):
+        raise ValueError("bench_train: routed batches come from the device GSU's thread ahead (--gsu-places device_ahead)")
     data = PreparedData(work)
     available = count_batches(data, "train", cfg.train.batch_size, rank=ctx.rank, world_size=ctx.world_size,
                               num_workers=max(num_workers, 1), drop_last=True)
@@ -298,6 +309,8 @@ def e2e_batches(cfg: ExperimentConfig, work: Path, ctx: DistContext, num_workers
         return loader
     device = DeviceGsu(data.scl_vectors(), data.item_scl_row(), ctx.device, k=cfg.model.k, kind=gsu,
                        graph_shape=(cfg.train.batch_size, cfg.data.max_history) if graphed_gsu else None)
+    if router is not None:
+        return device.ahead(islice(loader, needed), router=router)
     return device.ahead(loader) if gsu_thread else device.over(loader)
 
 
@@ -494,12 +507,20 @@ def main() -> None:
             name = unique_name(name, results)
             path = (cfg, work, ctx, args.workers, args.warmup + args.steps + args.profile_steps, place != "host",
                     packed, place == "device_ahead", graph == "graphed")
-            loader = ProcessFeeder(e2e_batches, path, ctx.device) if place == "device_process" else e2e_batches(*path)
+
+            def data_path(router: Optional[RowWiseRouter] = None, path=path, place=place) -> Iterable[Batch]:
+                if place != "device_process":
+                    return e2e_batches(*path, router=router)
+                if router is not None:
+                    raise ValueError("bench_train: the feeder process cannot route batches (--gsu-places device_ahead)")
+                return ProcessFeeder(e2e_batches, path, ctx.device)
+
             if mode == "loader":
-                results[name] = bench_loader(loader, cfg.train.batch_size, ctx.device, args.warmup, args.steps,
+                results[name] = bench_loader(data_path(), cfg.train.batch_size, ctx.device, args.warmup, args.steps,
                                              args.profile_steps)
             else:
-                fed = loader if mode == "e2e" else paced_beside(batches, loader)
+                # e2e: the data path made once the model is sharded, with the router its batches need.
+                fed = data_path if mode == "e2e" else paced_beside(batches, data_path())
                 results[name] = bench_sharded(cfg, vocab, fed, ctx, args.warmup, args.steps, args.profile_steps,
                                               freeze_gc=True, profiler=args.profiler, pipeline=pipeline)
             results[name]["loader_workers"] = args.workers

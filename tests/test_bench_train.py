@@ -12,6 +12,8 @@ import tiny_run
 sys.path.insert(0, str(tiny_run.ROOT / "benchmarks"))
 from bench_train import paced_beside  # noqa: E402
 
+ROUTED = "train.sparse_lookup=routed data.gsu_placement=device train.pipeline=plain"
+
 
 def test_shadow_pacing_draws_one_data_batch_per_staged_batch_and_ends_with_the_data():
     drawn = []
@@ -28,18 +30,23 @@ def test_shadow_pacing_draws_one_data_batch_per_staged_batch_and_ends_with_the_d
 
 
 
-def test_every_mode_runs_on_the_cpu(tmp_path):
+def _bench(tmp_path, *args: str) -> dict:
+    """bench_train on the CPU, the tables row-wise as on several ranks; its JSON."""
     out = tmp_path / "bench.json"
     subprocess.run(
         [sys.executable, str(tiny_run.ROOT / "benchmarks" / "bench_train.py"), "--device", "cpu",
          "--config", str(tiny_run.ROOT / "configs" / "demo_cpu.yaml"), "--set", "train.batch_size=64",
-         "--modes", "model", "e2e", "shadow", "--steps", "2", "--warmup", "1", "--workers", "1",
-         "--e2e-samples", "3000", "--sync-dense-on-one-rank", "--gsu-places", "device", "device_process", "--work", str(tmp_path / "work"), "--out", str(out),
-         "--shard-as-on-several-ranks", "--set", tiny_run.ALL_ROW_WISE,
-         "--variant", "", "--variant", "train.sparse_lookup=routed;data.gsu_placement=device;train.pipeline=plain"],
+         "--steps", "2", "--warmup", "1", "--workers", "1", "--e2e-samples", "3000", "--sync-dense-on-one-rank",
+         "--work", str(tmp_path / "work"), "--out", str(out), "--shard-as-on-several-ranks",
+         "--set", tiny_run.ALL_ROW_WISE, *args],
         check=True, env={**os.environ, **tiny_run.dist_env(0, 1, tiny_run.free_port(), tmp_path)},
         capture_output=True, timeout=600)
-    results = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_every_mode_runs_on_the_cpu(tmp_path):
+    results = _bench(tmp_path, "--modes", "model", "e2e", "shadow", "--gsu-places", "device", "device_process",
+                     "--variant", "", "--variant", ROUTED.replace(" ", ";"))
     assert results["sync_dense_on_one_rank"] is True and results["shard_as_on_several_ranks"] is True
     item_plan = next(line for line in results["model:v0"]["plan"].splitlines() if line.startswith("item "))
     assert "row_wise" in item_plan, item_plan  # kept on one rank, as on several
@@ -47,3 +54,9 @@ def test_every_mode_runs_on_the_cpu(tmp_path):
     assert results["model:v0"]["route_ms"] is None and results["model:v1"]["route_ms"] > 0
     for name in ("model:v0", "model:v1", "e2e_device_gsu", "shadow_device_gsu", "e2e_device_gsu_process", "shadow_device_gsu_process"):
         assert results[name]["samples_per_s_per_gpu"] > 0, name
+
+
+def test_e2e_routes_in_the_thread_ahead(tmp_path):
+    results = _bench(tmp_path, "--modes", "e2e", "--gsu-places", "device_ahead", *(x for o in ROUTED.split() for x in ("--set", o)))
+    run = results["e2e_device_gsu_ahead"]
+    assert run["samples_per_s_per_gpu"] > 0 and run["lookups"].startswith("1 ranks, row-wise: the ids routed"), run
