@@ -435,10 +435,10 @@ def main() -> None:
     parser.add_argument("--busy-cpus", default=None, metavar="LIST",
                         help="the CPUs the busy processes run on, as sysfs writes them (e.g. 4-15)")
     parser.add_argument("--sync-dense-on-one-rank", action="store_true",
-                        help="model mode: the dense part synchronised as train.dense_sync does on two or more GPUs "
+                        help="model, e2e and shadow modes: the dense part synchronised as train.dense_sync does on two or more GPUs "
                              "(the trainer does not on one), to time that path on one GPU")
     parser.add_argument("--shard-as-on-several-ranks", action="store_true",
-                        help="model mode: the tables planned as sharding.constraints say for two or more GPUs "
+                        help="model, e2e and shadow modes: the tables planned as sharding.constraints say for two or more GPUs "
                              "(the GPU configs: row-wise; one rank is otherwise always table-wise), so TorchRec's "
                              "input and output distributions run as there; with --sync-dense-on-one-rank, one "
                              "rank's whole multi-rank step, less the communication and the waiting for other ranks")
@@ -522,7 +522,9 @@ def main() -> None:
                 # e2e: the data path made once the model is sharded, with the router its batches need.
                 fed = data_path if mode == "e2e" else paced_beside(batches, data_path())
                 results[name] = bench_sharded(cfg, vocab, fed, ctx, args.warmup, args.steps, args.profile_steps,
-                                              freeze_gc=True, profiler=args.profiler, pipeline=pipeline)
+                                              freeze_gc=True, profiler=args.profiler, pipeline=pipeline,
+                                              sync_dense_on_one_rank=args.sync_dense_on_one_rank,
+                                              shard_as_on_several_ranks=args.shard_as_on_several_ranks)
             results[name]["loader_workers"] = args.workers
     if args.baseline:
         results["baseline"] = bench_replicated(cfg, vocab, batches, ctx, args.warmup, args.steps)
