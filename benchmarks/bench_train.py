@@ -224,7 +224,8 @@ def bench_sharded(cfg: ExperimentConfig, vocab: Mapping[str, int], batches: Unio
     """Samples/s of DMP under ``pipeline`` (``PIPELINES``; None: the config's ``train.pipeline``, as the
     trainer) over ``batches`` (cycled if a list: pre-staged batches, routed first where the trainer's data
     path would route them, ``train.sparse_lookup: routed``; a ``RoutedPath``: called with the router);
-    ``profile_steps`` more steps under ``profiler`` ("torch": torch.profiler's op tables, "python": cProfile);
+    ``profile_steps`` more steps under ``profiler`` ("torch": torch.profiler's op tables, "python": cProfile),
+    and as many routings of the staged batches where they are routed;
     ``sync_dense_on_one_rank``, ``shard_as_on_several_ranks``: the dense part synchronised, the tables
     sharded as on several ranks (``shard_model``)."""
     _reset_peak(ctx.device)
@@ -233,10 +234,14 @@ def bench_sharded(cfg: ExperimentConfig, vocab: Mapping[str, int], batches: Unio
     sharded = shard_model(model, cfg, ctx, sync_dense_on_one_rank=sync_dense_on_one_rank,
                           shard_as_on_several_ranks=shard_as_on_several_ranks)
     step = step_function(pipeline or cfg.train.pipeline, sharded.model, sharded.optimizer, ctx.device)
-    route_ms = None
+    route_ms, routing_profile = None, None
     if isinstance(batches, list):
-        if sharded.router is not None:
-            batches, route_ms = routed(sharded.router, batches, ctx.device)
+        router = sharded.router
+        if router is not None:
+            batches, route_ms = routed(router, batches, ctx.device)
+            if profile_steps:
+                routing_profile = PROFILERS[profiler](lambda it: router(next(it).sparse_features), cycle(batches),
+                                                      profile_steps, ctx.device)
         batches = cycle(batches)
     elif callable(batches):
         batches = batches(sharded.router)
@@ -255,6 +260,8 @@ def bench_sharded(cfg: ExperimentConfig, vocab: Mapping[str, int], batches: Unio
     }
     if profile_steps:
         result["profile"] = PROFILERS[profiler](step, batch_iter, profile_steps, ctx.device)
+    if routing_profile is not None:
+        result["routing_profile"] = routing_profile
     del step, sharded, model
     return result
 
@@ -533,6 +540,8 @@ def main() -> None:
         for name, r in results.items():
             if isinstance(r, dict) and "profile" in r:
                 print(f"\nprofile of {name}:\n{r['profile']}")
+            if isinstance(r, dict) and "routing_profile" in r:
+                print(f"\nprofile of {name}'s routing (the data path's, each batch again):\n{r['routing_profile']}")
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=2))
     shutdown()
