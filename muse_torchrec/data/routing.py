@@ -101,8 +101,10 @@ class RowWiseRouter:
         self._feature_major = torch.tensor([r * count + f for f in range(count) for r in range(ranks)],
                                            dtype=torch.int32)
 
-    def _all_to_all(self, tensor: torch.Tensor, received: List[int], sent: List[int]) -> torch.Tensor:
-        out = tensor.new_empty(sum(received))
+    def _all_to_all(self, tensor: torch.Tensor, received: List[int], sent: List[int], pinned: bool) -> torch.Tensor:
+        """``tensor``'s parts to the ranks -> theirs, received into page-locked memory with ``pinned``
+        (copied to the GPU from there without a staging copy)."""
+        out = torch.empty(sum(received), dtype=tensor.dtype, pin_memory=pinned)
         dist.all_to_all_single(out, tensor, output_split_sizes=received, input_split_sizes=sent, group=self.group)
         return out
 
@@ -121,20 +123,36 @@ class RowWiseRouter:
         bucket_lengths, ids, _, _, restore = torch.ops.fbgemm.block_bucketize_sparse_features(
             features.lengths(), values, bucketize_pos=False, sequence=True, block_sizes=self._block_sizes,
             my_size=ranks, weights=None)
-        bucket_lengths, ids = bucket_lengths.cpu(), ids.cpu()  # the exchanges go through the host
+        # The exchanges go through the host; on a GPU through page-locked memory, one wait for the copies.
+        pinned = device.type == "cuda"
+        bucket_lengths, ids = _to_host(bucket_lengths, pinned), _to_host(ids, pinned)
+        if pinned:
+            torch.cuda.current_stream(device).synchronize()
         sent = bucket_lengths.view(ranks, -1).sum(1)
         one_each = [1] * ranks
-        received = self._all_to_all(sent, one_each, one_each)
+        received = self._all_to_all(sent, one_each, one_each, pinned=False)
         sent_list, received_list = sent.tolist(), received.tolist()
-        received_lengths = self._all_to_all(bucket_lengths, [count * batch] * ranks, [count * batch] * ranks)
-        received_ids = self._all_to_all(ids, received_list, sent_list)
+        received_lengths = self._all_to_all(bucket_lengths, [count * batch] * ranks, [count * batch] * ranks, pinned)
+        received_ids = self._all_to_all(ids, received_list, sent_list, pinned)
         # The ids per key as host numbers: the lookup would otherwise read them back from the device.
         length_per_key = received_lengths.view(ranks, count, batch).sum((0, 2)).tolist()
-        received_lengths, received_ids = received_lengths.to(device), received_ids.to(device)
-        positions = torch.arange(received_ids.numel(), device=device)
+        received_lengths = received_lengths.to(device, non_blocking=True)
+        received_ids = received_ids.to(device, non_blocking=True)
+        total = received_ids.numel()
+        positions = torch.arange(total, device=device)
         read_lengths, order, _ = torch.ops.fbgemm.permute_2D_sparse_data(
-            self._feature_major, received_lengths.view(ranks * count, batch), positions)
+            self._feature_major, received_lengths.view(ranks * count, batch), positions,
+            permuted_lengths_sum=total)  # known here: not read back
         read = KeyedJaggedTensor(keys=self.feature_names, values=received_ids.index_select(0, order),
                                  lengths=read_lengths.view(-1), stride=ranks * batch, length_per_key=length_per_key)
         as_received = torch.empty_like(order).scatter_(0, order, positions)
         return Routing(read, as_received, restore, sent_list, received_list, batch)
+
+
+def _to_host(tensor: torch.Tensor, pinned: bool) -> torch.Tensor:
+    """``tensor`` on the host: with ``pinned``, copied into page-locked memory without waiting (the
+    caller waits once for every copy)."""
+    if tensor.device.type == "cpu":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pinned)
+    return host.copy_(tensor, non_blocking=pinned)
