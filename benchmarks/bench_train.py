@@ -290,7 +290,8 @@ def e2e_batches(cfg: ExperimentConfig, work: Path, ctx: DistContext, num_workers
     ``graphed_gsu``: the device GSU replays batches of the configured size as one CUDA graph (as the trainer);
     ``router``: the thread ahead routes the first ``needed`` batches (as the trainer an epoch's)."""
     if router is not None and not (device_gsu and gsu_thread):
-        raise ValueError("bench_train: routed batches come from the device GSU's thread ahead (--gsu-places device_ahead)")
+        raise ValueError("bench_train: routed batches come from the device GSU's thread ahead "
+                         "(--gsu-places device_ahead)")
     data = PreparedData(work)
     available = count_batches(data, "train", cfg.train.batch_size, rank=ctx.rank, world_size=ctx.world_size,
                               num_workers=max(num_workers, 1), drop_last=True)

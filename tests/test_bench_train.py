@@ -52,11 +52,13 @@ def test_every_mode_runs_on_the_cpu(tmp_path):
     assert "row_wise" in item_plan, item_plan  # kept on one rank, as on several
     # The routed lookup's batches routed before the timed steps, their routing timed.
     assert results["model:v0"]["route_ms"] is None and results["model:v1"]["route_ms"] > 0
-    for name in ("model:v0", "model:v1", "e2e_device_gsu", "shadow_device_gsu", "e2e_device_gsu_process", "shadow_device_gsu_process"):
+    for name in ("model:v0", "model:v1", "e2e_device_gsu", "shadow_device_gsu", "e2e_device_gsu_process",
+                 "shadow_device_gsu_process"):
         assert results[name]["samples_per_s_per_gpu"] > 0, name
 
 
 def test_e2e_routes_in_the_thread_ahead(tmp_path):
-    results = _bench(tmp_path, "--modes", "e2e", "--gsu-places", "device_ahead", *(x for o in ROUTED.split() for x in ("--set", o)))
+    settings = [arg for setting in ROUTED.split() for arg in ("--set", setting)]
+    results = _bench(tmp_path, "--modes", "e2e", "--gsu-places", "device_ahead", *settings)
     run = results["e2e_device_gsu_ahead"]
     assert run["samples_per_s_per_gpu"] > 0 and run["lookups"].startswith("1 ranks, row-wise: the ids routed"), run

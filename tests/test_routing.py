@@ -50,7 +50,8 @@ def _lookups(rank: int, tmp: str) -> None:
     arch = next(m for m in sharded.model.modules() if isinstance(m, SparseArch))
     router = sharded.router
     rng = np.random.default_rng(100 + rank)  # each rank its own batches
-    builder = BatchBuilder(*random_scl(rng), gsu="scl_cosine", k=K, recent=RECENT, max_history=MAX_HISTORY, pad_to=BATCH)
+    builder = BatchBuilder(*random_scl(rng), gsu="scl_cosine", k=K, recent=RECENT, max_history=MAX_HISTORY,
+                           pad_to=BATCH)
     equal, sent = [], []
     with torch.no_grad():
         for _ in range(3):
@@ -110,21 +111,23 @@ def test_trainer_routed_equals_torchrecs_forward(tmp_path):
     common = ("data.gsu_placement=device", "train.pipeline=plain", "data.num_workers=1", tiny_run.ALL_ROW_WISE)
     tiny_run.spawn(_trained, 2, tmp_path, str(tmp_path), "distributed", (*common, "train.sparse_lookup=distributed"))
     tiny_run.spawn(_trained, 2, tmp_path, str(tmp_path), "routed", (*common, "train.sparse_lookup=routed"))
-    logs = {name: [(r["step"], r["loss"]) for r in map(json.loads, (tmp_path / name / "train_log.jsonl").read_text().splitlines())]
-            for name in ("distributed", "routed")}
+    runs = ("distributed", "routed")
+    lines = {name: (tmp_path / name / "train_log.jsonl").read_text().splitlines() for name in runs}
+    logs = {name: [(r["step"], r["loss"]) for r in map(json.loads, lines[name])] for name in runs}
     assert logs["routed"] == logs["distributed"] and len(logs["routed"]) == 9, logs
     # Every training batch routed (2 epochs of 9 steps), evaluation's through TorchRec's forward.
     assert [int((tmp_path / f"{name}_routed{r}").read_text()) for name in ("distributed", "routed")
             for r in range(2)] == [0, 0, 18, 18]
     timing = ("train_samples_per_s", "train_samples_per_s_warm", "train_seconds")
-    metrics = {name: {k: v for k, v in json.loads((tmp_path / name / "metrics.json").read_text()).items() if k not in timing}
-               for name in ("distributed", "routed")}
+    metrics = {name: json.loads((tmp_path / name / "metrics.json").read_text()) for name in runs}
+    metrics = {name: {k: v for k, v in values.items() if k not in timing} for name, values in metrics.items()}
     assert metrics["routed"] == metrics["distributed"]
-    states = {name: _final_state(tmp_path, name) for name in ("distributed", "routed")}
+    states = {name: _final_state(tmp_path, name) for name in runs}
     assert sorted(states["routed"]) == sorted(states["distributed"])
     assert any("embeddings.item" in key for key in states["routed"]), sorted(states["routed"])
     for key, value in states["distributed"].items():
-        assert torch.equal(states["routed"][key], value) if isinstance(value, torch.Tensor) else value == states["routed"][key], key
+        got = states["routed"][key]
+        assert torch.equal(got, value) if isinstance(value, torch.Tensor) else got == value, key
 
 
 def _one_rank(rank: int, device: str, tmp: str) -> None:

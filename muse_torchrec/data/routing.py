@@ -8,11 +8,11 @@ of the counts that holds the training thread until the GPU and the other ranks h
 two GPUs add to one (benchmarks/RESULTS.md rows 70, 78).
 
 ``RowWiseRouter`` does the first part in the data path's thread ahead of the step instead, the
-exchanges through the host, over a gloo group of its own (never the training's group: collectives of one group must come
-in the same order on every rank, and two threads would interleave them). It attaches a ``Routing``
-to the batch: the ids this rank looks up for every rank, the orders to put the rows back, and the
-counts, as host integers, that the rows' all-to-all needs, so the training thread runs that
-all-to-all (``direct_lookup.RoutedLookup``) without reading anything back.
+exchanges through the host over a gloo group of its own (never the training's group: collectives
+of one group must come in the same order on every rank, and two threads would interleave them). It
+attaches a ``Routing`` to the batch: the ids this rank looks up for every rank, the orders to put
+the rows back, and the counts, as host integers, that the rows' all-to-all needs, so the training
+thread runs that all-to-all (``direct_lookup.RoutedLookup``) without reading anything back.
 
 Every rank must route the same number of batches, in the same order (the trainer routes an epoch's
 training batches, whose count is equal on every rank): a rank's router waits in each exchange for

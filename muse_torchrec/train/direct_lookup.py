@@ -69,7 +69,8 @@ class DirectLookup:
     def __init__(self, lookup: nn.Module, feature_names: List[str], dim: int) -> None:
         self.lookup, self.feature_names, self.dim = lookup, list(feature_names), dim
 
-    def flat(self, features: KeyedJaggedTensor, routing: Optional[Routing] = None) -> Tuple[KeyedJaggedTensor, torch.Tensor]:
+    def flat(self, features: KeyedJaggedTensor,
+             routing: Optional[Routing] = None) -> Tuple[KeyedJaggedTensor, torch.Tensor]:
         """KJT of B samples (every key the same B) -> (the KJT with its keys in the lookup's order, the
         embeddings of its values in order [N, D]). ``routing``: the batch's (``RoutedLookup`` only)."""
         if features.variable_stride_per_key():

@@ -25,10 +25,10 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from muse_torchrec.config import ExperimentConfig, ShardingConfig
+from muse_torchrec.data.routing import RowWiseRouter
 from muse_torchrec.model.muse import compile_tower
 from muse_torchrec.sharding import GIB, PlanReport, make_sharders, plan_model
 from muse_torchrec.train.dense_sync import GradientAverage, check_dense_sync, dense_synchronisation
-from muse_torchrec.data.routing import RowWiseRouter
 from muse_torchrec.train.direct_lookup import check_sparse_lookup, use_direct_lookup
 from muse_torchrec.train.distributed import DistContext
 from muse_torchrec.train.graphed_adam import GraphedAdam

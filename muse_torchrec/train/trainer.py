@@ -81,6 +81,8 @@ class BatchPath:
     def finish(self, batches: Iterable[object]) -> Iterable[object]:
         """The loader's output -> batches (``.to(device)`` still applies). With a router, ``batches``
         must be exactly those every rank trains (as many on each)."""
+        if self.router is not None and (self.gsu is None or not self.ahead):
+            raise ValueError("routed batches come from the device GSU's thread ahead (data.gsu_placement: device)")
         if self.gsu is None:
             return batches
         return self.gsu.ahead(batches, router=self.router) if self.ahead else self.gsu.over(batches)
