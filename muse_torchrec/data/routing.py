@@ -128,11 +128,10 @@ class RowWiseRouter:
         bucket_lengths, ids = _to_host(bucket_lengths, pinned), _to_host(ids, pinned)
         if pinned:
             torch.cuda.current_stream(device).synchronize()
-        sent = bucket_lengths.view(ranks, -1).sum(1)
-        one_each = [1] * ranks
-        received = self._all_to_all(sent, one_each, one_each, pinned=False)
-        sent_list, received_list = sent.tolist(), received.tolist()
+        # Each rank's lengths are F * B: exchanged first, they give the counts of the ids to expect.
         received_lengths = self._all_to_all(bucket_lengths, [count * batch] * ranks, [count * batch] * ranks, pinned)
+        sent_list = bucket_lengths.view(ranks, -1).sum(1).tolist()
+        received_list = received_lengths.view(ranks, -1).sum(1).tolist()
         received_ids = self._all_to_all(ids, received_list, sent_list, pinned)
         # The ids per key as host numbers: the lookup would otherwise read them back from the device.
         length_per_key = received_lengths.view(ranks, count, batch).sum((0, 2)).tolist()
