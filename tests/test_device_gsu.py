@@ -97,6 +97,33 @@ def test_gsu_ahead_stops_its_thread_when_the_consumer_stops():
     assert not any(t.name == "gsu-ahead" for t in threading.enumerate())
 
 
+def test_gsu_ahead_makes_no_batch_while_a_graph_is_captured():
+    """The thread draws and makes each batch holding ``CAPTURE_LOCK``, which the training thread's
+    graph captures hold: they fail if another thread allocates or synchronises meanwhile."""
+    import threading
+    import time
+
+    from muse_torchrec.model.cuda_graphs import CAPTURE_LOCK
+
+    held = []
+
+    class Watched(DeviceGsu):
+        def __call__(self, raw):
+            held.append(CAPTURE_LOCK.locked())
+            return super().__call__(raw)
+
+    scl, item_scl_row, raws = _raw_batches(3)
+    batches = []
+    with CAPTURE_LOCK:  # as a capture
+        consumer = threading.Thread(
+            target=lambda: batches.extend(Watched(scl, item_scl_row, torch.device("cpu"), k=K).ahead(raws, depth=1)))
+        consumer.start()
+        time.sleep(0.5)
+        assert held == [] and not batches
+    consumer.join(timeout=60)
+    assert len(batches) == 3 and held == [True] * 3
+
+
 @pytest.mark.parametrize("overrides,message", [
     (["model.method=din", "data.gsu_placement=device"], "data.gsu_placement=device runs the GSUs"),
     (["model.method=din", "data.gsu_placement=device_inline"], "data.gsu_placement=device_inline runs the GSUs"),

@@ -127,3 +127,32 @@ def test_parameters_of_several_dtypes_are_refused():
               torch.nn.Parameter(torch.zeros(2, device="cuda", dtype=torch.float64))]
     with pytest.raises(ValueError, match="one flat buffer: parameters of one dtype"):
         GraphedAdam(params, lr=0.1)
+
+
+@needs_cuda
+def test_the_graphs_are_captured_holding_the_capture_lock(monkeypatch):
+    """The data path's thread makes no batch meanwhile (``cuda_graphs.CAPTURE_LOCK``)."""
+    from muse_torchrec.model.cuda_graphs import CAPTURE_LOCK, GraphedFunction
+
+    held, graph, graphed_callables = [], torch.cuda.graph, torch.cuda.make_graphed_callables
+
+    def watched_graph(*args, **kwargs):
+        held.append(("graph", CAPTURE_LOCK.locked()))
+        return graph(*args, **kwargs)
+
+    def watched_callables(*args, **kwargs):
+        held.append(("callables", CAPTURE_LOCK.locked()))
+        return graphed_callables(*args, **kwargs)
+
+    monkeypatch.setattr(torch.cuda, "graph", watched_graph)
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", watched_callables)
+    params = list(_params(0, torch.device("cuda")).values())
+    optimizer = GraphedAdam(params, lr=0.01)
+    for _ in range(2):  # the first step makes the state, the second captures
+        for p in params:
+            p.grad = torch.ones_like(p)
+        optimizer.step()
+    layer = torch.nn.Linear(4, 3).cuda()
+    GraphedFunction(layer, layer.forward)(torch.randn(2, 4, device="cuda", requires_grad=True)).sum().backward()
+    assert {kind for kind, _ in held} == {"graph", "callables"} and all(locked for _, locked in held), held
+    assert not CAPTURE_LOCK.locked()

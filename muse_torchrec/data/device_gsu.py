@@ -33,6 +33,7 @@ from muse_torchrec.data.packed import Packed
 from muse_torchrec.data.routing import Routing
 from muse_torchrec.data.slots import SlotRef
 from muse_torchrec.model import gsu as gsu_ops
+from muse_torchrec.model.cuda_graphs import CAPTURE_LOCK
 
 DEVICE_GSU_KINDS = ("scl_cosine", "category")
 # The kinds whose selection DeviceGsu replays as a CUDA graph (GraphedMuseSelection).
@@ -306,6 +307,9 @@ class GsuAhead:
     On CUDA each batch carries an event recorded after its GSU; the consumer's current stream waits
     for it and the batch's memory is recorded as used there.
 
+    Each batch is drawn and made holding ``cuda_graphs.CAPTURE_LOCK``: the training thread's graph
+    captures fail if this thread allocates or synchronises meanwhile.
+
     ``router``: each batch's ids are routed over the ranks in the thread too, after its GSU
     (``data.routing``: the exchanges and their read-backs off the training thread). Every rank's
     thread must then route the same number of batches: give it exactly the batches to be trained.
@@ -330,17 +334,22 @@ class GsuAhead:
 
     def _produce(self, source: Iterator, out: "queue.Queue", stop: threading.Event) -> None:
         cuda = self.gsu.device.type == "cuda"
-        stream = torch.cuda.Stream(self.gsu.device) if cuda else None
+        with CAPTURE_LOCK:
+            stream = torch.cuda.Stream(self.gsu.device) if cuda else None
         try:
             with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
-                for raw in source:
-                    batch = self.gsu(raw)
-                    if self.router is not None:
-                        batch = replace(batch, routing=self.router(batch.sparse_features))
-                    event = None
-                    if cuda:
-                        event = torch.cuda.Event()
-                        event.record(stream)
+                while True:
+                    with CAPTURE_LOCK:
+                        raw = next(source, _END)
+                        if raw is _END:
+                            break
+                        batch = self.gsu(raw)
+                        if self.router is not None:
+                            batch = replace(batch, routing=self.router(batch.sparse_features))
+                        event = None
+                        if cuda:
+                            event = torch.cuda.Event()
+                            event.record(stream)
                     if not self._put(out, (batch, event), stop):
                         return
         except BaseException as error:  # handed to the consumer, raised there in order

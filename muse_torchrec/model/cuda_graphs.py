@@ -12,10 +12,19 @@ outputs are overwritten by its next replay).
 
 from __future__ import annotations
 
+import threading
 from typing import Callable, Optional, Tuple
 
 import torch
 from torch import nn
+
+# Held while a graph of the training step is captured (the tower's, the dense Adam's), and by the
+# data path's thread ahead while it makes a batch (``device_gsu.GsuAhead``). Those captures run in
+# CUDA's global mode (``make_graphed_callables`` offers no other), which fails the capture when any
+# thread makes a call unsafe during capture: an allocation, a synchronisation, page-locking, as the
+# data path's thread does (seen on an H100: "operation failed due to a previous error during
+# capture", benchmarks/RESULTS.md row 84).
+CAPTURE_LOCK = threading.Lock()
 
 Signature = Tuple[Tuple[Tuple[int, ...], torch.dtype, torch.device, bool], ...]
 
@@ -76,8 +85,9 @@ class GraphedFunction:
         # stream after every leaf's stream at the end of backward (tests/test_tower.py compares
         # training steps with the ungraphed function).
         torch.autograd.graph.set_warn_on_accumulate_grad_stream_mismatch(False)
-        self.graphed = torch.cuda.make_graphed_callables(_Call(self.owner, self.fn), samples,
-                                                         allow_unused_input=True)
+        with CAPTURE_LOCK:
+            self.graphed = torch.cuda.make_graphed_callables(_Call(self.owner, self.fn), samples,
+                                                             allow_unused_input=True)
         with torch.no_grad():
             for buffer, before in buffers:
                 buffer.copy_(before)

@@ -31,6 +31,7 @@ from typing import Any, Iterable, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from muse_torchrec.model.cuda_graphs import CAPTURE_LOCK
 from muse_torchrec.train.dense_sync import GradientAverage
 
 
@@ -98,7 +99,7 @@ class GraphedAdam(torch.optim.Adam):
             p.grad = static
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            with CAPTURE_LOCK, torch.cuda.graph(graph):
                 if self.average is not None:
                     self._flat_grads.div_(self.average.world_size)
                 super().step()
