@@ -443,11 +443,11 @@ def main() -> None:
     parser.add_argument("--busy-cpus", default=None, metavar="LIST",
                         help="the CPUs the busy processes run on, as sysfs writes them (e.g. 4-15)")
     parser.add_argument("--sync-dense-on-one-rank", action="store_true",
-                        help="model, e2e and shadow modes: the dense part synchronised as train.dense_sync does on two or more GPUs "
-                             "(the trainer does not on one), to time that path on one GPU")
+                        help="model, e2e and shadow modes: the dense part synchronised as train.dense_sync does "
+                             "on two or more GPUs (the trainer does not on one), to time that path on one GPU")
     parser.add_argument("--shard-as-on-several-ranks", action="store_true",
-                        help="model, e2e and shadow modes: the tables planned as sharding.constraints say for two or more GPUs "
-                             "(the GPU configs: row-wise; one rank is otherwise always table-wise), so TorchRec's "
+                        help="model, e2e and shadow modes: the tables planned as sharding.constraints say for "
+                             "two or more GPUs (the GPU configs: row-wise; one rank is otherwise always table-wise), so TorchRec's "
                              "input and output distributions run as there; with --sync-dense-on-one-rank, one "
                              "rank's whole multi-rank step, less the communication and the waiting for other ranks")
     parser.add_argument("--out", default=None)
