@@ -447,9 +447,10 @@ def main() -> None:
                              "on two or more GPUs (the trainer does not on one), to time that path on one GPU")
     parser.add_argument("--shard-as-on-several-ranks", action="store_true",
                         help="model, e2e and shadow modes: the tables planned as sharding.constraints say for "
-                             "two or more GPUs (the GPU configs: row-wise; one rank is otherwise always table-wise), so TorchRec's "
-                             "input and output distributions run as there; with --sync-dense-on-one-rank, one "
-                             "rank's whole multi-rank step, less the communication and the waiting for other ranks")
+                             "two or more GPUs (the GPU configs: row-wise; one rank is otherwise always "
+                             "table-wise), so TorchRec's input and output distributions run as there; with "
+                             "--sync-dense-on-one-rank, one rank's whole multi-rank step, less the communication "
+                             "and the waiting for other ranks")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     busy_cpus = cpu_list(args.busy_cpus) if args.busy_cpus else None
