@@ -38,7 +38,7 @@ def full_run(rank: int, root: str, name: str, extra: tuple) -> None:
     shutdown()
 
 
-def killed_during_second_save(rank: int, root: str) -> None:
+def killed_during_second_save(rank: int, root: str, name: str = "resumed", extra: tuple = ()) -> None:
     """Both ranks are killed in the second save (step 8): after the DCP files, before the rename."""
     from muse_torchrec.train.distributed import init_distributed
     from muse_torchrec.train.trainer import run
@@ -52,7 +52,7 @@ def killed_during_second_save(rank: int, root: str) -> None:
         return real_rank_state(model)
 
     ck._rank_state = rank_state
-    run(run_config(Path(root), "resumed"), init_distributed("cpu"))
+    run(run_config(Path(root), name, extra), init_distributed("cpu"))
 
 
 @pytest.fixture(scope="module")

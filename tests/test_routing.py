@@ -5,8 +5,9 @@ TorchRec's forward, its reference, over 2 gloo ranks with every table row-wise:
 - lookup by lookup: every feature's embeddings equal TorchRec's on random batches (each rank its
   own), also for features given in another key order; a batch without a routing goes through
   TorchRec's forward; a routing made for another batch size is refused;
-- the trainer end to end (GSU and routing in the data path's thread ahead, 2 epochs, evaluation):
-  the same loss at every log line, the same metrics and the same final tables as TorchRec's forward;
+- the trainer end to end (GSU and routing in the data path's thread ahead, 2 epochs, evaluation),
+  killed in a checkpoint save and resumed mid-epoch: the same loss at every log line, the same
+  metrics and the same final checkpoint as an uninterrupted run through TorchRec's forward;
 - one rank with the tables row-wise as on several (what ``bench_train --shard-as-on-several-ranks``
   times): 4 training steps from the same weights equal TorchRec's forward's, on the CPU and on a GPU;
 - settings: "routed" needs ``data.gsu_placement: device``.
@@ -21,11 +22,13 @@ import numpy as np
 import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from torch.multiprocessing import ProcessExitedException
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tiny_run  # noqa: E402
 from random_data import VOCAB, random_block, random_scl  # noqa: E402
 from test_direct_lookup import METHODS, _trained as _trained_steps  # noqa: E402
+from test_resume import SAVE_EVERY, killed_during_second_save  # noqa: E402
 
 from muse_torchrec.config import ConfigError, load_config  # noqa: E402
 from muse_torchrec.data.batch import BatchBuilder, sequence_features  # noqa: E402
@@ -94,7 +97,7 @@ def _trained(rank: int, root: str, name: str, extra: tuple) -> None:
 
     routed, route = [], RowWiseRouter.__call__
     RowWiseRouter.__call__ = lambda self, features: routed.append(1) or route(self, features)
-    cfg = tiny_run.config(Path(root), run=name, extra=["train.epochs=2", "train.checkpoint_every=null", *extra])
+    cfg = tiny_run.config(Path(root), run=name, extra=["train.epochs=2", *extra])
     run(cfg, init_distributed("cpu"))
     Path(root, f"{name}_routed{rank}").write_text(str(len(routed)))
     shutdown()
@@ -109,15 +112,21 @@ def _final_state(root: Path, name: str) -> dict:
 def test_trainer_routed_equals_torchrecs_forward(tmp_path):
     tiny_run.prepare(tmp_path)
     common = ("data.gsu_placement=device", "train.pipeline=plain", "data.num_workers=1", tiny_run.ALL_ROW_WISE)
-    tiny_run.spawn(_trained, 2, tmp_path, str(tmp_path), "distributed", (*common, "train.sparse_lookup=distributed"))
-    tiny_run.spawn(_trained, 2, tmp_path, str(tmp_path), "routed", (*common, "train.sparse_lookup=routed"))
+    tiny_run.spawn(_trained, 2, tmp_path, str(tmp_path), "distributed",
+                   (*common, "train.sparse_lookup=distributed", "train.checkpoint_every=null"))
+    # Routed: killed in its second checkpoint save (step 8), resumed from the first (step 4, mid-epoch).
+    routed = (*common, "train.sparse_lookup=routed", f"train.checkpoint_every={SAVE_EVERY}")
+    with pytest.raises(ProcessExitedException):
+        tiny_run.spawn(killed_during_second_save, 2, tmp_path, str(tmp_path), "routed", routed)
+    tiny_run.spawn(_trained, 2, tmp_path, str(tmp_path), "routed", routed)
     runs = ("distributed", "routed")
     lines = {name: (tmp_path / name / "train_log.jsonl").read_text().splitlines() for name in runs}
     logs = {name: [(r["step"], r["loss"]) for r in map(json.loads, lines[name])] for name in runs}
     assert logs["routed"] == logs["distributed"] and len(logs["routed"]) == 9, logs
-    # Every training batch routed (2 epochs of 9 steps), evaluation's through TorchRec's forward.
+    # After the resume every training batch routed (5 left of the first epoch, 9 of the second),
+    # evaluation's through TorchRec's forward.
     assert [int((tmp_path / f"{name}_routed{r}").read_text()) for name in ("distributed", "routed")
-            for r in range(2)] == [0, 0, 18, 18]
+            for r in range(2)] == [0, 0, 14, 14]
     timing = ("train_samples_per_s", "train_samples_per_s_warm", "train_seconds")
     metrics = {name: json.loads((tmp_path / name / "metrics.json").read_text()) for name in runs}
     metrics = {name: {k: v for k, v in values.items() if k not in timing} for name, values in metrics.items()}
