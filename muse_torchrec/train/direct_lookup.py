@@ -124,6 +124,10 @@ class RoutedLookup(DirectLookup):
         super().__init__(lookup, feature_names, dim)
         self.collection, self.group = collection, group
 
+    def __call__(self, features: KeyedJaggedTensor, routing: Optional[Routing] = None) -> Dict[str, JaggedTensor]:
+        # Unrouted (evaluation): the collection's own per-feature output, not concatenated and split again.
+        return self.collection(features).wait() if routing is None else super().__call__(features, routing)
+
     def _embeddings(self, features: KeyedJaggedTensor, routing: Optional[Routing]) -> torch.Tensor:
         if routing is None:
             embedded = self.collection(features)
