@@ -3,13 +3,15 @@
 TorchRec's forward, its reference, over 2 gloo ranks with every table row-wise:
 
 - lookup by lookup: every feature's embeddings equal TorchRec's on random batches (each rank its
-  own), also for features given in another key order; a batch without a routing goes through
-  TorchRec's forward; a routing made for another batch size is refused;
+  own), also for features given in another key order, and so does the padding for the tower's
+  graphs, which gathers the rows in the holding ranks' order through their order; a batch without
+  a routing goes through TorchRec's forward; a routing made for another batch size is refused;
 - the trainer end to end (GSU and routing in the data path's thread ahead, 2 epochs, evaluation),
   killed in a checkpoint save and resumed mid-epoch: the same loss at every log line, the same
   metrics and the same final checkpoint as an uninterrupted run through TorchRec's forward;
 - one rank with the tables row-wise as on several (what ``bench_train --shard-as-on-several-ranks``
-  times): 4 training steps from the same weights equal TorchRec's forward's, on the CPU and on a GPU;
+  times): 4 training steps from the same weights equal TorchRec's forward's, on the CPU and on a GPU
+  (there with the tower's CUDA graphs);
 - settings: "routed" needs ``data.gsu_placement: device``.
 """
 
@@ -58,7 +60,8 @@ def _lookups(rank: int, tmp: str) -> None:
     equal, sent = [], []
     with torch.no_grad():
         for _ in range(3):
-            features = builder(random_block(rng, num_users=8, max_len=60)).sparse_features
+            batch = builder(random_block(rng, num_users=8, max_len=60))
+            features = batch.sparse_features
             keys = features.keys()
             reference = arch.tables(features).wait()
             reversed_keys = features.permute(list(reversed(range(len(keys)))))
@@ -68,6 +71,12 @@ def _lookups(rank: int, tmp: str) -> None:
                 equal.append(sorted(ours) == sorted(keys) and all(
                     torch.equal(ours[k].values(), reference[k].values()) for k in keys))
                 sent.append(None if routing is None else routing.sent)
+            # The padding for the tower's graphs from the rows in the holding ranks' order, gathered
+            # through their order, as TorchRec's per-feature conversion (tests/test_row_layout.py).
+            (want, want_side), (got, got_side) = arch(batch), arch.padded(
+                *arch.rows(replace(batch, routing=router(features))), batch.topk_scores, batch.recent_scores)
+            equal.append(torch.equal(got_side, want_side) and all(torch.equal(getattr(got, f), getattr(want, f))
+                                                                  for f in ("target", "topk", "recent")))
         try:
             arch.lookup(features, replace(router(features), batch_size=BATCH + 1))
             refused = ""
@@ -143,7 +152,9 @@ def _one_rank(rank: int, device: str, tmp: str) -> None:
     from muse_torchrec.train.distributed import init_distributed, shutdown
 
     ctx = init_distributed(device)
-    out = {method: {setting: _trained_steps(method, device, setting, ctx, extra=ROUTED, several=True)
+    # On a GPU with the GPU configs' graphs: the routed rows reach the tower's graphs with their order.
+    extra = (*ROUTED, "train.compile_mode=graphs") if device == "cuda" else ROUTED
+    out = {method: {setting: _trained_steps(method, device, setting, ctx, extra=extra, several=True)
                     for setting in ("routed", "distributed")} for method in METHODS}
     torch.save(out, Path(tmp, "one_rank.pt"))
     shutdown()

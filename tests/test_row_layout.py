@@ -45,8 +45,7 @@ def _outputs(arch, batch, padded: bool):
     """The arch's tensors for the tower, by ``padded(rows(...))`` or by ``forward``."""
     if not padded:
         return arch(batch)
-    rows, lengths = arch.rows(batch)
-    return arch.padded(rows, lengths, batch.topk_scores, batch.recent_scores)
+    return arch.padded(*arch.rows(batch), batch.topk_scores, batch.recent_scores)
 
 
 def _table_grads(arch, inputs, side, seed: int):
@@ -89,9 +88,10 @@ def _check_equal(arch, method: str, seed: int) -> None:
 def test_rows_are_padded_with_zeros_to_the_capacity():
     arch = _model("muse").model.sparse_arch
     batch = _batch("muse", 3)
-    rows, lengths = arch.rows(batch)
+    rows, order, lengths = arch.rows(batch)
     ids = batch.sparse_features.values().numel()
     assert rows.shape == (arch.row_layout.capacity(BATCH) + 1, 16)
+    assert torch.equal(order, torch.arange(rows.shape[0]))  # a lookup of this rank alone: in the ids' order
     assert ids < rows.shape[0] - 1 and not rows[ids:].any() and rows[:ids].abs().sum(dim=1).min() > 0
     assert torch.equal(lengths, batch.sparse_features.lengths())
 
@@ -103,10 +103,32 @@ def test_padded_slots_gathers_each_samples_ids():
     rows = torch.cat([torch.arange(1.0, 11.0).unsqueeze(1), torch.zeros(1, 1)])  # [11, 1], row 10 zero
     starts, per_feature = row_starts(lengths, 2)
     assert starts.tolist() == [[0, 2, 2], [5, 7, 7]]
-    got = padded_slots(rows, starts, per_feature, [0, 1], 4)
+    got = padded_slots(rows, torch.arange(11), starts, per_feature, [0, 1], 4)
     assert got.tolist() == [[[1, 6], [2, 7], [0, 0], [0, 0]],
                             [[0, 0], [0, 0], [0, 0], [0, 0]],
                             [[3, 8], [4, 9], [5, 10], [0, 0]]]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_padded_slots_read_rows_in_any_order_through_their_order(seed):
+    """Rows in a random order with the row of each id (as a routed lookup gives them, the zero rows
+    anywhere) gather what the rows in the ids' order gather, and their gradients are those rows'
+    gradients in that order."""
+    g = torch.Generator().manual_seed(seed)
+    features, samples, width, dim = 3, 7, 4, 5
+    lengths = torch.randint(0, width + 1, (features * samples,), generator=g, dtype=torch.int32)
+    ids = int(lengths.sum())
+    in_order = torch.cat([torch.randn(ids, dim, generator=g), torch.zeros(3, dim)]).requires_grad_()
+    placed = torch.randperm(ids + 3, generator=g)  # where each row of ``in_order`` lies in ``shuffled``
+    shuffled = torch.empty_like(in_order).index_copy(0, placed, in_order.detach()).requires_grad_()
+    starts, per_feature = row_starts(lengths, features)
+    want = padded_slots(in_order, torch.arange(ids + 3), starts, per_feature, [0, 2], width)
+    got = padded_slots(shuffled, placed, starts, per_feature, [0, 2], width)
+    assert torch.equal(got, want) and got.abs().sum() > 0
+    weights = torch.randn(want.shape, generator=g)
+    (want_grad,), (got_grad,) = (torch.autograd.grad((out * weights).sum(), rows)
+                                 for out, rows in ((want, in_order), (got, shuffled)))
+    assert torch.equal(got_grad[placed], want_grad) and want_grad.abs().sum() > 0
 
 
 def test_layout_counts_every_features_slots():

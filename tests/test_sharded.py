@@ -1,8 +1,8 @@
 """Sharded (2 gloo ranks, row-wise tables) versus unsharded training: same losses step by step,
 for both of the trainer's steppers (``train.step``: the plain step and TrainPipelineSparseDist) and
-both ways of keeping the dense part in step (``train.dense_sync``: one all-reduce, or DDP); on a
-machine with 2 GPUs also over NCCL with the GPU configs' tower settings (not yet run: no 2-GPU
-machine was lent when it was written).
+both ways of keeping the dense part in step (``train.dense_sync``: one all-reduce, or DDP), and
+with the ids routed by the data path (``train.sparse_lookup: routed``, every table row-wise); on a
+machine with 2 GPUs also over NCCL with the GPU configs' tower settings, routed or not.
 
 Semantics the reference reproduces: each rank's loss is the mean over its own samples; the dense
 gradients are averaged over ranks (by one all-reduce, or by DDP), and TorchRec's backward all-to-all divides embedding-row gradients by the
@@ -14,6 +14,7 @@ each half separately in both runs, as it does per GPU.
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tiny_run  # noqa: E402
 from random_data import VOCAB, random_block, random_scl  # noqa: E402
 
 from muse_torchrec.config import ExperimentConfig, load_config  # noqa: E402
@@ -34,13 +36,17 @@ K, RECENT, MAX_HISTORY = 6, 5, 40
 SPARSE_LR, DENSE_LR = 0.5, 0.01
 
 
-def config(method: str, compile_mode: str = "none", pipeline: str = "plain", dense_sync: str = "allreduce") -> ExperimentConfig:
+def config(method: str, compile_mode: str = "none", pipeline: str = "plain", dense_sync: str = "allreduce",
+           sparse_lookup: str = "direct") -> ExperimentConfig:
+    # Routing needs every table row-wise (and the data path's thread ahead); otherwise the planner
+    # places the small tables.
+    sharding = ["data.gsu_placement=device", tiny_run.ALL_ROW_WISE] if sparse_lookup == "routed" else [
+        "sharding.constraints={item: {sharding_types: [row_wise]}, cate: {sharding_types: [row_wise]}, "
+        "user: {sharding_types: [row_wise]}}"]
     return load_config(None, [f"train.pipeline={pipeline}", f"train.dense_sync={dense_sync}",
         f"model.method={method}", f"train.compile_mode={compile_mode}", f"model.k={K}", f"data.recent={RECENT}", f"data.max_history={MAX_HISTORY}",
         "train.sparse_optimizer=sgd", f"train.sparse_lr={SPARSE_LR}", f"train.dense_lr={DENSE_LR}",
-        "train.batch_size=24", "model.mlp=[32, 16]",
-        "sharding.constraints={item: {sharding_types: [row_wise]}, cate: {sharding_types: [row_wise]}, "
-        "user: {sharding_types: [row_wise]}}",
+        "train.batch_size=24", "model.mlp=[32, 16]", f"train.sparse_lookup={sparse_lookup}", *sharding,
     ])
 
 
@@ -60,25 +66,30 @@ def reference_model(cfg: ExperimentConfig):
                        device=torch.device("cpu"))
 
 
-def sharded_worker(rank: int, method: str, compile_mode: str, pipeline: str, dense_sync: str, device: str,
-                   tmp: str) -> None:
+def sharded_worker(rank: int, method: str, compile_mode: str, pipeline: str, dense_sync: str, sparse_lookup: str,
+                   device: str, tmp: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=Path(tmp, "port").read_text(), OMP_NUM_THREADS="1")
     from muse_torchrec.train.distributed import init_distributed, shutdown
     from muse_torchrec.train.sharded import load_unsharded_state, shard_model
     from muse_torchrec.train.step import make_stepper
 
-    cfg = config(method, compile_mode, pipeline, dense_sync)
+    cfg = config(method, compile_mode, pipeline, dense_sync, sparse_lookup)
     ctx = init_distributed(device)
     assert ctx.device.type == device
     start_state = reference_model(cfg).state_dict()
     model = build_model(cfg.model, VOCAB, sequence_features(get_method(method).gsu), RECENT, MAX_HISTORY)
     sharded = shard_model(model, cfg, ctx)
-    # Two ranks: TorchRec's distributions are real, so its forward runs (train/direct_lookup.py).
-    assert all(m.lookup is None for m in sharded.model.modules() if isinstance(m, SparseArch)), sharded.lookups
+    # Two ranks: TorchRec's distributions are real, so its forward runs unless the ids come routed
+    # (train/direct_lookup.py), which the data path's thread would do; here the batches are routed first.
+    routed = [m.lookup is not None for m in sharded.model.modules() if isinstance(m, SparseArch)]
+    assert routed == [sparse_lookup == "routed"] and (sharded.router is not None) == routed[0], sharded.lookups
     load_unsharded_state(sharded.model, start_state)
     stepper = make_stepper(cfg.train.pipeline, sharded.model, sharded.optimizer, ctx.device)
-    batches = iter([step[rank] for step in half_batches(method)])
+    batches = [step[rank].to(ctx.device) for step in half_batches(method)]
+    if sharded.router is not None:
+        batches = [replace(batch, routing=sharded.router(batch.sparse_features)) for batch in batches]
+    batches = iter(batches)
     losses = []
     for _ in range(STEPS):
         loss, _, _ = stepper.progress(batches)
@@ -140,33 +151,36 @@ def reference_losses(method: str):
     return losses, model.state_dict()
 
 
-@pytest.mark.parametrize("method,compile_mode,pipeline,dense_sync", [
-    ("muse", "none", "plain", "allreduce"), ("din", "none", "plain", "allreduce"),
-    ("muse", "default", "plain", "allreduce"), ("muse", "none", "sparse_dist", "allreduce"),
-    ("muse", "default", "sparse_dist", "allreduce"), ("muse", "none", "plain", "ddp"),
+@pytest.mark.parametrize("method,compile_mode,pipeline,dense_sync,sparse_lookup", [
+    ("muse", "none", "plain", "allreduce", "direct"), ("din", "none", "plain", "allreduce", "direct"),
+    ("muse", "default", "plain", "allreduce", "direct"), ("muse", "none", "sparse_dist", "allreduce", "direct"),
+    ("muse", "default", "sparse_dist", "allreduce", "direct"), ("muse", "none", "plain", "ddp", "direct"),
+    ("muse", "none", "plain", "allreduce", "routed"),
 ])
-def test_sharded_matches_unsharded(tmp_path, method, compile_mode, pipeline, dense_sync):
+def test_sharded_matches_unsharded(tmp_path, method, compile_mode, pipeline, dense_sync, sparse_lookup):
     """The unsharded reference runs eagerly: a compiled tower must compute the same."""
-    check_against_unsharded(tmp_path, method, compile_mode, pipeline, dense_sync)
+    check_against_unsharded(tmp_path, method, compile_mode, pipeline, dense_sync, sparse_lookup)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-@pytest.mark.parametrize("dense_sync,compile_mode", [("allreduce", "graphs"), ("ddp", "reduce-overhead")])
-def test_two_gpus_match_unsharded(tmp_path, dense_sync, compile_mode):
-    """2 NCCL ranks with the GPU configs' settings (graphs with the all-reduce; DDP's) against the
-    CPU reference."""
-    check_against_unsharded(tmp_path, "muse", compile_mode, "plain", dense_sync, "cuda")
+@pytest.mark.parametrize("dense_sync,compile_mode,sparse_lookup", [
+    ("allreduce", "graphs", "direct"), ("allreduce", "graphs", "routed"), ("ddp", "reduce-overhead", "direct"),
+])
+def test_two_gpus_match_unsharded(tmp_path, dense_sync, compile_mode, sparse_lookup):
+    """2 NCCL ranks with the GPU configs' settings (graphs with the all-reduce, the ids routed or
+    not; DDP's) against the CPU reference."""
+    check_against_unsharded(tmp_path, "muse", compile_mode, "plain", dense_sync, sparse_lookup, "cuda")
 
 
 def check_against_unsharded(tmp_path, method: str, compile_mode: str, pipeline: str, dense_sync: str,
-                            device: str = "cpu") -> None:
+                            sparse_lookup: str, device: str = "cpu") -> None:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         (tmp_path / "port").write_text(str(s.getsockname()[1]))
-    mp.start_processes(sharded_worker, args=(method, compile_mode, pipeline, dense_sync, device, str(tmp_path)), nprocs=WORLD,
-                       start_method="spawn")
+    mp.start_processes(sharded_worker, args=(method, compile_mode, pipeline, dense_sync, sparse_lookup, device,
+                                             str(tmp_path)), nprocs=WORLD, start_method="spawn")
     sharded = [json.loads((tmp_path / f"losses{r}.json").read_text()) for r in range(WORLD)]
     compiled = [json.loads((tmp_path / f"compiled{r}.json").read_text()) for r in range(WORLD)]
     assert all((graphs > 0) == (compile_mode != "none") for graphs in compiled), compiled

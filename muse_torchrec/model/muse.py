@@ -59,8 +59,10 @@ class Lookup(Protocol):
         """Per feature a JaggedTensor of its embeddings [n_f, D] with its lengths [B]; ``routing``: the
         batch's, where the data path routed its ids over the ranks (data/routing.py)."""
 
-    def flat(self, features: KeyedJaggedTensor, routing: Optional[Routing] = None) -> Tuple[KeyedJaggedTensor, torch.Tensor]:
-        """(``features`` in the order of the lookup, the embeddings of their values in order [N, D])."""
+    def looked_up(self, features: KeyedJaggedTensor, routing: Optional[Routing] = None
+                  ) -> Tuple[KeyedJaggedTensor, torch.Tensor, Optional[torch.Tensor]]:
+        """(``features`` in the order of the lookup, the embeddings of their N values [N, D] in the
+        lookup's order, the row of each value [N] int64 or None where the rows are in the values' order)."""
 
 
 class SparseArch(nn.Module):
@@ -157,12 +159,17 @@ class SparseArch(nn.Module):
         )
         return inputs, side
 
-    def rows(self, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
+    def rows(self, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The batch's lookups for ``padded``: (rows [row_layout.capacity(B) + 1, D]: the embeddings of
-        every id, feature after feature in ``row_layout.keys``, then zero rows; lengths [F * B])."""
-        features = batch.sparse_features
+        every id, then zero rows; order [row_layout.capacity(B) + 1] int64: the row of each id, feature
+        after feature in ``row_layout.keys``, then of each zero row; lengths [F * B]).
+
+        The rows come in the order the lookup gives them (a routed lookup's: the holding ranks'), so
+        restoring the batch's order is part of ``padded``'s gathers (in the tower's graphs), not a
+        gather of every row of its own and its backward each step."""
+        features, order = batch.sparse_features, None
         if self.lookup is not None:
-            features, values = self.lookup.flat(features, batch.routing)
+            features, values, order = self.lookup.looked_up(features, batch.routing)
         else:
             seq = self.tables(features)
             values = torch.cat([seq[key].values() for key in features.keys()])
@@ -173,24 +180,29 @@ class SparseArch(nn.Module):
         if values.shape[0] > capacity:
             raise ValueError(f"{values.shape[0]} ids in a batch of {features.stride()} samples: more than the "
                              f"{capacity} its features hold ({self.row_layout})")
-        return nnf.pad(values, (0, 0, 0, capacity + 1 - values.shape[0])), features.lengths()
+        ids = values.shape[0]
+        if order is None:
+            order = torch.arange(capacity + 1, device=values.device)
+        else:  # the zero rows stay where they are
+            order = torch.cat([order, torch.arange(ids, capacity + 1, device=values.device)])
+        return nnf.pad(values, (0, 0, 0, capacity + 1 - ids)), order, features.lengths()
 
-    def padded(self, rows: torch.Tensor, lengths: torch.Tensor, topk_scores: torch.Tensor,
+    def padded(self, rows: torch.Tensor, order: torch.Tensor, lengths: torch.Tensor, topk_scores: torch.Tensor,
                recent_scores: torch.Tensor) -> Tuple[SequenceInputs, torch.Tensor]:
         """What ``forward`` returns, from what ``rows`` returns and the batch's ``topk_scores`` [B, K] and
         ``recent_scores`` [B, R]; every shape fixed by B, so capturable in CUDA graphs. Not the whole
         history."""
         layout = self.row_layout
         starts, lengths = row_starts(lengths, len(layout.keys))
-        singles = padded_slots(rows, starts, lengths, layout.positions(self.single_features), 1).flatten(1)
+        singles = padded_slots(rows, order, starts, lengths, layout.positions(self.single_features), 1).flatten(1)
         if self.single_columns is not None:
             singles = singles.index_select(1, self.single_columns)
         recent_features = layout.positions(["item_recent", "cate_recent"])
-        recent = padded_slots(rows, starts, lengths, recent_features, self.recent)
+        recent = padded_slots(rows, order, starts, lengths, recent_features, self.recent)
         inputs, side = self._inputs(singles, recent, lengths[recent_features[0]], topk_scores, recent_scores)
         if self.reads_topk:
             topk_features = layout.positions(["item_topk", "cate_topk"])
-            inputs.topk = padded_slots(rows, starts, lengths, topk_features, self.k)
+            inputs.topk = padded_slots(rows, order, starts, lengths, topk_features, self.k)
             inputs.topk_lengths = lengths[topk_features[0]]
         return inputs, side
 
@@ -280,18 +292,17 @@ class MuseModel(nn.Module):
     def forward(self, batch: Batch) -> torch.Tensor:
         """Returns click logits [B]."""
         if self.graphs is not None:
-            rows, lengths = self.sparse_arch.rows(batch)
-            return self.graphs(rows, lengths, batch.topk_scores, batch.recent_scores)
+            return self.graphs(*self.sparse_arch.rows(batch), batch.topk_scores, batch.recent_scores)
         inputs, side = self.sparse_arch(batch)
         if self.gsu is not None:
             inputs = self.gsu(inputs, batch)
         return self.tower(inputs, side)
 
-    def logits_from_rows(self, rows: torch.Tensor, lengths: torch.Tensor, topk_scores: torch.Tensor,
-                         recent_scores: torch.Tensor) -> torch.Tensor:
+    def logits_from_rows(self, rows: torch.Tensor, order: torch.Tensor, lengths: torch.Tensor,
+                         topk_scores: torch.Tensor, recent_scores: torch.Tensor) -> torch.Tensor:
         """``forward`` from ``SparseArch.rows`` (and the batch's scores) -> click logits [B]: the
         padding and the tower, one function of static shapes (``pads_in_graphs`` models)."""
-        return self.tower(*self.sparse_arch.padded(rows, lengths, topk_scores, recent_scores))
+        return self.tower(*self.sparse_arch.padded(rows, order, lengths, topk_scores, recent_scores))
 
 
 # train.compile_mode -> torch.compile's mode (None: its default); "graphs" is handled by ``compile_tower``.

@@ -5,7 +5,7 @@ A batch's lookups give the embeddings of its ids feature after feature ([N, D], 
 KJT's values), N varying from batch to batch. ``SparseArch.rows`` pads them with zero rows to the
 most a batch of B samples can hold plus one (``RowLayout.capacity``); ``padded_slots`` then gathers
 every sample's slots of a feature from those rows, at indices computed from the lengths on the
-device. Every shape is fixed by B and the layout, so the padding can be captured in CUDA graphs with
+device, through the rows' order (where a routed lookup gives them in another order than the ids'). Every shape is fixed by B and the layout, so the padding can be captured in CUDA graphs with
 the tower (``compile_tower``, "graphs"): a replay instead of the jagged-to-padded conversion's dozen
 host operations, forward and backward, on a step bound by host time (benchmarks/RESULTS.md row 65).
 ``SparseArch.forward`` keeps the conversion through fbgemm's ``jagged_to_padded_dense``, the
@@ -53,6 +53,7 @@ def row_starts(lengths: torch.Tensor, features: int) -> Tuple[torch.Tensor, torc
 
 def padded_slots(
     rows: torch.Tensor,
+    order: torch.Tensor,
     starts: torch.Tensor,
     lengths: torch.Tensor,
     features: Sequence[int],
@@ -61,11 +62,12 @@ def padded_slots(
     """The first ``width`` ids of every sample in each of ``features``, their embeddings side by side.
 
     Args:
-        rows: [M, D] looked-up embeddings, the last row zeros.
+        rows: [M, D] looked-up embeddings, row ``order[M - 1]`` zeros.
+        order: [M] int64, the row of each id in the order of the KJT's values, then of the zero rows.
         starts, lengths: [F, B] (``row_starts``).
         features: indices into F whose samples have equal lengths (an item sequence and its
             categories), concatenated in this order along the last dimension.
-        width: slots per sample; slots past a sample's length read the last row.
+        width: slots per sample; slots past a sample's length read the zero row ``order[M - 1]``.
 
     Returns: [B, width, len(features) * D].
     """
@@ -73,4 +75,5 @@ def padded_slots(
     slots = torch.arange(width, device=rows.device)
     index = starts[chosen].unsqueeze(2) + slots  # [f, B, width]
     index = torch.where(slots < lengths[chosen].unsqueeze(2), index, rows.shape[0] - 1)
-    return rows[index.permute(1, 2, 0)].flatten(2)  # [B, width, f, D] -> [B, width, f * D]
+    # One gather of the rows at the composed index: never every row reordered, forward or backward.
+    return rows[order[index.permute(1, 2, 0)]].flatten(2)  # [B, width, f, D] -> [B, width, f * D]

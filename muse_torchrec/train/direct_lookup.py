@@ -69,19 +69,28 @@ class DirectLookup:
     def __init__(self, lookup: nn.Module, feature_names: List[str], dim: int) -> None:
         self.lookup, self.feature_names, self.dim = lookup, list(feature_names), dim
 
-    def flat(self, features: KeyedJaggedTensor,
-             routing: Optional[Routing] = None) -> Tuple[KeyedJaggedTensor, torch.Tensor]:
+    def looked_up(self, features: KeyedJaggedTensor, routing: Optional[Routing] = None
+                  ) -> Tuple[KeyedJaggedTensor, torch.Tensor, Optional[torch.Tensor]]:
         """KJT of B samples (every key the same B) -> (the KJT with its keys in the lookup's order, the
-        embeddings of its values in order [N, D]). ``routing``: the batch's (``RoutedLookup`` only)."""
+        embeddings of its N values [N, D] in the order the lookup gives them, the row of each value in
+        that order [N] int64, None where it is the values' own). ``routing``: the batch's
+        (``RoutedLookup`` only)."""
         if features.variable_stride_per_key():
             raise ValueError(f"{type(self).__name__}: features with a batch size per key are not supported")
         features = in_order(features, self.feature_names)
-        return features, self._embeddings(features, routing)
+        return (features, *self._embeddings(features, routing))
 
-    def _embeddings(self, features: KeyedJaggedTensor, routing: Optional[Routing]) -> torch.Tensor:
+    def flat(self, features: KeyedJaggedTensor,
+             routing: Optional[Routing] = None) -> Tuple[KeyedJaggedTensor, torch.Tensor]:
+        """``looked_up`` with the embeddings in the order of the values [N, D]."""
+        features, rows, order = self.looked_up(features, routing)
+        return features, rows if order is None else rows.index_select(0, order)
+
+    def _embeddings(self, features: KeyedJaggedTensor,
+                    routing: Optional[Routing]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         if routing is not None:
             raise ValueError("DirectLookup: a batch routed over several ranks, but the tables are on this rank alone")
-        return self.lookup(features).view(-1, self.dim)
+        return self.lookup(features).view(-1, self.dim), None
 
     def __call__(self, features: KeyedJaggedTensor, routing: Optional[Routing] = None) -> Dict[str, JaggedTensor]:
         """KJT of B samples (every key the same B) -> per feature a JaggedTensor of [n_f, D] embeddings
@@ -128,16 +137,18 @@ class RoutedLookup(DirectLookup):
         # Unrouted (evaluation): the collection's own per-feature output, not concatenated and split again.
         return self.collection(features).wait() if routing is None else super().__call__(features, routing)
 
-    def _embeddings(self, features: KeyedJaggedTensor, routing: Optional[Routing]) -> torch.Tensor:
+    def _embeddings(self, features: KeyedJaggedTensor,
+                    routing: Optional[Routing]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         if routing is None:
-            embedded = self.collection(features)
-            return torch.cat([embedded[name].values() for name in self.feature_names])
+            embedded = self.collection(features).wait()
+            return torch.cat([embedded[name].values() for name in self.feature_names]), None
         if routing.batch_size != features.stride():
             raise ValueError(f"a routing of {routing.batch_size} samples for a batch of {features.stride()}")
         rows = self.lookup(routing.read).view(-1, self.dim)  # (feature, source rank, sample)
         as_sent = rows.index_select(0, routing.as_received)  # (source rank, feature, sample)
         mine = _RowsAllToAll.apply(as_sent, routing.received, routing.sent, self.group)  # (holding rank, ...)
-        return mine.index_select(0, routing.restore)  # the batch's order
+        # In the holding ranks' order: ``flat`` restores the batch's, the tower's graphs gather by it.
+        return mine, routing.restore
 
 
 def _row_wise_blocks(tables: List[nn.Module], world_size: int) -> Optional[List[int]]:
