@@ -72,11 +72,14 @@ def _lookups(rank: int, tmp: str) -> None:
                     torch.equal(ours[k].values(), reference[k].values()) for k in keys))
                 sent.append(None if routing is None else routing.sent)
             # The padding for the tower's graphs from the rows in the holding ranks' order, gathered
-            # through their order, as TorchRec's per-feature conversion (tests/test_row_layout.py).
-            (want, want_side), (got, got_side) = arch(batch), arch.padded(
-                *arch.rows(replace(batch, routing=router(features))), batch.topk_scores, batch.recent_scores)
-            equal.append(torch.equal(got_side, want_side) and all(torch.equal(getattr(got, f), getattr(want, f))
-                                                                  for f in ("target", "topk", "recent")))
+            # through their order, as TorchRec's per-feature conversion (tests/test_row_layout.py);
+            # unrouted (evaluation) from TorchRec's rows.
+            want, want_side = arch(batch)
+            for routing in (router(features), None):
+                got, got_side = arch.padded(*arch.rows(replace(batch, routing=routing)), batch.topk_scores,
+                                            batch.recent_scores)
+                equal.append(torch.equal(got_side, want_side) and all(
+                    torch.equal(getattr(got, f), getattr(want, f)) for f in ("target", "topk", "recent")))
         try:
             arch.lookup(features, replace(router(features), batch_size=BATCH + 1))
             refused = ""
