@@ -5,9 +5,10 @@ A batch's lookups give the embeddings of its ids feature after feature ([N, D], 
 KJT's values), N varying from batch to batch. ``SparseArch.rows`` pads them with zero rows to the
 most a batch of B samples can hold plus one (``RowLayout.capacity``); ``padded_slots`` then gathers
 every sample's slots of a feature from those rows, at indices computed from the lengths on the
-device, through the rows' order (where a routed lookup gives them in another order than the ids'). Every shape is fixed by B and the layout, so the padding can be captured in CUDA graphs with
-the tower (``compile_tower``, "graphs"): a replay instead of the jagged-to-padded conversion's dozen
-host operations, forward and backward, on a step bound by host time (benchmarks/RESULTS.md row 65).
+device, through the rows' order (a routed lookup gives them in another order than the ids'). Every
+shape is fixed by B and the layout, so the padding can be captured in CUDA graphs with the tower
+(``compile_tower``, "graphs"): a replay instead of the jagged-to-padded conversion's dozen host
+operations, forward and backward, on a step bound by host time (benchmarks/RESULTS.md row 65).
 ``SparseArch.forward`` keeps the conversion through fbgemm's ``jagged_to_padded_dense``, the
 reference the tests compare this with.
 """
