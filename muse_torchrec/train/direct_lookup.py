@@ -108,8 +108,8 @@ class _RowsAllToAll(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows: torch.Tensor, send: List[int], recv: List[int], group: dist.ProcessGroup) -> torch.Tensor:
-        # The world size kept as a number: dist.get_world_size in the backward took ~0.2 ms a step
-        # under cProfile on an H100 host (benchmarks/RESULTS.md row 91).
+        # The world size kept as a number (one entry of ``send`` per rank): no query of the group in
+        # every backward (~0.2 ms a step under cProfile on one H100 host, benchmarks/RESULTS.md row 91).
         ctx.send, ctx.recv, ctx.group, ctx.world_size = send, recv, group, len(send)
         out = rows.new_empty((sum(recv), rows.shape[1]))
         dist.all_to_all_single(out, rows.contiguous(), output_split_sizes=recv, input_split_sizes=send, group=group)
