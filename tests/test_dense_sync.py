@@ -116,7 +116,7 @@ def _train(compile_mode: str, sync: str, on_one_rank: bool, ctx) -> dict:
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from torch.nn.parallel import DistributedDataParallel
 
-    from muse_torchrec.model.muse import DenseTower, MuseModel
+    from muse_torchrec.model.muse import DenseTower, MuseTrain
     from muse_torchrec.train.sharded import load_unsharded_state, shard_model
     from muse_torchrec.train.step import make_stepper
 
@@ -157,8 +157,8 @@ def _train(compile_mode: str, sync: str, on_one_rank: bool, ctx) -> dict:
     finally:
         dense_sync.dist.all_reduce = all_reduce
     if compile_mode == "graphs":
-        muse = next(m for m in sharded.model.modules() if isinstance(m, MuseModel))
-        assert muse.graphs.graphed is not None  # the steps replayed the captured graphs (the padding in them)
+        train = next(m for m in sharded.model.modules() if isinstance(m, MuseTrain))
+        assert train.graphs.graphed is not None  # the steps replayed the captured graphs (the padding, the loss)
     dense = {k: v.detach().cpu() for k, v in sharded.model.state_dict().items()
              if isinstance(v, torch.Tensor) and ".sparse_arch.tables." not in k}
     dense_numel = sum(p.numel() for n, p in sharded.model.named_parameters() if ".sparse_arch.tables." not in n)

@@ -173,7 +173,7 @@ def test_two_gpus_match_unsharded(tmp_path, dense_sync, compile_mode, sparse_loo
 
 
 def check_against_unsharded(tmp_path, method: str, compile_mode: str, pipeline: str, dense_sync: str,
-                            sparse_lookup: str, device: str = "cpu") -> None:
+                            sparse_lookup: str = "direct", device: str = "cpu") -> None:
     import socket
 
     with socket.socket() as s:

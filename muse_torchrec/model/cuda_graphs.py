@@ -13,7 +13,7 @@ outputs are overwritten by its next replay).
 from __future__ import annotations
 
 import threading
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -27,6 +27,8 @@ from torch import nn
 CAPTURE_LOCK = threading.Lock()
 
 Signature = Tuple[Tuple[Tuple[int, ...], torch.dtype, torch.device, bool], ...]
+# What a graphed function returns: a tensor or a tuple of tensors.
+Outputs = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
 
 
 def _signature(args: Tuple[torch.Tensor, ...]) -> Signature:
@@ -36,17 +38,18 @@ def _signature(args: Tuple[torch.Tensor, ...]) -> Signature:
 class _Call(nn.Module):
     """``fn`` as a module over ``owner``'s parameters: the graphs compute their gradients."""
 
-    def __init__(self, owner: nn.Module, fn: Callable[..., torch.Tensor]) -> None:
+    def __init__(self, owner: nn.Module, fn: Callable[..., Outputs]) -> None:
         super().__init__()
         self.owner = owner
         self.fn = fn
 
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+    def forward(self, *args: torch.Tensor) -> Outputs:
         return self.fn(*args)
 
 
 class GraphedFunction:
-    """``fn(*tensors) -> tensor`` over ``owner``'s parameters, replayed as CUDA graphs for inputs like the first call's.
+    """``fn(*tensors) -> a tensor or a tuple of tensors`` over ``owner``'s parameters, replayed as CUDA
+    graphs for inputs like the first call's.
 
     Args:
         owner: the module whose parameters ``fn`` reads (they get their gradients through the graphs).
@@ -54,12 +57,12 @@ class GraphedFunction:
             no data-dependent shapes.
     """
 
-    def __init__(self, owner: nn.Module, fn: Callable[..., torch.Tensor]) -> None:
+    def __init__(self, owner: nn.Module, fn: Callable[..., Outputs]) -> None:
         self.owner, self.fn = owner, fn
         self.signature: Optional[Signature] = None
         self.graphed: Optional[nn.Module] = None
 
-    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+    def __call__(self, *args: torch.Tensor) -> Outputs:
         """``fn(*args)``: replayed from the graphs when training (the owner in train mode, gradients
         enabled) with inputs like the first training call's, else ``fn`` itself."""
         if not (self.owner.training and torch.is_grad_enabled()):
@@ -71,7 +74,8 @@ class GraphedFunction:
         if signature != self.signature:
             return self.fn(*args)
         assert self.graphed is not None
-        return self.graphed(*args).clone()
+        out = self.graphed(*args)
+        return tuple(o.clone() for o in out) if isinstance(out, tuple) else out.clone()
 
     def _capture(self, args: Tuple[torch.Tensor, ...]) -> None:
         if not all(a.is_cuda for a in args):

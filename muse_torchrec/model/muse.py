@@ -279,9 +279,6 @@ class MuseModel(nn.Module):
         self.sparse_arch = sparse_arch
         self.gsu = gsu
         self.tower = DenseTower(blocks, sparse_arch.item_dim, sparse_arch.side_dim, mlp_hidden)
-        # train.compile_mode "graphs" with the padding in the graphs (``compile_tower``): training
-        # steps replay CUDA graphs of the compiled ``logits_from_rows``.
-        self.graphs: Optional[GraphedFunction] = None
 
     @property
     def pads_in_graphs(self) -> bool:
@@ -291,8 +288,6 @@ class MuseModel(nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Returns click logits [B]."""
-        if self.graphs is not None:
-            return self.graphs(*self.sparse_arch.rows(batch), batch.topk_scores, batch.recent_scores)
         inputs, side = self.sparse_arch(batch)
         if self.gsu is not None:
             inputs = self.gsu(inputs, batch)
@@ -301,7 +296,7 @@ class MuseModel(nn.Module):
     def logits_from_rows(self, rows: torch.Tensor, order: torch.Tensor, lengths: torch.Tensor,
                          topk_scores: torch.Tensor, recent_scores: torch.Tensor) -> torch.Tensor:
         """``forward`` from ``SparseArch.rows`` (and the batch's scores) -> click logits [B]: the
-        padding and the tower, one function of static shapes (``pads_in_graphs`` models)."""
+        padding and the tower, of static shapes (``pads_in_graphs`` models; ``MuseTrain.loss_from_rows``)."""
         return self.tower(*self.sparse_arch.padded(rows, order, lengths, topk_scores, recent_scores))
 
 
@@ -323,9 +318,10 @@ def compile_tower(model: nn.Module, mode: str, device: torch.device, pad_in_grap
     default mode, and training steps replay the compiled tower's forward and backward as CUDA graphs
     captured at the first step (``cuda_graphs.GraphedFunction``: less host time per step than
     "reduce-overhead"'s CUDA graph trees); CUDA only. With ``pad_in_graphs``, where the model allows
-    (``MuseModel.pads_in_graphs``), the graphs start from the looked-up rows, the padding inside
-    (``MuseModel.logits_from_rows``); False for TorchRec's pipeline, which traces the model's forward
-    with torch.fx and cannot trace into the graphs' checks. ``device``: where the model will train.
+    (``MuseModel.pads_in_graphs``, held by a ``MuseTrain``), the graphs start from the looked-up
+    rows and end with the loss (``MuseTrain.loss_from_rows``); False for TorchRec's pipeline, which
+    traces the model's forward with torch.fx and cannot trace into the graphs' checks. ``device``:
+    where the model will train.
     """
     if mode not in TOWER_MODES:
         raise ValueError(f"train.compile_mode: unknown {mode!r}; choose one of {TOWER_MODES}")
@@ -336,25 +332,51 @@ def compile_tower(model: nn.Module, mode: str, device: torch.device, pad_in_grap
     models = [m for m in model.modules() if isinstance(m, MuseModel)]
     if not models:
         raise ValueError("compile_tower: the model has no MuseModel")
+    # MuseTrains by the MuseModel they hold: the ones whose graphs may start from the rows.
+    from_rows = {id(m.model): m for m in model.modules()
+                 if isinstance(m, MuseTrain) and pad_in_graphs and m.model.pads_in_graphs}
     for muse in models:
         tower = muse.tower
         if mode != "graphs":
             tower.compile(mode=COMPILE_MODES[mode], dynamic=False)
-        elif pad_in_graphs and muse.pads_in_graphs:
-            muse.graphs = GraphedFunction(tower, torch.compile(muse.logits_from_rows, dynamic=False))
+        elif id(muse) in from_rows:
+            train = from_rows[id(muse)]
+            train.graphs = GraphedFunction(tower, torch.compile(train.loss_from_rows, dynamic=False))
         else:
             tower.graphs = GraphedFunction(tower, torch.compile(tower.logits, dynamic=False))
 
 
+def weighted_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Click logits, labels and weights [B] -> the weighted mean binary cross-entropy (weight-0 rows
+    are evaluation's padding)."""
+    per_sample = nnf.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+    return (per_sample * weights).sum() / weights.sum().clamp(min=1.0)
+
+
 class MuseTrain(nn.Module):
-    """Owns the loss: weighted binary cross-entropy (weight-0 rows are eval padding)."""
+    """Owns the loss (``weighted_loss``)."""
 
     def __init__(self, model: MuseModel) -> None:
         super().__init__()
         self.model = model
+        # train.compile_mode "graphs" with the padding in the graphs (``compile_tower``): training
+        # steps replay CUDA graphs of the compiled ``loss_from_rows`` (the padding, the tower and the
+        # loss: a dozen host operations fewer a step, forward and backward); evaluation runs it compiled.
+        self.graphs: Optional[GraphedFunction] = None
 
     def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        logits = self.model(batch)
-        per_sample = nnf.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")
-        loss = (per_sample * batch.weights).sum() / batch.weights.sum().clamp(min=1.0)
+        if self.graphs is None:
+            logits = self.model(batch)
+            loss = weighted_loss(logits, batch.labels, batch.weights)
+        else:
+            loss, logits = self.graphs(*self.model.sparse_arch.rows(batch), batch.topk_scores, batch.recent_scores,
+                                       batch.labels, batch.weights)
         return loss, (loss.detach(), logits.detach(), batch.labels)
+
+    def loss_from_rows(self, rows: torch.Tensor, order: torch.Tensor, lengths: torch.Tensor,
+                       topk_scores: torch.Tensor, recent_scores: torch.Tensor, labels: torch.Tensor,
+                       weights: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` from ``SparseArch.rows``, the batch's scores, labels and weights -> (the loss,
+        the click logits [B] without gradient: only the loss is differentiated), of static shapes."""
+        logits = self.model.logits_from_rows(rows, order, lengths, topk_scores, recent_scores)
+        return weighted_loss(logits, labels, weights), logits.detach()
