@@ -12,6 +12,7 @@ TorchRec's forward, its reference, over 2 gloo ranks with every table row-wise:
 - one rank with the tables row-wise as on several (what ``bench_train --shard-as-on-several-ranks``
   times): 4 training steps from the same weights equal TorchRec's forward's, on the CPU and on a GPU
   (there with the tower's CUDA graphs);
+- one rank as the trainer shards it (table-wise: the GPU configs on one GPU) takes the direct lookup;
 - settings: "routed" needs ``data.gsu_placement: device``.
 """
 
@@ -29,7 +30,7 @@ from torch.multiprocessing import ProcessExitedException
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tiny_run  # noqa: E402
 from random_data import VOCAB, random_block, random_scl  # noqa: E402
-from test_direct_lookup import METHODS, _trained as _trained_steps  # noqa: E402
+from test_direct_lookup import METHODS, _sharded, _trained as _trained_steps  # noqa: E402
 from test_resume import SAVE_EVERY, killed_during_second_save  # noqa: E402
 
 from muse_torchrec.config import ConfigError, load_config  # noqa: E402
@@ -175,6 +176,24 @@ def test_one_rank_row_wise_routed_trains_as_torchrecs_forward(tmp_path, device):
         assert routed["losses"] == distributed["losses"] and routed["losses"][0] != routed["losses"][-1], method
         for key, value in distributed["state"].items():
             torch.testing.assert_close(routed["state"][key], value, rtol=0, atol=0, msg=f"{method}: {key}")
+
+
+def _one_rank_table_wise(rank: int, tmp: str) -> None:
+    from muse_torchrec.train.distributed import init_distributed, shutdown
+
+    sharded, arch = _sharded("muse", "cpu", "routed", init_distributed("cpu"), extra=ROUTED)
+    torch.save({"lookup": type(arch.lookup).__name__, "router": sharded.router, "lookups": sharded.lookups},
+               Path(tmp, "table_wise.pt"))
+    shutdown()
+
+
+def test_routed_on_one_gpu_calls_the_lookup_directly(tmp_path):
+    """One rank as the trainer shards it (table-wise, what the GPU configs get on one GPU): "routed"
+    takes the direct lookup, nothing to route."""
+    tiny_run.spawn(_one_rank_table_wise, 1, tmp_path, str(tmp_path))
+    out = torch.load(tmp_path / "table_wise.pt", weights_only=False)
+    assert out["lookup"] == "DirectLookup" and out["router"] is None, out
+    assert out["lookups"].startswith("one rank, table-wise"), out["lookups"]
 
 
 def test_routed_needs_the_data_paths_thread_ahead():
