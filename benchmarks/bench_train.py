@@ -161,9 +161,12 @@ def _peak_gib(device: torch.device) -> Optional[float]:
     return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
 
 
-def profile_table(step, batches: Iterator[Batch], steps: int, device: torch.device) -> str:
+def profile_table(step, batches: Iterator[Batch], steps: int, device: torch.device,
+                  trace: Optional[Path] = None) -> str:
     """torch.profiler tables of ``steps`` steps: where the host's time goes (the pipeline's stage
-    ranges and ops, by total CPU time) and where the device's goes (by CUDA time)."""
+    ranges and ops, by total CPU time) and where the device's goes (by CUDA time); ``trace``: also
+    the timeline of every thread and stream there (Chrome's trace format, gzipped for a ".gz" name),
+    which shows what the op totals cannot: where a thread waits, and for what."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -171,6 +174,8 @@ def profile_table(step, batches: Iterator[Batch], steps: int, device: torch.devi
         for _ in range(steps):
             step(batches)
         _sync(device)
+    if trace is not None:
+        prof.export_chrome_trace(str(trace))
     events = prof.key_averages()
     tables = [f"host, by CPU time over {steps} steps:\n"
               + events.table(sort_by="cpu_time_total", row_limit=40, max_name_column_width=60)]
@@ -180,9 +185,13 @@ def profile_table(step, batches: Iterator[Batch], steps: int, device: torch.devi
     return "\n".join(tables)
 
 
-def python_profile(step, batches: Iterator[Batch], steps: int, device: torch.device) -> str:
+def python_profile(step, batches: Iterator[Batch], steps: int, device: torch.device,
+                   trace: Optional[Path] = None) -> str:
     """cProfile of ``steps`` steps in the calling thread (the autograd engine's thread is not seen:
-    a backward shows as the time the training thread waits in it): by own time, then cumulative."""
+    a backward shows as the time the training thread waits in it): by own time, then cumulative.
+    ``trace``: refused (cProfile keeps no timeline)."""
+    if trace is not None:
+        raise ValueError("a trace needs torch.profiler (--profiler torch)")
     def run() -> None:
         for _ in range(steps):
             step(batches)
@@ -220,12 +229,14 @@ def bench_sharded(cfg: ExperimentConfig, vocab: Mapping[str, int], batches: Unio
                   ctx: DistContext,
                   warmup: int, steps: int, profile_steps: int = 0, freeze_gc: bool = False,
                   profiler: str = "torch", pipeline: Optional[str] = None,
-                  sync_dense_on_one_rank: bool = False, shard_as_on_several_ranks: bool = False) -> Dict[str, object]:
+                  sync_dense_on_one_rank: bool = False, shard_as_on_several_ranks: bool = False,
+                  trace: Optional[Path] = None) -> Dict[str, object]:
     """Samples/s of DMP under ``pipeline`` (``PIPELINES``; None: the config's ``train.pipeline``, as the
     trainer) over ``batches`` (cycled if a list: pre-staged batches, routed first where the trainer's data
     path would route them, ``train.sparse_lookup: routed``; a ``RoutedPath``: called with the router);
     ``profile_steps`` more steps under ``profiler`` ("torch": torch.profiler's op tables, "python": cProfile),
-    and as many routings of the staged batches where they are routed;
+    and as many routings of the staged batches where they are routed; ``trace``: where the profiled
+    steps' timeline goes (``profile_table``);
     ``sync_dense_on_one_rank``, ``shard_as_on_several_ranks``: the dense part synchronised, the tables
     sharded as on several ranks (``shard_model``)."""
     _reset_peak(ctx.device)
@@ -259,7 +270,7 @@ def bench_sharded(cfg: ExperimentConfig, vocab: Mapping[str, int], batches: Unio
         "plan": sharded.plan.format(),
     }
     if profile_steps:
-        result["profile"] = PROFILERS[profiler](step, batch_iter, profile_steps, ctx.device)
+        result["profile"] = PROFILERS[profiler](step, batch_iter, profile_steps, ctx.device, trace)
     if routing_profile is not None:
         result["routing_profile"] = routing_profile
     del step, sharded, model
@@ -386,6 +397,15 @@ def unique_name(name: str, taken: Mapping[str, object]) -> str:
     return unique
 
 
+def trace_path(trace_dir: Optional[str], run: str, rank: int) -> Optional[Path]:
+    """Where rank ``rank``'s timeline of ``run`` goes under ``--trace-dir`` (None: no trace); the
+    run's name with its ":" as "_" (file names that copy anywhere)."""
+    if trace_dir is None:
+        return None
+    Path(trace_dir).mkdir(parents=True, exist_ok=True)
+    return Path(trace_dir) / f"{run.replace(':', '_')}.rank{rank}.json.gz"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/taobao_mm_p90.yaml")
@@ -427,6 +447,9 @@ def main() -> None:
                              "plain step, TorchRec's TrainPipelineSparseDist or TrainPipelineBase "
                              "(default: the config's train.pipeline, as the trainer)")
     parser.add_argument("--profile-steps", type=int, default=0, help="profile this many extra steps of each run")
+    parser.add_argument("--trace-dir", default=None, metavar="DIR",
+                        help="with --profile-steps and the torch profiler: each run's profiled steps as a "
+                             "timeline per rank, DIR/RUN.rankR.json.gz (Chrome's trace format, e.g. Perfetto)")
     parser.add_argument("--profiler", default="torch", choices=sorted(PROFILERS),
                         help="model/e2e profiles: torch.profiler's op tables or cProfile's Python functions "
                              "(loader mode: always cProfile)")
@@ -493,7 +516,8 @@ def main() -> None:
                                                   args.profile_steps, freeze_gc=gc_mode == "frozen",
                                                   profiler=args.profiler, pipeline=pipeline,
                                                   sync_dense_on_one_rank=args.sync_dense_on_one_rank,
-                                                  shard_as_on_several_ranks=args.shard_as_on_several_ranks)
+                                                  shard_as_on_several_ranks=args.shard_as_on_several_ranks,
+                                                  trace=trace_path(args.trace_dir, name, ctx.rank))
                 results[name].update(compile_mode=mode, overrides=overrides, busy_procs=busy, busy_kind=busy_kind)
     data_modes = [m for m in ("loader", "e2e", "shadow") if m in args.modes]
     if data_modes:
@@ -533,7 +557,8 @@ def main() -> None:
                 results[name] = bench_sharded(cfg, vocab, fed, ctx, args.warmup, args.steps, args.profile_steps,
                                               freeze_gc=True, profiler=args.profiler, pipeline=pipeline,
                                               sync_dense_on_one_rank=args.sync_dense_on_one_rank,
-                                              shard_as_on_several_ranks=args.shard_as_on_several_ranks)
+                                              shard_as_on_several_ranks=args.shard_as_on_several_ranks,
+                                              trace=trace_path(args.trace_dir, name, ctx.rank))
             results[name]["loader_workers"] = args.workers
     if args.baseline:
         results["baseline"] = bench_replicated(cfg, vocab, batches, ctx, args.warmup, args.steps)

@@ -2,6 +2,7 @@
 on the staged ones; the script runs every mode on the CPU (the model step with its dense part
 synchronised as on several ranks; the data path in the training process and in a feeder process)."""
 
+import gzip
 import json
 import os
 import subprocess
@@ -62,3 +63,14 @@ def test_e2e_routes_in_the_thread_ahead(tmp_path):
     results = _bench(tmp_path, "--modes", "e2e", "--gsu-places", "device_ahead", *settings)
     run = results["e2e_device_gsu_ahead"]
     assert run["samples_per_s_per_gpu"] > 0 and run["lookups"].startswith("1 ranks, row-wise: the ids routed"), run
+
+
+def test_profiled_steps_leave_a_timeline_per_rank(tmp_path):
+    traces = tmp_path / "traces"
+    results = _bench(tmp_path, "--modes", "model", "--variant", "", "--profile-steps", "2",
+                     "--trace-dir", str(traces))
+    assert "host, by CPU time" in results["model:v0"]["profile"]
+    with gzip.open(traces / "model_v0.rank0.json.gz", "rt") as trace:
+        events = json.load(trace)["traceEvents"]
+    # The steps' ops on the host, by name.
+    assert any(event.get("name") == "aten::addmm" for event in events), {event.get("name") for event in events}
