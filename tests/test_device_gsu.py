@@ -124,6 +124,87 @@ def test_gsu_ahead_makes_no_batch_while_a_graph_is_captured():
     assert len(batches) == 3 and held == [True] * 3
 
 
+class _Counted(DeviceGsu):
+    """A DeviceGsu that counts the batches it made (``made``: set each time)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        import threading
+
+        super().__init__(*args, **kwargs)
+        self.count, self.made = 0, threading.Condition()
+
+    def __call__(self, raw):
+        batch = super().__call__(raw)
+        with self.made:
+            self.count += 1
+            self.made.notify_all()
+        return batch
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gsu_ahead_routes_in_a_second_thread_while_the_first_makes_the_next_batch(device):
+    """Each batch routed in order by a thread of its own, outside ``CAPTURE_LOCK`` (the router holds
+    it only while it calls CUDA, given as ``cuda_calls``), while the GSU's thread makes the next
+    batch (the router of batch i waits for batch i + 1 to be made: one thread doing both would
+    wait forever)."""
+    import threading
+
+    from muse_torchrec.model.cuda_graphs import CAPTURE_LOCK
+
+    scl, item_scl_row, raws = _raw_batches(5)
+    gsu = _Counted(scl, item_scl_row, torch.device(device), k=K)
+    calls = []
+
+    def router(features, cuda_calls):
+        index = len(calls)
+        with gsu.made:
+            overlapped = gsu.made.wait_for(lambda: gsu.count >= min(index + 2, len(raws)), timeout=30)
+        # Not held by this thread (the lock is not reentrant: it would wait forever).
+        free_here = cuda_calls.acquire(timeout=30)
+        if free_here:
+            cuda_calls.release()
+        calls.append((threading.current_thread().name, free_here, cuda_calls is CAPTURE_LOCK, overlapped))
+        return f"routing {index} of {features.values().sum().item()}"
+
+    inline = [b.to(torch.device("cpu")) for b in DeviceGsu(scl, item_scl_row, torch.device(device), k=K).over(raws)]
+    routed = list(gsu.ahead(raws, depth=1, router=router))
+    assert calls == [("route-ahead", True, True, True)] * 5
+    assert [b.routing for b in routed] == [f"routing {i} of {b.sparse_features.values().sum().item()}"
+                                           for i, b in enumerate(inline)]
+    for want, got in zip(inline, routed):
+        assert torch.equal(got.sparse_features.values().cpu(), want.sparse_features.values())
+
+
+def test_gsu_ahead_raises_router_and_loader_errors_in_order_and_stops_both_threads():
+    import threading
+
+    scl, item_scl_row, raws = _raw_batches(4)
+    gsu = DeviceGsu(scl, item_scl_row, torch.device("cpu"), k=K)
+
+    def failing_loader():
+        yield from raws[:2]
+        raise RuntimeError("bad shard")
+
+    def failing_router(features, cuda_calls):
+        if failing_router.calls == 1:
+            raise ValueError("bad routing")
+        failing_router.calls += 1
+        return "routing"
+
+    failing_router.calls = 0
+    for loader, router, message, before in ((failing_loader(), lambda f, cuda_calls: "routing", "bad shard", 2),
+                                            (raws, failing_router, "bad routing", 1)):
+        got = []
+        with pytest.raises((RuntimeError, ValueError), match=message):
+            for batch in gsu.ahead(loader, router=router):
+                got.append(batch)
+        assert len(got) == before
+    iterator = iter(gsu.ahead(raws, depth=1, router=lambda f, cuda_calls: "routing"))
+    next(iterator)
+    iterator.close()
+    assert not any(t.name in ("gsu-ahead", "route-ahead") for t in threading.enumerate())
+
+
 @pytest.mark.parametrize("overrides,message", [
     (["model.method=din", "data.gsu_placement=device"], "data.gsu_placement=device runs the GSUs"),
     (["model.method=din", "data.gsu_placement=device_inline"], "data.gsu_placement=device_inline runs the GSUs"),

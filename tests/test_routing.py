@@ -6,6 +6,8 @@ TorchRec's forward, its reference, over 2 gloo ranks with every table row-wise:
   own), also for features given in another key order, and so does the padding for the tower's
   graphs, which gathers the rows in the holding ranks' order through their order; a batch without
   a routing goes through TorchRec's forward; a routing made for another batch size is refused;
+  the router holds its ``cuda_calls`` context (the data path's ``CAPTURE_LOCK``) around its CUDA
+  parts only, never while an exchange waits for the other rank;
 - the trainer end to end (GSU and routing in the data path's thread ahead, 2 epochs, evaluation),
   killed in a checkpoint save and resumed mid-epoch: the same loss at every log line, the same
   metrics and the same final checkpoint as an uninterrupted run through TorchRec's forward;
@@ -42,6 +44,20 @@ from muse_torchrec.train import direct_lookup  # noqa: E402
 
 BATCH, K, RECENT, MAX_HISTORY = 24, 6, 5, 40
 ROUTED = ("train.sparse_lookup=routed", "data.gsu_placement=device", "train.pipeline=plain", tiny_run.ALL_ROW_WISE)
+
+
+class _Phases:
+    """A ``cuda_calls`` context that records how often it was entered and, per exchange, whether
+    it was held."""
+
+    def __init__(self) -> None:
+        self.inside, self.entered, self.exchanged = False, 0, []
+
+    def __enter__(self) -> None:
+        self.inside, self.entered = True, self.entered + 1
+
+    def __exit__(self, *exc) -> None:
+        self.inside = False
 
 
 def _lookups(rank: int, tmp: str) -> None:
@@ -81,12 +97,20 @@ def _lookups(rank: int, tmp: str) -> None:
                                             batch.recent_scores)
                 equal.append(torch.equal(got_side, want_side) and all(
                     torch.equal(getattr(got, f), getattr(want, f)) for f in ("target", "topk", "recent")))
+        # The router holds ``cuda_calls`` around its CUDA parts, never around an exchange (which waits
+        # for the other ranks), and routes as without it.
+        phases, exchange = _Phases(), router._exchange
+        router._exchange = lambda *args: (phases.exchanged.append(phases.inside), exchange(*args))
+        held = arch.lookup(features, router(features, cuda_calls=phases))
+        equal.append(all(torch.equal(held[k].values(), reference[k].values()) for k in keys))
+        router._exchange = exchange
         try:
             arch.lookup(features, replace(router(features), batch_size=BATCH + 1))
             refused = ""
         except ValueError as error:
             refused = str(error)
-    torch.save({"equal": equal, "sent": sent, "refused": refused, "lookups": sharded.lookups},
+    torch.save({"equal": equal, "sent": sent, "refused": refused, "lookups": sharded.lookups,
+                "phases": (phases.entered, phases.exchanged)},
                Path(tmp, f"lookups{rank}.pt"))
     shutdown()
 
@@ -100,6 +124,7 @@ def test_routed_lookups_equal_torchrecs_over_two_ranks(tmp_path):
         # Ids went to both ranks (each holds half of every table's rows).
         assert all(min(s) > 0 for s in out["sent"] if s is not None), out["sent"]
         assert "a routing of 25 samples for a batch of 24" in out["refused"], out["refused"]
+        assert out["phases"] == (3, [False, False]), out["phases"]
 
 
 def _trained(rank: int, root: str, name: str, extra: tuple) -> None:
@@ -109,7 +134,7 @@ def _trained(rank: int, root: str, name: str, extra: tuple) -> None:
     from muse_torchrec.train.trainer import run
 
     routed, route = [], RowWiseRouter.__call__
-    RowWiseRouter.__call__ = lambda self, features: routed.append(1) or route(self, features)
+    RowWiseRouter.__call__ = lambda self, features, **kwargs: routed.append(1) or route(self, features, **kwargs)
     cfg = tiny_run.config(Path(root), run=name, extra=["train.epochs=2", *extra])
     run(cfg, init_distributed("cpu"))
     Path(root, f"{name}_routed{rank}").write_text(str(len(routed)))

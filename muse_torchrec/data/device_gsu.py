@@ -19,11 +19,11 @@ import contextlib
 import queue
 import threading
 from dataclasses import dataclass, fields, replace
+from functools import partial
 from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple, Union
 
 import numpy as np
 import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
 from muse_torchrec import features as F
@@ -287,9 +287,9 @@ class DeviceGsu:
             yield self(raw)
 
     def ahead(self, batches: Iterable[Union[GsuBatch, Packed, SlotRef]], depth: int = 2,
-              router: Optional[Callable[[KeyedJaggedTensor], Routing]] = None) -> "GsuAhead":
+              router: Optional[Callable[..., Routing]] = None) -> "GsuAhead":
         """Apply to every batch of a loader in a background thread, ``depth`` batches ahead; with
-        ``router``, then route each batch's ids there too (``data.routing``)."""
+        ``router``, then route each batch's ids in a second one (``data.routing``)."""
         return GsuAhead(self, batches, depth, router)
 
 
@@ -310,59 +310,55 @@ class GsuAhead:
     Each batch is drawn and made holding ``cuda_graphs.CAPTURE_LOCK``: the training thread's graph
     captures fail if this thread allocates or synchronises meanwhile.
 
-    ``router``: each batch's ids are routed over the ranks in the thread too, after its GSU
-    (``data.routing``: the exchanges and their read-backs off the training thread). Every rank's
-    thread must then route the same number of batches: give it exactly the batches to be trained.
+    ``router``: each batch's ids are then routed over the ranks (``data.routing``: the exchanges and
+    their read-backs off the training thread) in a second thread, on a stream of its own, while the
+    first makes the next batch: a routing spends most of its time waiting, for its copies and for
+    the other ranks' routers, and the two threads overlap those waits with the GSU. The router holds
+    the lock only while it calls CUDA, not while it waits for the other ranks. Every rank's threads
+    must route the same number of batches: give it exactly the batches to be trained.
     """
 
     def __init__(self, gsu: DeviceGsu, batches: Iterable[Union[GsuBatch, Packed, SlotRef]], depth: int = 2,
-                 router: Optional[Callable[[KeyedJaggedTensor], Routing]] = None) -> None:
+                 router: Optional[Callable[..., Routing]] = None) -> None:
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
         self.gsu, self.batches, self.depth, self.router = gsu, batches, depth, router
 
-    @staticmethod
-    def _put(out: "queue.Queue", item: object, stop: threading.Event) -> bool:
-        """Put ``item`` unless the consumer stopped first; whether it was put."""
-        while not stop.is_set():
-            try:
-                out.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _produce(self, source: Iterator, out: "queue.Queue", stop: threading.Event) -> None:
-        cuda = self.gsu.device.type == "cuda"
+    def _stream(self) -> Optional[torch.cuda.Stream]:
         with CAPTURE_LOCK:
-            stream = torch.cuda.Stream(self.gsu.device) if cuda else None
-        try:
-            with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
-                while True:
-                    with CAPTURE_LOCK:
-                        raw = next(source, _END)
-                        if raw is _END:
-                            break
-                        batch = self.gsu(raw)
-                        if self.router is not None:
-                            batch = replace(batch, routing=self.router(batch.sparse_features))
-                        event = None
-                        if cuda:
-                            event = torch.cuda.Event()
-                            event.record(stream)
-                    if not self._put(out, (batch, event), stop):
-                        return
-        except BaseException as error:  # handed to the consumer, raised there in order
-            self._put(out, error, stop)
-            return
-        self._put(out, _END, stop)
+            return torch.cuda.Stream(self.gsu.device) if self.gsu.device.type == "cuda" else None
+
+    def _made(self, source: Iterator, stream: Optional[torch.cuda.Stream]) -> object:
+        """The next batch of ``source`` with its GSU (``_END`` after the last), and its event."""
+        with CAPTURE_LOCK:
+            raw = next(source, _END)
+            return raw if raw is _END else _recorded(self.gsu(raw), stream)
+
+    def _routed(self, inbox: "queue.Queue", stop: threading.Event, stream: Optional[torch.cuda.Stream]) -> object:
+        """The next batch of ``inbox`` (the GSU's thread's) with its routing (``_END`` after the last),
+        and its event."""
+        item = _get(inbox, stop)
+        if item is _END or isinstance(item, BaseException):
+            return item
+        batch, event = item
+        with CAPTURE_LOCK:
+            _wait_for(batch, event, stream)
+        routing = self.router(batch.sparse_features, cuda_calls=CAPTURE_LOCK)
+        with CAPTURE_LOCK:
+            return _recorded(replace(batch, routing=routing), stream)
 
     def __iter__(self) -> Iterator[Batch]:
-        out: queue.Queue = queue.Queue(maxsize=self.depth)
         stop = threading.Event()
-        thread = threading.Thread(target=self._produce, args=(iter(self.batches), out, stop), daemon=True,
-                                  name="gsu-ahead")
-        thread.start()
+        made: queue.Queue = queue.Queue(maxsize=self.depth)
+        stages = [("gsu-ahead", partial(self._made, iter(self.batches)), made)]
+        out = made
+        if self.router is not None:
+            out = queue.Queue(maxsize=self.depth)
+            stages.append(("route-ahead", partial(self._routed, made, stop), out))
+        threads = [threading.Thread(target=_stage, args=(next_item, self._stream(), queue_, stop), daemon=True,
+                                    name=name) for name, next_item, queue_ in stages]
+        for thread in threads:
+            thread.start()
         try:
             while True:
                 item = out.get()
@@ -372,10 +368,66 @@ class GsuAhead:
                     raise item
                 batch, event = item
                 if event is not None:
-                    current = torch.cuda.current_stream(self.gsu.device)
-                    current.wait_event(event)
-                    batch.record_stream(current)
+                    _wait_for(batch, event, torch.cuda.current_stream(self.gsu.device))
                 yield batch
         finally:
             stop.set()
-            thread.join()
+            for thread in threads:
+                thread.join()
+
+
+def _recorded(batch: Batch, stream: Optional[torch.cuda.Stream]) -> Tuple[Batch, Optional[torch.cuda.Event]]:
+    """``batch`` and, on CUDA, an event recorded on ``stream``, where its work was launched."""
+    if stream is None:
+        return batch, None
+    event = torch.cuda.Event()
+    event.record(stream)
+    return batch, event
+
+
+def _wait_for(batch: Batch, event: Optional[torch.cuda.Event], stream: Optional[torch.cuda.Stream]) -> None:
+    """``stream`` waits for ``batch``'s work (``event``) and records its memory as used there."""
+    if event is not None:
+        stream.wait_event(event)
+        batch.record_stream(stream)
+
+
+def _put(out: "queue.Queue", item: object, stop: threading.Event) -> bool:
+    """Put ``item`` unless the consumer stopped first; whether it was put."""
+    while not stop.is_set():
+        try:
+            out.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _get(inbox: "queue.Queue", stop: threading.Event) -> object:
+    """The next item of ``inbox``; ``_END`` once the consumer stopped."""
+    while not stop.is_set():
+        try:
+            return inbox.get(timeout=0.1)
+        except queue.Empty:
+            continue
+    return _END
+
+
+def _stage(next_item: Callable[[Optional[torch.cuda.Stream]], object], stream: Optional[torch.cuda.Stream],
+           out: "queue.Queue", stop: threading.Event) -> None:
+    """A thread's loop: ``next_item(stream)`` on ``stream`` into ``out`` until it gives ``_END``,
+    raises or returns an error (handed on, raised by the consumer in order), or the consumer stops."""
+    try:
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            while True:
+                item = next_item(stream)
+                if isinstance(item, BaseException):
+                    raise item
+                if item is _END:
+                    break
+                if not _put(out, item, stop):
+                    return
+    except BaseException as error:  # handed to the consumer, raised there in order
+        _put(out, error, stop)
+        return
+    _put(out, _END, stop)

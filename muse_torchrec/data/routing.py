@@ -7,8 +7,9 @@ of the counts that holds the training thread until the GPU and the other ranks h
 1,000 samples per GPU the step is bound by host time, so that work and that wait are most of what
 two GPUs add to one (benchmarks/RESULTS.md rows 70, 78).
 
-``RowWiseRouter`` does the first part in the data path's thread ahead of the step instead, the
-exchanges through the host over a gloo group of its own (never the training's group: collectives
+``RowWiseRouter`` does the first part in the data path ahead of the step instead (a thread of its
+own beside the device GSU's, ``device_gsu.GsuAhead``), the exchanges through the host over a gloo
+group of its own (never the training's group: collectives
 of one group must come in the same order on every rank, and two threads would interleave them). It
 attaches a ``Routing`` to the batch: the ids this rank looks up for every rank, the orders to put
 the rows back, and the counts, as host integers, that the rows' all-to-all needs, so the training
@@ -21,8 +22,9 @@ every other rank's.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import ContextManager, List, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -101,51 +103,73 @@ class RowWiseRouter:
         self._feature_major = torch.tensor([r * count + f for f in range(count) for r in range(ranks)],
                                            dtype=torch.int32)
 
-    def _all_to_all(self, tensor: torch.Tensor, received: List[int], sent: List[int], pinned: bool) -> torch.Tensor:
-        """``tensor``'s parts to the ranks -> theirs, received into page-locked memory with ``pinned``
-        (copied to the GPU from there without a staging copy)."""
-        out = torch.empty(sum(received), dtype=tensor.dtype, pin_memory=pinned)
+    def _exchange(self, out: torch.Tensor, tensor: torch.Tensor, received: List[int], sent: List[int]) -> None:
+        """``tensor``'s parts to the ranks, theirs into ``out`` (host tensors: no CUDA call)."""
         dist.all_to_all_single(out, tensor, output_split_sizes=received, input_split_sizes=sent, group=self.group)
-        return out
 
-    def __call__(self, features: KeyedJaggedTensor) -> Routing:
+    def __call__(self, features: KeyedJaggedTensor,
+                 cuda_calls: ContextManager = contextlib.nullcontext()) -> Routing:
         """``features``: KJT of B samples (every key the same B) on any device; the routing comes on
-        that device."""
+        that device. ``cuda_calls``: held around every part that calls CUDA (launches, allocations,
+        the one wait), not around the exchanges, which wait for the other ranks: the data path's
+        thread passes ``cuda_graphs.CAPTURE_LOCK``, which a graph capture holds, so that its batches
+        are made meanwhile."""
         if features.variable_stride_per_key():
             raise ValueError("RowWiseRouter: features with a batch size per key are not supported")
-        features = in_order(features, self.feature_names)
+        device, batch, ranks, count = features.values().device, features.stride(), self.world_size, len(self.feature_names)
+        # The exchanges go through the host; on a GPU through page-locked memory.
+        pinned = device.type == "cuda"
+        with cuda_calls:
+            bucket_lengths, ids, restore = self._bucketised(in_order(features, self.feature_names))
+            received_lengths = torch.empty(bucket_lengths.numel(), dtype=bucket_lengths.dtype, pin_memory=pinned)
+        # Each rank's lengths are F * B: exchanged first, they give the counts of the ids to expect.
+        self._exchange(received_lengths, bucket_lengths, [count * batch] * ranks, [count * batch] * ranks)
+        sent_list = bucket_lengths.view(ranks, -1).sum(1).tolist()
+        received_list = received_lengths.view(ranks, -1).sum(1).tolist()
+        with cuda_calls:
+            received_ids = torch.empty(sum(received_list), dtype=ids.dtype, pin_memory=pinned)
+        self._exchange(received_ids, ids, received_list, sent_list)
+        # The ids per key as host numbers: the lookup would otherwise read them back from the device.
+        length_per_key = received_lengths.view(ranks, count, batch).sum((0, 2)).tolist()
+        with cuda_calls:
+            routing = self._read(received_lengths.to(device, non_blocking=True),
+                                 received_ids.to(device, non_blocking=True), length_per_key, restore, sent_list,
+                                 received_list, batch)
+            # Page-locked blocks go back to their cache (which records events) here, not after.
+            del bucket_lengths, ids, received_lengths, received_ids
+        return routing
+
+    def _bucketised(self, features: KeyedJaggedTensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (lengths [W * F * B] and ids (holding rank, feature, sample), each local to its rank's
+        rows, on the host (waited for); for each of the batch's ids, its position among them [n])."""
         values = features.values()
-        device, batch, ranks, count = values.device, features.stride(), self.world_size, len(self.feature_names)
+        device = values.device
         if self._block_sizes.device != device or self._block_sizes.dtype != values.dtype:
             self._block_sizes = self._block_sizes.to(device, values.dtype)  # once, not a copy a batch
             self._feature_major = self._feature_major.to(device)
-        # lengths [W * F * B] and ids (holding rank, feature, sample), each local to its rank's rows
         bucket_lengths, ids, _, _, restore = torch.ops.fbgemm.block_bucketize_sparse_features(
             features.lengths(), values, bucketize_pos=False, sequence=True, block_sizes=self._block_sizes,
-            my_size=ranks, weights=None)
-        # The exchanges go through the host; on a GPU through page-locked memory, one wait for the copies.
+            my_size=self.world_size, weights=None)
         pinned = device.type == "cuda"
         bucket_lengths, ids = _to_host(bucket_lengths, pinned), _to_host(ids, pinned)
-        if pinned:
+        if pinned:  # one wait for both copies
             torch.cuda.current_stream(device).synchronize()
-        # Each rank's lengths are F * B: exchanged first, they give the counts of the ids to expect.
-        received_lengths = self._all_to_all(bucket_lengths, [count * batch] * ranks, [count * batch] * ranks, pinned)
-        sent_list = bucket_lengths.view(ranks, -1).sum(1).tolist()
-        received_list = received_lengths.view(ranks, -1).sum(1).tolist()
-        received_ids = self._all_to_all(ids, received_list, sent_list, pinned)
-        # The ids per key as host numbers: the lookup would otherwise read them back from the device.
-        length_per_key = received_lengths.view(ranks, count, batch).sum((0, 2)).tolist()
-        received_lengths = received_lengths.to(device, non_blocking=True)
-        received_ids = received_ids.to(device, non_blocking=True)
+        return bucket_lengths, ids, restore
+
+    def _read(self, received_lengths: torch.Tensor, received_ids: torch.Tensor, length_per_key: List[int],
+              restore: torch.Tensor, sent: List[int], received: List[int], batch: int) -> Routing:
+        """The routing from what this rank received (on the batch's device): lengths [W * F * B] and
+        ids (source rank, feature, sample)."""
+        ranks, count = self.world_size, len(self.feature_names)
         total = received_ids.numel()
-        positions = torch.arange(total, device=device)
+        positions = torch.arange(total, device=received_ids.device)
         read_lengths, order, _ = torch.ops.fbgemm.permute_2D_sparse_data(
             self._feature_major, received_lengths.view(ranks * count, batch), positions,
             permuted_lengths_sum=total)  # known here: not read back
         read = KeyedJaggedTensor(keys=self.feature_names, values=received_ids.index_select(0, order),
                                  lengths=read_lengths.view(-1), stride=ranks * batch, length_per_key=length_per_key)
         as_received = torch.empty_like(order).scatter_(0, order, positions)
-        return Routing(read, as_received, restore, sent_list, received_list, batch)
+        return Routing(read, as_received, restore, sent, received, batch)
 
 
 def _to_host(tensor: torch.Tensor, pinned: bool) -> torch.Tensor:

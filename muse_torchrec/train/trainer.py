@@ -70,7 +70,7 @@ class BatchPath:
     ``transform`` runs in the loader workers; ``gsu`` (placements "device*") then selects the top-K
     on the GPU: ahead of the training thread in a thread of its own (``ahead``), or in the training
     thread as each batch is drawn. ``router`` (training with ``train.sparse_lookup: routed``, placement
-    "device"): the thread ahead then routes each batch's ids over the ranks (``data.routing``).
+    "device"): a second thread ahead then routes each batch's ids over the ranks (``data.routing``).
     """
 
     transform: Callable[[SampleBlock], object]
