@@ -233,6 +233,6 @@ def test_direct_lookup_refuses_a_routed_batch():
     features = BatchBuilder(*random_scl(np.random.default_rng(0)), gsu="scl_cosine", k=K, recent=RECENT,
                             max_history=MAX_HISTORY)(random_block(np.random.default_rng(1), 2, 10)).sparse_features
     lookup = direct_lookup.DirectLookup(torch.nn.Identity(), features.keys(), 8)
-    routing = Routing(features, torch.zeros(0), torch.zeros(0), [0], [0], features.stride())
+    routing = Routing(features, torch.zeros(0), torch.zeros(0), torch.zeros(0), [0], [0], features.stride())
     with pytest.raises(ValueError, match="a batch routed over several ranks"):
         lookup.flat(features, routing)

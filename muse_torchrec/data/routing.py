@@ -50,6 +50,8 @@ class Routing:
             ids of every rank's batch, source rank after source rank (stride W * B).
         as_received: [n_read] for each row in the order the ranks sent the ids (source, feature,
             sample), its position in ``read``.
+        as_read: [n_read] for each id of ``read``, its position in the order the ranks sent them
+            (the inverse of ``as_received``: the rows' gradients come back through it).
         restore: [n] for each of the batch's ids (feature, sample), its position among the rows
             coming back (holding rank, feature, sample).
         sent: ids sent to each rank [W]; received: ids received from each rank [W] (host integers).
@@ -58,6 +60,7 @@ class Routing:
 
     read: KeyedJaggedTensor
     as_received: torch.Tensor
+    as_read: torch.Tensor
     restore: torch.Tensor
     sent: List[int]
     received: List[int]
@@ -66,11 +69,13 @@ class Routing:
     def to(self, device: torch.device, non_blocking: bool = False) -> "Routing":
         return Routing(self.read.to(device, non_blocking=non_blocking),
                        self.as_received.to(device, non_blocking=non_blocking),
+                       self.as_read.to(device, non_blocking=non_blocking),
                        self.restore.to(device, non_blocking=non_blocking), self.sent, self.received, self.batch_size)
 
     def record_stream(self, stream: torch.Stream) -> None:
         self.read.record_stream(stream)
         self.as_received.record_stream(stream)
+        self.as_read.record_stream(stream)
         self.restore.record_stream(stream)
 
     def device(self) -> torch.device:
@@ -169,7 +174,7 @@ class RowWiseRouter:
         read = KeyedJaggedTensor(keys=self.feature_names, values=received_ids.index_select(0, order),
                                  lengths=read_lengths.view(-1), stride=ranks * batch, length_per_key=length_per_key)
         as_received = torch.empty_like(order).scatter_(0, order, positions)
-        return Routing(read, as_received, restore, sent, received, batch)
+        return Routing(read, as_received, order, restore, sent, received, batch)
 
 
 def _to_host(tensor: torch.Tensor, pinned: bool) -> torch.Tensor:

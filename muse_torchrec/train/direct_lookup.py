@@ -102,25 +102,32 @@ class DirectLookup:
 
 
 class _RowsAllToAll(torch.autograd.Function):
-    """Rows [N, D], ``send[r]`` of them to rank r -> the rows received, ``recv[r]`` from rank r
-    [sum(recv), D]; backward sends the gradients back, divided by the world size (TorchRec's row-wise
-    output distribution divides them so)."""
+    """Rows [N, D] in the order they were looked up, ``as_sent`` [N] the row to send at each place
+    (``send[r]`` of them to rank r, rank after rank) -> the rows received, ``recv[r]`` from rank r
+    [sum(recv), D]. Backward: the gradients sent back, each to the place its row was looked up
+    through ``as_looked_up`` [N] (the inverse permutation of ``as_sent``: one gather, where the
+    gather's own backward would scatter-add into zeros) and divided by the world size (TorchRec's
+    row-wise output distribution divides them so)."""
 
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, send: List[int], recv: List[int], group: dist.ProcessGroup) -> torch.Tensor:
+    def forward(ctx, rows: torch.Tensor, as_sent: torch.Tensor, as_looked_up: torch.Tensor, send: List[int],
+                recv: List[int], group: dist.ProcessGroup) -> torch.Tensor:
         # The world size kept as a number (one entry of ``send`` per rank): no query of the group in
         # every backward (~0.2 ms a step under cProfile on one H100 host, benchmarks/RESULTS.md row 91).
         ctx.send, ctx.recv, ctx.group, ctx.world_size = send, recv, group, len(send)
+        ctx.save_for_backward(as_looked_up)
         out = rows.new_empty((sum(recv), rows.shape[1]))
-        dist.all_to_all_single(out, rows.contiguous(), output_split_sizes=recv, input_split_sizes=send, group=group)
+        dist.all_to_all_single(out, rows.index_select(0, as_sent), output_split_sizes=recv, input_split_sizes=send,
+                               group=group)
         return out
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> Tuple[torch.Tensor, None, None, None]:
-        out = grad.new_empty((sum(ctx.send), grad.shape[1]))
-        dist.all_to_all_single(out, grad.contiguous(), output_split_sizes=ctx.send, input_split_sizes=ctx.recv,
+    def backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, None, None, None, None]:
+        (as_looked_up,) = ctx.saved_tensors
+        sent = grad.new_empty((sum(ctx.send), grad.shape[1]))
+        dist.all_to_all_single(sent, grad.contiguous(), output_split_sizes=ctx.send, input_split_sizes=ctx.recv,
                                group=ctx.group)
-        return out.div_(ctx.world_size), None, None, None
+        return sent.index_select(0, as_looked_up).div_(ctx.world_size), None, None, None, None, None
 
 
 class RoutedLookup(DirectLookup):
@@ -147,8 +154,9 @@ class RoutedLookup(DirectLookup):
         if routing.batch_size != features.stride():
             raise ValueError(f"a routing of {routing.batch_size} samples for a batch of {features.stride()}")
         rows = self.lookup(routing.read).view(-1, self.dim)  # (feature, source rank, sample)
-        as_sent = rows.index_select(0, routing.as_received)  # (source rank, feature, sample)
-        mine = _RowsAllToAll.apply(as_sent, routing.received, routing.sent, self.group)  # (holding rank, ...)
+        # Sent (source rank, feature, sample), received (holding rank, feature, sample).
+        mine = _RowsAllToAll.apply(rows, routing.as_received, routing.as_read, routing.received, routing.sent,
+                                   self.group)
         # In the holding ranks' order: ``flat`` restores the batch's, the tower's graphs gather by it.
         return mine, routing.restore
 
