@@ -11,7 +11,8 @@
 #     new:--sync-dense-on-one-rank:--shard-as-on-several-ranks
 # Prints each run's table line (samples/s per GPU, step ms, CPU ms, peak and planned GiB). Settings
 # (environment): AB_CONFIG (configs/taobao_mm_p90.yaml), AB_NPROC (1), AB_STEPS (300), AB_ARGS
-# (bench_train arguments for every run). Logs: $OUT/ab_model_<i>_<run>.log when OUT is set, else /tmp.
+# (bench_train arguments for every run), AB_MODE (model; e2e times the data path too, e.g. with
+# AB_ARGS="--gsu-places device_ahead --workers 4"). Logs: $OUT/ab_model_<i>_<run>.log when OUT is set, else /tmp.
 set -euo pipefail
 
 base_tgz=$1
@@ -35,7 +36,7 @@ for run in "$@"; do
   # AB_ARGS is split into words on purpose: several arguments in one setting.
   # shellcheck disable=SC2086
   if (cd "$tree" && PYTHONPATH=$tree:${PYTHONPATH:-} torchrun --nproc_per_node "${AB_NPROC:-1}" \
-      benchmarks/bench_train.py --config "${AB_CONFIG:-configs/taobao_mm_p90.yaml}" --modes model \
+      benchmarks/bench_train.py --config "${AB_CONFIG:-configs/taobao_mm_p90.yaml}" --modes "${AB_MODE:-model}" \
       --steps "${AB_STEPS:-300}" --warmup 30 ${AB_ARGS:-} "${parts[@]:1}" > "$log" 2>&1); then
     printf '%-60s %s\n' "$run" "$(grep -A1 '^run ' "$log" | tail -n 1)"
   else
