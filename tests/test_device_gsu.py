@@ -124,6 +124,13 @@ def test_gsu_ahead_makes_no_batch_while_a_graph_is_captured():
     assert len(batches) == 3 and held == [True] * 3
 
 
+class _Tag(str):
+    """A stand-in routing: a name, and nothing to record on a stream."""
+
+    def record_stream(self, stream) -> None:
+        pass
+
+
 class _Counted(DeviceGsu):
     """A DeviceGsu that counts the batches it made (``made``: set each time)."""
 
@@ -164,7 +171,7 @@ def test_gsu_ahead_routes_in_a_second_thread_while_the_first_makes_the_next_batc
         if free_here:
             cuda_calls.release()
         calls.append((threading.current_thread().name, free_here, cuda_calls is CAPTURE_LOCK, overlapped))
-        return f"routing {index} of {features.values().sum().item()}"
+        return _Tag(f"routing {index} of {features.values().sum().item()}")
 
     inline = [b.to(torch.device("cpu")) for b in DeviceGsu(scl, item_scl_row, torch.device(device), k=K).over(raws)]
     routed = list(gsu.ahead(raws, depth=1, router=router))
@@ -189,17 +196,17 @@ def test_gsu_ahead_raises_router_and_loader_errors_in_order_and_stops_both_threa
         if failing_router.calls == 1:
             raise ValueError("bad routing")
         failing_router.calls += 1
-        return "routing"
+        return _Tag("routing")
 
     failing_router.calls = 0
-    for loader, router, message, before in ((failing_loader(), lambda f, cuda_calls: "routing", "bad shard", 2),
+    for loader, router, message, before in ((failing_loader(), lambda f, cuda_calls: _Tag("routing"), "bad shard", 2),
                                             (raws, failing_router, "bad routing", 1)):
         got = []
         with pytest.raises((RuntimeError, ValueError), match=message):
             for batch in gsu.ahead(loader, router=router):
                 got.append(batch)
         assert len(got) == before
-    iterator = iter(gsu.ahead(raws, depth=1, router=lambda f, cuda_calls: "routing"))
+    iterator = iter(gsu.ahead(raws, depth=1, router=lambda f, cuda_calls: _Tag("routing")))
     next(iterator)
     iterator.close()
     assert not any(t.name in ("gsu-ahead", "route-ahead") for t in threading.enumerate())
