@@ -185,8 +185,9 @@ def test_padding_in_the_graphs_trains_as_the_tower_graphs(method):
             optimizers[p].step()
             losses[p] = loss.detach()
         torch.testing.assert_close(losses[True], losses[False], rtol=1e-5, atol=1e-6)
-    # From the rows: the MuseTrain's graphs (the padding, the tower, the loss); else the tower's own.
-    assert models[True].graphs.graphed is not None and muse[True].tower.graphs is None
+    # From the rows: the MuseTrain's graph (the padding, the tower, the loss, forward and backward);
+    # else the tower's own.
+    assert models[True].graphs.graph is not None and muse[True].tower.graphs is None
     assert models[False].graphs is None and muse[False].tower.graphs.graphed is not None
     for (name, a), b in zip(models[False].state_dict().items(), models[True].state_dict().values()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)

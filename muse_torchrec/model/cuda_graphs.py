@@ -13,7 +13,7 @@ outputs are overwritten by its next replay).
 from __future__ import annotations
 
 import threading
-from typing import Callable, Optional, Tuple, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -95,3 +95,117 @@ class GraphedFunction:
         with torch.no_grad():
             for buffer, before in buffers:
                 buffer.copy_(before)
+
+
+class GraphedLossStep:
+    """``fn(*tensors) -> (loss, *outputs without gradient)`` over ``owner``'s parameters, its forward
+    and its backward replayed as one CUDA graph for inputs like the first training call's.
+
+    Why: with ``GraphedFunction`` a training step replays two graphs; autograd runs the second as a
+    node of its own, copies the loss's gradient in, and accumulates every parameter's gradient into
+    ``.grad`` through a node and a copy each (the tower's 21 ~0.24 ms of host time a step,
+    benchmarks/RESULTS.md row 75). A loss's backward needs nothing but the loss's own gradient, a
+    number, so the graph runs the backward right after the forward, for a gradient of 1, into
+    buffers of its own; the one autograd node this returns then scales them by the real gradient
+    (one launch for every parameter), hands the differentiable inputs' (the looked-up rows) on to
+    their producers, and accumulates the parameters' into ``.grad`` as autograd would (set where
+    it is None, else added).
+
+    A second training call replays the graph again, so the first call's loss can no longer be
+    differentiated (its backward raises). Outputs after the loss must not require gradients.
+    """
+
+    def __init__(self, owner: nn.Module, fn: Callable[..., Tuple[torch.Tensor, ...]]) -> None:
+        self.owner, self.fn = owner, fn
+        self.signature: Optional[Signature] = None
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.replays = 0
+        self._inputs: Tuple[torch.Tensor, ...] = ()  # the graph's own, copied into at every call
+        self._outputs: Tuple[torch.Tensor, ...] = ()  # (loss, *outputs), overwritten by every replay
+        self._input_grads: Tuple[Optional[torch.Tensor], ...] = ()  # d loss / d input, None where not differentiable
+        self._params: List[nn.Parameter] = []
+        self._param_grads: List[torch.Tensor] = []  # d loss / d parameter (the parameters the loss reads)
+
+    def __call__(self, *args: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """``fn(*args)``: replayed from the graph when training (the owner in train mode, gradients
+        enabled) with inputs like the first training call's, else ``fn`` itself."""
+        if not (self.owner.training and torch.is_grad_enabled()):
+            return self.fn(*args)
+        signature = _signature(args)
+        if self.graph is None:
+            self._capture(args)
+            self.signature = signature
+        if signature != self.signature:
+            return self.fn(*args)
+        assert self.graph is not None
+        with torch.no_grad():
+            torch._foreach_copy_(list(self._inputs), list(args))
+        self.graph.replay()
+        self.replays += 1
+        loss = _GraphedLoss.apply(self._outputs[0], self, self.replays, *args)
+        return (loss, *(o.clone() for o in self._outputs[1:]))
+
+    def _capture(self, args: Tuple[torch.Tensor, ...]) -> None:
+        if not all(a.is_cuda for a in args):
+            raise ValueError("GraphedLossStep: CUDA graphs need every input on a CUDA device")
+        self._inputs = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
+        params = [p for p in self.owner.parameters() if p.requires_grad]
+        differentiable = [a for a in self._inputs if a.requires_grad]
+        # The warm-up runs before capture train-mode BatchNorm as real steps would; undo that.
+        buffers = [(b, b.clone()) for b in self.owner.buffers()]
+
+        def step() -> Tuple[Tuple[torch.Tensor, ...], Tuple[Optional[torch.Tensor], ...]]:
+            outputs = self.fn(*self._inputs)
+            if any(o.requires_grad for o in outputs[1:]):
+                raise ValueError("GraphedLossStep: only the first output (the loss) may require gradients")
+            return outputs, torch.autograd.grad(outputs[0], [*differentiable, *params], allow_unused=True)
+
+        current = torch.cuda.current_stream()
+        with CAPTURE_LOCK:
+            # Warm-up on a side stream (lazy initialisations, compilation), as make_graphed_callables does.
+            side = torch.cuda.Stream()
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    step()
+            current.wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                outputs, grads = step()
+        with torch.no_grad():
+            for buffer, before in buffers:
+                buffer.copy_(before)
+        self._outputs = tuple(o.detach() for o in outputs)
+        input_grads = iter(grads[:len(differentiable)])
+        self._input_grads = tuple(next(input_grads) if a.requires_grad else None for a in self._inputs)
+        used = [(p, g) for p, g in zip(params, grads[len(differentiable):]) if g is not None]
+        self._params, self._param_grads = [p for p, _ in used], [g for _, g in used]
+        self.graph = graph
+
+    def backward(self, grad: torch.Tensor, replay: int) -> Tuple[Optional[torch.Tensor], ...]:
+        """The gradients of the inputs for the loss of replay ``replay`` with gradient ``grad``
+        (a scalar); the parameters' accumulated into their ``.grad``."""
+        if replay != self.replays:
+            raise RuntimeError("GraphedLossStep: the backward of a loss whose graph was replayed again since "
+                               "(one backward per training call, before the next)")
+        # New tensors (one launch for all): ``.grad`` must not alias buffers the next replay overwrites.
+        for param, param_grad in zip(self._params, torch._foreach_mul(self._param_grads, grad)):
+            if param.grad is None:
+                param.grad = param_grad
+            else:
+                param.grad.add_(param_grad)
+        return tuple(None if g is None else g * grad for g in self._input_grads)
+
+
+class _GraphedLoss(torch.autograd.Function):
+    """The loss of a ``GraphedLossStep`` replay (a copy of the graph's), whose backward is the
+    step's: autograd's one node for the whole graph."""
+
+    @staticmethod
+    def forward(ctx, loss: torch.Tensor, step: GraphedLossStep, replay: int, *inputs: torch.Tensor) -> torch.Tensor:
+        ctx.step, ctx.replay = step, replay
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        return (None, None, None, *ctx.step.backward(grad, ctx.replay))

@@ -19,7 +19,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 from muse_torchrec import features as F
 from muse_torchrec.data.batch import Batch
 from muse_torchrec.data.routing import Routing
-from muse_torchrec.model.cuda_graphs import GraphedFunction
+from muse_torchrec.model.cuda_graphs import GraphedFunction, GraphedLossStep
 from muse_torchrec.model.esu import SequenceInputs
 from muse_torchrec.model.mlp import MLP
 from muse_torchrec.model.row_layout import RowLayout, padded_slots, row_starts
@@ -318,8 +318,9 @@ def compile_tower(model: nn.Module, mode: str, device: torch.device, pad_in_grap
     default mode, and training steps replay the compiled tower's forward and backward as CUDA graphs
     captured at the first step (``cuda_graphs.GraphedFunction``: less host time per step than
     "reduce-overhead"'s CUDA graph trees); CUDA only. With ``pad_in_graphs``, where the model allows
-    (``MuseModel.pads_in_graphs``, held by a ``MuseTrain``), the graphs start from the looked-up
-    rows and end with the loss (``MuseTrain.loss_from_rows``); False for TorchRec's pipeline, which
+    (``MuseModel.pads_in_graphs``, held by a ``MuseTrain``), one graph runs from the looked-up rows
+    to the loss and back (``MuseTrain.loss_from_rows``, ``cuda_graphs.GraphedLossStep``: the
+    forward and the backward in one graph, one autograd node); False for TorchRec's pipeline, which
     traces the model's forward with torch.fx and cannot trace into the graphs' checks. ``device``:
     where the model will train.
     """
@@ -341,7 +342,7 @@ def compile_tower(model: nn.Module, mode: str, device: torch.device, pad_in_grap
             tower.compile(mode=COMPILE_MODES[mode], dynamic=False)
         elif id(muse) in from_rows:
             train = from_rows[id(muse)]
-            train.graphs = GraphedFunction(tower, torch.compile(train.loss_from_rows, dynamic=False))
+            train.graphs = GraphedLossStep(tower, torch.compile(train.loss_from_rows, dynamic=False))
         else:
             tower.graphs = GraphedFunction(tower, torch.compile(tower.logits, dynamic=False))
 
@@ -360,9 +361,9 @@ class MuseTrain(nn.Module):
         super().__init__()
         self.model = model
         # train.compile_mode "graphs" with the padding in the graphs (``compile_tower``): training
-        # steps replay CUDA graphs of the compiled ``loss_from_rows`` (the padding, the tower and the
-        # loss: a dozen host operations fewer a step, forward and backward); evaluation runs it compiled.
-        self.graphs: Optional[GraphedFunction] = None
+        # steps replay one CUDA graph of the compiled ``loss_from_rows`` (the padding, the tower and
+        # the loss, forward and backward); evaluation runs it compiled.
+        self.graphs: Optional[GraphedLossStep] = None
 
     def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         if self.graphs is None:
