@@ -5,7 +5,7 @@ import torch
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 
 from muse_torchrec.train.dense_sync import GradientAverage
-from muse_torchrec.train.graphed_adam import GraphedAdam, _flat_base
+from muse_torchrec.train.graphed_adam import GraphedAdam
 from muse_torchrec.train.sharded import dense_adam
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -20,18 +20,6 @@ class _FourRanks(GradientAverage):
     def sum_over_ranks(self, flat: torch.Tensor) -> None:
         self.sums += 1
         flat.mul_(3.0)
-
-
-def test_gradients_viewing_one_flat_tensor_in_order_are_copied_at_once():
-    flat = torch.arange(10.0)
-    numels = [4, 6]
-    views = [flat[:4].view(2, 2), flat[4:].view(3, 2)]
-    assert _flat_base(views, numels) is flat
-    assert _flat_base(views[::-1], numels[::-1]) is None  # another order
-    assert _flat_base([v.clone() for v in views], numels) is None  # tensors of their own
-    assert _flat_base([flat[:4], flat[4:9]], [4, 5]) is None  # more in the flat tensor than the gradients
-    wide = torch.arange(20.0).view(10, 2)
-    assert _flat_base([wide[:, 0][:4], wide[:, 0][4:]], numels) is None  # not a contiguous flat tensor
 
 
 def test_cpu_parameters_are_refused():
@@ -83,10 +71,6 @@ def test_graphed_steps_update_as_fused_adam():
             for name, p in params.items():
                 # Fresh tensors every step: the graph must not depend on where gradients live.
                 p.grad = None if grads[name] is None else grads[name].clone()
-        if step in (2, 10):  # views of one flat tensor, as GraphedLossStep leaves them: one copy
-            flat = torch.cat([g.reshape(-1) for g in grads.values()])
-            for (name, p), part in zip(ours.items(), flat.split([p.numel() for p in ours.values()])):
-                p.grad = part.view_as(p)
         graphed.step()
         plain.step()
         graphs.append(graphed._optimizer._graph)

@@ -53,8 +53,6 @@ def test_graphed_loss_step_trains_as_autograd():
             optimizers[mode].zero_grad()
             (loss * scale).backward()
             out[mode] = [loss.detach(), logits, rows.grad] + [p.grad for p in net.parameters() if p.grad is not None]
-            if mode == "graph" and batch == 32:  # replayed: views of one new flat tensor (GraphedAdam copies it at once)
-                assert len({id(g._base) for g in out[mode][3:]}) == 1 and out[mode][3]._base is not None
             optimizers[mode].step()
         assert len(out["graph"]) == len(out["autograd"]) == 3 + 5  # the unused layer has no gradient
         for want, got in zip(out["autograd"], out["graph"]):

@@ -107,9 +107,9 @@ class GraphedLossStep:
     benchmarks/RESULTS.md row 75). A loss's backward needs nothing but the loss's own gradient, a
     number, so the graph runs the backward right after the forward, for a gradient of 1, into
     buffers of its own; the one autograd node this returns then scales them by the real gradient
-    (one launch: the parameters' are one flat buffer), hands the differentiable inputs' (the looked-up
-    rows) on to their producers, and accumulates the parameters' into ``.grad`` as autograd would
-    (set where it is None, as views of one new flat tensor, else added).
+    (one launch for every parameter), hands the differentiable inputs' (the looked-up rows) on to
+    their producers, and accumulates the parameters' into ``.grad`` as autograd would (set where
+    it is None, else added).
 
     A second training call replays the graph again, so the first call's loss can no longer be
     differentiated (its backward raises). Outputs after the loss must not require gradients.
@@ -123,9 +123,8 @@ class GraphedLossStep:
         self._inputs: Tuple[torch.Tensor, ...] = ()  # the graph's own, copied into at every call
         self._outputs: Tuple[torch.Tensor, ...] = ()  # (loss, *outputs), overwritten by every replay
         self._input_grads: Tuple[Optional[torch.Tensor], ...] = ()  # d loss / d input, None where not differentiable
-        self._params: List[nn.Parameter] = []  # the parameters the loss reads
-        self._param_grads: Optional[torch.Tensor] = None  # d loss / d parameter, one after another, flat
-        self._numels: List[int] = []
+        self._params: List[nn.Parameter] = []
+        self._param_grads: List[torch.Tensor] = []  # d loss / d parameter (the parameters the loss reads)
 
     def __call__(self, *args: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """``fn(*args)``: replayed from the graph when training (the owner in train mode, gradients
@@ -151,9 +150,6 @@ class GraphedLossStep:
             raise ValueError("GraphedLossStep: CUDA graphs need every input on a CUDA device")
         self._inputs = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
         params = [p for p in self.owner.parameters() if p.requires_grad]
-        if len({p.dtype for p in params}) > 1:
-            raise ValueError(f"GraphedLossStep keeps the gradients in one flat buffer: parameters of one dtype, "
-                             f"not {sorted({str(p.dtype) for p in params})}")
         differentiable = [a for a in self._inputs if a.requires_grad]
         # The warm-up runs before capture train-mode BatchNorm as real steps would; undo that.
         buffers = [(b, b.clone()) for b in self.owner.buffers()]
@@ -171,22 +167,19 @@ class GraphedLossStep:
             side.wait_stream(current)
             with torch.cuda.stream(side):
                 for _ in range(3):
-                    grads = step()[1]
+                    step()
             current.wait_stream(side)
-            used = [p for p, g in zip(params, grads[len(differentiable):]) if g is not None]
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 outputs, grads = step()
-                # One flat buffer: the backward scales it in one launch, and ``.grad`` views it.
-                flat = [g.reshape(-1) for g in grads[len(differentiable):] if g is not None]
-                param_grads = torch.cat(flat) if flat else None
         with torch.no_grad():
             for buffer, before in buffers:
                 buffer.copy_(before)
         self._outputs = tuple(o.detach() for o in outputs)
         input_grads = iter(grads[:len(differentiable)])
         self._input_grads = tuple(next(input_grads) if a.requires_grad else None for a in self._inputs)
-        self._params, self._param_grads, self._numels = used, param_grads, [p.numel() for p in used]
+        used = [(p, g) for p, g in zip(params, grads[len(differentiable):]) if g is not None]
+        self._params, self._param_grads = [p for p, _ in used], [g for _, g in used]
         self.graph = graph
 
     def backward(self, grad: torch.Tensor, replay: int) -> Tuple[Optional[torch.Tensor], ...]:
@@ -195,13 +188,12 @@ class GraphedLossStep:
         if replay != self.replays:
             raise RuntimeError("GraphedLossStep: the backward of a loss whose graph was replayed again since "
                                "(one backward per training call, before the next)")
-        # A new buffer (one launch): ``.grad`` must not alias the graph's, which the next replay overwrites.
-        parts = () if self._param_grads is None else (self._param_grads * grad).split(self._numels)
-        for param, part in zip(self._params, parts):
+        # New tensors (one launch for all): ``.grad`` must not alias buffers the next replay overwrites.
+        for param, param_grad in zip(self._params, torch._foreach_mul(self._param_grads, grad)):
             if param.grad is None:
-                param.grad = part.view_as(param)
+                param.grad = param_grad
             else:
-                param.grad.add_(part.view_as(param))
+                param.grad.add_(param_grad)
         return tuple(None if g is None else g * grad for g in self._input_grads)
 
 

@@ -54,7 +54,6 @@ class GraphedAdam(torch.optim.Adam):
         # The graph's gradient buffers: views of one flat buffer, which ``average`` sums over the ranks.
         self._flat_grads: Optional[Tensor] = None
         self._static_grads: List[Tensor] = []
-        self._numels: List[int] = []
         self._captured_with: Optional[Tuple[Any, ...]] = None
 
     def _params(self) -> List[Tensor]:
@@ -85,11 +84,7 @@ class GraphedAdam(torch.optim.Adam):
         hyperparameters = self._hyperparameters()
         if self._graph is None or hyperparameters != self._captured_with:
             self._capture(params, grads, hyperparameters)
-        flat = _flat_base(grads, self._numels)
-        if flat is not None:  # one copy of one buffer, not one a gradient
-            self._flat_grads.copy_(flat)
-        else:
-            torch._foreach_copy_(self._static_grads, grads)
+        torch._foreach_copy_(self._static_grads, grads)
         if self.average is not None:
             self.average.sum_over_ranks(self._flat_grads)
         self._graph.replay()
@@ -97,7 +92,7 @@ class GraphedAdam(torch.optim.Adam):
     def _capture(self, params: List[Tensor], grads: List[Tensor], hyperparameters: Tuple[Any, ...]) -> None:
         """Record the step over static gradient buffers (nothing runs during capture); ``grads``:
         the parameters' gradients, put back afterwards."""
-        numels = self._numels = [p.numel() for p in params]
+        numels = [p.numel() for p in params]
         self._flat_grads = torch.zeros(sum(numels), dtype=params[0].dtype, device=params[0].device)
         self._static_grads = [part.view_as(p) for part, p in zip(self._flat_grads.split(numels), params)]
         for p, static in zip(params, self._static_grads):
@@ -112,17 +107,3 @@ class GraphedAdam(torch.optim.Adam):
             for p, grad in zip(params, grads):
                 p.grad = grad
         self._graph, self._captured_with = graph, hyperparameters
-
-
-def _flat_base(grads: List[Tensor], numels: List[int]) -> Optional[Tensor]:
-    """The flat tensor of which ``grads`` are consecutive views, in order, with nothing else in it
-    (how ``cuda_graphs.GraphedLossStep`` sets them), else None."""
-    base = grads[0]._base
-    if base is None or base.dim() != 1 or not base.is_contiguous() or base.numel() != sum(numels):
-        return None
-    offset = base.storage_offset()
-    for grad, numel in zip(grads, numels):
-        if grad._base is not base or grad.storage_offset() != offset or not grad.is_contiguous():
-            return None
-        offset += numel
-    return base
