@@ -47,9 +47,10 @@ class _Call(nn.Module):
         return self.fn(*args)
 
 
-class GraphedFunction:
-    """``fn(*tensors) -> a tensor or a tuple of tensors`` over ``owner``'s parameters, replayed as CUDA
-    graphs for inputs like the first call's.
+class _CapturedAtFirstTrainingCall:
+    """``fn(*tensors)`` over ``owner``'s parameters: captured (``_capture``) at the first training
+    call (the owner in train mode, gradients enabled) and replayed (``_replay``) for training calls
+    with inputs like it; every other call runs ``fn`` itself.
 
     Args:
         owner: the module whose parameters ``fn`` reads (they get their gradients through the graphs).
@@ -60,19 +61,35 @@ class GraphedFunction:
     def __init__(self, owner: nn.Module, fn: Callable[..., Outputs]) -> None:
         self.owner, self.fn = owner, fn
         self.signature: Optional[Signature] = None
-        self.graphed: Optional[nn.Module] = None
 
     def __call__(self, *args: torch.Tensor) -> Outputs:
-        """``fn(*args)``: replayed from the graphs when training (the owner in train mode, gradients
-        enabled) with inputs like the first training call's, else ``fn`` itself."""
         if not (self.owner.training and torch.is_grad_enabled()):
             return self.fn(*args)
         signature = _signature(args)
-        if self.graphed is None:
+        if self.signature is None:
             self._capture(args)
             self.signature = signature
         if signature != self.signature:
             return self.fn(*args)
+        return self._replay(*args)
+
+    def _capture(self, args: Tuple[torch.Tensor, ...]) -> None:
+        raise NotImplementedError
+
+    def _replay(self, *args: torch.Tensor) -> Outputs:
+        raise NotImplementedError
+
+
+class GraphedFunction(_CapturedAtFirstTrainingCall):
+    """``fn(*tensors) -> a tensor or a tuple of tensors`` over ``owner``'s parameters, its forward and
+    its backward replayed as two CUDA graphs (``make_graphed_callables``) for inputs like the first
+    training call's (``_CapturedAtFirstTrainingCall``)."""
+
+    def __init__(self, owner: nn.Module, fn: Callable[..., Outputs]) -> None:
+        super().__init__(owner, fn)
+        self.graphed: Optional[nn.Module] = None
+
+    def _replay(self, *args: torch.Tensor) -> Outputs:
         assert self.graphed is not None
         out = self.graphed(*args)
         return tuple(o.clone() for o in out) if isinstance(out, tuple) else out.clone()
@@ -97,9 +114,10 @@ class GraphedFunction:
                 buffer.copy_(before)
 
 
-class GraphedLossStep:
+class GraphedLossStep(_CapturedAtFirstTrainingCall):
     """``fn(*tensors) -> (loss, *outputs without gradient)`` over ``owner``'s parameters, its forward
-    and its backward replayed as one CUDA graph for inputs like the first training call's.
+    and its backward replayed as one CUDA graph for inputs like the first training call's
+    (``_CapturedAtFirstTrainingCall``).
 
     Why: with ``GraphedFunction`` a training step replays two graphs; autograd runs the second as a
     node of its own, copies the loss's gradient in, and accumulates every parameter's gradient into
@@ -116,8 +134,7 @@ class GraphedLossStep:
     """
 
     def __init__(self, owner: nn.Module, fn: Callable[..., Tuple[torch.Tensor, ...]]) -> None:
-        self.owner, self.fn = owner, fn
-        self.signature: Optional[Signature] = None
+        super().__init__(owner, fn)
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.replays = 0
         self._inputs: Tuple[torch.Tensor, ...] = ()  # the graph's own, copied into at every call
@@ -126,17 +143,7 @@ class GraphedLossStep:
         self._params: List[nn.Parameter] = []
         self._param_grads: List[torch.Tensor] = []  # d loss / d parameter (the parameters the loss reads)
 
-    def __call__(self, *args: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """``fn(*args)``: replayed from the graph when training (the owner in train mode, gradients
-        enabled) with inputs like the first training call's, else ``fn`` itself."""
-        if not (self.owner.training and torch.is_grad_enabled()):
-            return self.fn(*args)
-        signature = _signature(args)
-        if self.graph is None:
-            self._capture(args)
-            self.signature = signature
-        if signature != self.signature:
-            return self.fn(*args)
+    def _replay(self, *args: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         assert self.graph is not None
         with torch.no_grad():
             torch._foreach_copy_(list(self._inputs), list(args))
