@@ -12,6 +12,7 @@ outputs are overwritten by its next replay).
 
 from __future__ import annotations
 
+import abc
 import threading
 from typing import Callable, List, Optional, Tuple, Union
 
@@ -47,7 +48,7 @@ class _Call(nn.Module):
         return self.fn(*args)
 
 
-class _CapturedAtFirstTrainingCall:
+class _CapturedAtFirstTrainingCall(abc.ABC):
     """``fn(*tensors)`` over ``owner``'s parameters: captured (``_capture``) at the first training
     call (the owner in train mode, gradients enabled) and replayed (``_replay``) for training calls
     with inputs like it; every other call runs ``fn`` itself.
@@ -73,11 +74,13 @@ class _CapturedAtFirstTrainingCall:
             return self.fn(*args)
         return self._replay(*args)
 
+    @abc.abstractmethod
     def _capture(self, args: Tuple[torch.Tensor, ...]) -> None:
-        raise NotImplementedError
+        """Capture the graph(s) from inputs like ``args`` (nothing runs during capture)."""
 
+    @abc.abstractmethod
     def _replay(self, *args: torch.Tensor) -> Outputs:
-        raise NotImplementedError
+        """``fn(*args)`` replayed from the graph(s)."""
 
 
 class GraphedFunction(_CapturedAtFirstTrainingCall):
