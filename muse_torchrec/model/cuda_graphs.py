@@ -68,15 +68,27 @@ class _CapturedAtFirstTrainingCall(abc.ABC):
             return self.fn(*args)
         signature = _signature(args)
         if self.signature is None:
-            self._capture(args)
+            self._capture_keeping_buffers(args)
             self.signature = signature
         if signature != self.signature:
             return self.fn(*args)
         return self._replay(*args)
 
+    def _capture_keeping_buffers(self, args: Tuple[torch.Tensor, ...]) -> None:
+        if not all(a.is_cuda for a in args):
+            raise ValueError(f"{type(self).__name__}: CUDA graphs need every input on a CUDA device")
+        samples = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
+        # The warm-up runs before capture train-mode BatchNorm as real steps would; undo that.
+        buffers = [(b, b.clone()) for b in self.owner.buffers()]
+        self._capture(samples)
+        with torch.no_grad():
+            for buffer, before in buffers:
+                buffer.copy_(before)
+
     @abc.abstractmethod
-    def _capture(self, args: Tuple[torch.Tensor, ...]) -> None:
-        """Capture the graph(s) from inputs like ``args`` (nothing runs during capture)."""
+    def _capture(self, samples: Tuple[torch.Tensor, ...]) -> None:
+        """Capture the graph(s) from ``samples`` (inputs of the first training call's shapes, the
+        graphs' to keep); warm-up runs may change the owner's buffers, which are restored after."""
 
     @abc.abstractmethod
     def _replay(self, *args: torch.Tensor) -> Outputs:
@@ -97,12 +109,7 @@ class GraphedFunction(_CapturedAtFirstTrainingCall):
         out = self.graphed(*args)
         return tuple(o.clone() for o in out) if isinstance(out, tuple) else out.clone()
 
-    def _capture(self, args: Tuple[torch.Tensor, ...]) -> None:
-        if not all(a.is_cuda for a in args):
-            raise ValueError("GraphedFunction: CUDA graphs need every input on a CUDA device")
-        samples = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
-        # The warm-up runs before capture train-mode BatchNorm as real steps would; undo that.
-        buffers = [(b, b.clone()) for b in self.owner.buffers()]
+    def _capture(self, samples: Tuple[torch.Tensor, ...]) -> None:
         # The graphs' outputs keep the parameters' gradient accumulators that capture created on its
         # side stream, so every backward warns that they run on another stream than the gradients'
         # producer. Benign: the engine orders the accumulation after the producer and the caller's
@@ -112,9 +119,6 @@ class GraphedFunction(_CapturedAtFirstTrainingCall):
         with CAPTURE_LOCK:
             self.graphed = torch.cuda.make_graphed_callables(_Call(self.owner, self.fn), samples,
                                                              allow_unused_input=True)
-        with torch.no_grad():
-            for buffer, before in buffers:
-                buffer.copy_(before)
 
 
 class GraphedLossStep(_CapturedAtFirstTrainingCall):
@@ -128,7 +132,7 @@ class GraphedLossStep(_CapturedAtFirstTrainingCall):
     benchmarks/RESULTS.md row 75). A loss's backward needs nothing but the loss's own gradient, a
     number, so the graph runs the backward right after the forward, for a gradient of 1, into
     buffers of its own; the one autograd node this returns then scales them by the real gradient
-    (one launch for every parameter), hands the differentiable inputs' (the looked-up rows) on to
+    (one launch for all the parameters), hands the differentiable inputs' (the looked-up rows) on to
     their producers, and accumulates the parameters' into ``.grad`` as autograd would (set where
     it is None, else added).
 
@@ -155,14 +159,10 @@ class GraphedLossStep(_CapturedAtFirstTrainingCall):
         loss = _GraphedLoss.apply(self._outputs[0], self, self.replays, *args)
         return (loss, *(o.clone() for o in self._outputs[1:]))
 
-    def _capture(self, args: Tuple[torch.Tensor, ...]) -> None:
-        if not all(a.is_cuda for a in args):
-            raise ValueError("GraphedLossStep: CUDA graphs need every input on a CUDA device")
-        self._inputs = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
+    def _capture(self, samples: Tuple[torch.Tensor, ...]) -> None:
+        self._inputs = samples
         params = [p for p in self.owner.parameters() if p.requires_grad]
         differentiable = [a for a in self._inputs if a.requires_grad]
-        # The warm-up runs before capture train-mode BatchNorm as real steps would; undo that.
-        buffers = [(b, b.clone()) for b in self.owner.buffers()]
 
         def step() -> Tuple[Tuple[torch.Tensor, ...], Tuple[Optional[torch.Tensor], ...]]:
             outputs = self.fn(*self._inputs)
@@ -182,9 +182,6 @@ class GraphedLossStep(_CapturedAtFirstTrainingCall):
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 outputs, grads = step()
-        with torch.no_grad():
-            for buffer, before in buffers:
-                buffer.copy_(before)
         self._outputs = tuple(o.detach() for o in outputs)
         input_grads = iter(grads[:len(differentiable)])
         self._input_grads = tuple(next(input_grads) if a.requires_grad else None for a in self._inputs)
