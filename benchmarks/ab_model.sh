@@ -4,6 +4,7 @@
 #
 # On the development machine, the older tree as an untracked tarball (it travels with the tree):
 #     git archive --format=tar.gz -o ab_base.tgz <commit>
+# (or `none` in its place where every run is "new").
 # On the GPU host, in the repository root, after `source .gpu/install.sh && export PYTHONPATH=$PWD:$PYTHONPATH`:
 #     bash benchmarks/ab_model.sh ab_base.tgz base new base new
 # A run is "new" or "base", optionally with more bench_train arguments after colons (values
@@ -21,7 +22,8 @@ root=$PWD
 logs=${OUT:-/tmp}
 rm -rf /tmp/ab_model_base
 mkdir -p /tmp/ab_model_base
-tar xzf "$base_tgz" -C /tmp/ab_model_base
+# "none": only "new" runs (no older tree to compare).
+if [ "$base_tgz" != none ]; then tar xzf "$base_tgz" -C /tmp/ab_model_base; fi
 
 i=0
 for run in "$@"; do
@@ -29,7 +31,8 @@ for run in "$@"; do
   IFS=: read -r -a parts <<< "$run"
   case ${parts[0]} in
     new) tree=$root ;;
-    base) tree=/tmp/ab_model_base ;;
+    base) [ "$base_tgz" != none ] || { echo "a base run needs a base tarball, not none" >&2; exit 2; }
+          tree=/tmp/ab_model_base ;;
     *) echo "a run is new or base (then :bench_train arguments), not $run" >&2; exit 2 ;;
   esac
   log=$logs/ab_model_${i}_${parts[0]}.log

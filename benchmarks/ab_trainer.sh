@@ -4,6 +4,7 @@
 #
 # On the development machine, the older tree as an untracked tarball (it travels with the tree):
 #     git archive --format=tar.gz -o ab_base.tgz <commit>
+# (or `none` in its place where every run is "new").
 # On the GPU host, in the repository root, after `source .gpu/install.sh && export PYTHONPATH=$PWD:$PYTHONPATH`:
 #     bash benchmarks/ab_trainer.sh ab_base.tgz new base base new new base
 # A run is "new" or "base", optionally with config overrides after colons:
@@ -24,7 +25,8 @@ data=${AB_DATA:-/tmp/prep_full}
 root=$PWD
 rm -rf /tmp/ab_base /tmp/ab_runs
 mkdir -p /tmp/ab_base /tmp/ab_runs
-tar xzf "$base_tgz" -C /tmp/ab_base
+# "none": only "new" runs (no older tree to compare).
+if [ "$base_tgz" != none ]; then tar xzf "$base_tgz" -C /tmp/ab_base; fi
 if [ ! -f "$data/meta.json" ]; then
   python benchmarks/make_prepared.py --config "$config" --out "$data" \
     --samples "${AB_SAMPLES:-1200000}" --test-samples 20000 > /tmp/ab_runs/prepare.log 2>&1
@@ -37,7 +39,8 @@ for run in "$@"; do
   who=${parts[0]}
   case $who in
     new) tree=$root ;;
-    base) tree=/tmp/ab_base ;;
+    base) [ "$base_tgz" != none ] || { echo "a base run needs a base tarball, not none" >&2; exit 2; }
+          tree=/tmp/ab_base ;;
     *) echo "a run is new or base (then :key=value overrides), not $run" >&2; exit 2 ;;
   esac
   overrides=()
