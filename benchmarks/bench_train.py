@@ -31,7 +31,9 @@ import io
 import json
 import os
 import pstats
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from itertools import cycle, islice, product
 from pathlib import Path
@@ -338,6 +340,23 @@ GSU_PLACES = {"host": "", "device": "_device_gsu", "device_ahead": "_device_gsu_
               "device_process": "_device_gsu_process"}
 
 
+@contextmanager
+def gil_switch_interval(ms: Optional[float]) -> Iterator[None]:
+    """Python's GIL switch interval at ``ms`` milliseconds inside (None: as it is), restored after.
+
+    Why a knob: the training thread shares the GIL with the data path's thread beside it, and a
+    thread waiting for the GIL asks its holder to let go only after a whole interval without a
+    switch (CPython's ``take_gil``), 5 ms by default, longer than a training step. Shorter intervals
+    measured slower end to end on one H100 (benchmarks/RESULTS.md row 107)."""
+    before = sys.getswitchinterval()
+    if ms is not None:
+        sys.setswitchinterval(ms / 1000)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)
+
+
 def paced_beside(staged: List[Batch], data_path: Iterable[Batch]) -> Iterator[Batch]:
     """``staged`` cycled, one batch of ``data_path`` drawn and dropped before each (``shadow`` mode):
     the data path runs beside the model step at its pace without feeding it; ends with the data path."""
@@ -465,6 +484,10 @@ def main() -> None:
                              "(busy.py: gather, the default, or spin); repeat entries to alternate")
     parser.add_argument("--busy-cpus", default=None, metavar="LIST",
                         help="the CPUs the busy processes run on, as sysfs writes them (e.g. 4-15)")
+    parser.add_argument("--gil-switch-ms", nargs="+", type=float, default=[None], metavar="MS",
+                        help="loader, e2e and shadow modes: one run per entry with Python's GIL switch interval "
+                             "(sys.setswitchinterval) at MS milliseconds (default: Python's, 5 ms); repeat "
+                             "entries to alternate")
     parser.add_argument("--sync-dense-on-one-rank", action="store_true",
                         help="model, e2e and shadow modes: the dense part synchronised as train.dense_sync does "
                              "on two or more GPUs (the trainer does not on one), to time that path on one GPU")
@@ -527,13 +550,15 @@ def main() -> None:
                                                 cfg.data.max_history, args.scl_rows, shards=16, chunk_users=256, seed=0)
         dist.barrier()
     for mode in data_modes:
-        runs = [(place, packed, graph, sharing, pipe) for place in args.gsu_places for packed in args.packing
+        runs = [(place, packed, graph, sharing, pipe, switch) for place in args.gsu_places for packed in args.packing
                 for graph in (args.gsu_graphs if place != "host" else ["graphed"]) for sharing in args.sharing
-                for pipe in enumerate(args.pipelines if mode == "e2e" and args.pipelines else [None])]
-        for place, packed, graph, sharing, (run, pipeline) in runs:
+                for pipe in enumerate(args.pipelines if mode == "e2e" and args.pipelines else [None])
+                for switch in args.gil_switch_ms]
+        for place, packed, graph, sharing, (run, pipeline), switch in runs:
             name = mode + GSU_PLACES[place]
             name += ("" if packed == "slots" else f":{packed}") + ("" if graph == "graphed" else ":eager")
             name += "" if pipeline is None else f":{pipeline}:{run}"
+            name += "" if switch is None else f":gil{switch:g}ms"
             if sharing is not None:
                 torch.multiprocessing.set_sharing_strategy(sharing)
                 name += f":{sharing}"
@@ -548,17 +573,18 @@ def main() -> None:
                     raise ValueError("bench_train: the feeder process cannot route batches (--gsu-places device_ahead)")
                 return ProcessFeeder(e2e_batches, path, ctx.device)
 
-            if mode == "loader":
-                results[name] = bench_loader(data_path(), cfg.train.batch_size, ctx.device, args.warmup, args.steps,
-                                             args.profile_steps)
-            else:
-                # e2e: the data path made once the model is sharded, with the router its batches need.
-                fed = data_path if mode == "e2e" else paced_beside(batches, data_path())
-                results[name] = bench_sharded(cfg, vocab, fed, ctx, args.warmup, args.steps, args.profile_steps,
-                                              freeze_gc=True, profiler=args.profiler, pipeline=pipeline,
-                                              sync_dense_on_one_rank=args.sync_dense_on_one_rank,
-                                              shard_as_on_several_ranks=args.shard_as_on_several_ranks,
-                                              trace=trace_path(args.trace_dir, name, ctx.rank))
+            with gil_switch_interval(switch):
+                if mode == "loader":
+                    results[name] = bench_loader(data_path(), cfg.train.batch_size, ctx.device, args.warmup, args.steps,
+                                                 args.profile_steps)
+                else:
+                    # e2e: the data path made once the model is sharded, with the router its batches need.
+                    fed = data_path if mode == "e2e" else paced_beside(batches, data_path())
+                    results[name] = bench_sharded(cfg, vocab, fed, ctx, args.warmup, args.steps, args.profile_steps,
+                                                  freeze_gc=True, profiler=args.profiler, pipeline=pipeline,
+                                                  sync_dense_on_one_rank=args.sync_dense_on_one_rank,
+                                                  shard_as_on_several_ranks=args.shard_as_on_several_ranks,
+                                                  trace=trace_path(args.trace_dir, name, ctx.rank))
             results[name]["loader_workers"] = args.workers
     if args.baseline:
         results["baseline"] = bench_replicated(cfg, vocab, batches, ctx, args.warmup, args.steps)
