@@ -73,6 +73,25 @@ def test_gsu_ahead_gives_the_same_batches_in_order(device):
         assert torch.equal(a.topk_scores, b.topk_scores)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gsu_ahead_batches_stay_intact_until_the_consumers_stream_has_read_them():
+    """The consumer's stream reads each batch only after a long wait on the GPU, while the host drops
+    the batch at once and the thread ahead goes on making batches on its own stream: their memory is
+    recorded as used on the consumer's stream (by the thread that made them), so it is not reused
+    before that read."""
+    scl, item_scl_row, raws = _raw_batches(12)
+    gsu = DeviceGsu(scl, item_scl_row, torch.device("cuda"), k=K)
+    want = [b.sparse_features.values().cpu() for b in gsu.over(raws)]
+    got = []
+    for batch in gsu.ahead(raws, depth=2):
+        torch.cuda._sleep(50_000_000)  # tens of ms of the consumer's stream before it reads the batch
+        got.append(batch.sparse_features.values().clone())
+        del batch
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert torch.equal(g.cpu(), w)
+
+
 def test_gsu_ahead_raises_a_loader_error_in_order_and_stops():
     scl, item_scl_row, raws = _raw_batches(3)
 

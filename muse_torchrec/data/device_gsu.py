@@ -304,8 +304,12 @@ class GsuAhead:
     host time, and the training thread is host-bound. PyTorch releases the GIL while it launches an
     op, so the thread overlaps part of that time with the training step's own launches (measured
     0.98-1.11x end to end against the training thread, benchmarks/RESULTS.md rows 16, 20, 21, 25).
-    On CUDA each batch carries an event recorded after its GSU; the consumer's current stream waits
-    for it and the batch's memory is recorded as used there.
+    On CUDA each batch carries an event recorded after its GSU, for which the consumer's stream waits;
+    the thread that made the batch has already recorded its memory as used on that stream (the
+    stream current where the iteration starts: use the batches there). Why there: each
+    ``record_stream`` lets the GIL go, and the training thread, which would otherwise make one for
+    every tensor of every batch, then waits to take it back from this thread (benchmarks/RESULTS.md
+    row 106).
 
     Each batch is drawn and made holding ``cuda_graphs.CAPTURE_LOCK``: the training thread's graph
     captures fail if this thread allocates or synchronises meanwhile.
@@ -328,15 +332,17 @@ class GsuAhead:
         with CAPTURE_LOCK:
             return torch.cuda.Stream(self.gsu.device) if self.gsu.device.type == "cuda" else None
 
-    def _made(self, source: Iterator, stream: Optional[torch.cuda.Stream]) -> object:
-        """The next batch of ``source`` with its GSU (``_END`` after the last), and its event."""
+    def _made(self, source: Iterator, used_on: Optional[torch.cuda.Stream], stream: Optional[torch.cuda.Stream]) -> object:
+        """The next batch of ``source`` with its GSU (``_END`` after the last), and its event; its
+        memory recorded as used on ``used_on`` (None: not recorded here)."""
         with CAPTURE_LOCK:
             raw = next(source, _END)
-            return raw if raw is _END else _recorded(self.gsu(raw), stream)
+            return raw if raw is _END else _recorded(self.gsu(raw), stream, used_on)
 
-    def _routed(self, inbox: "queue.Queue", stop: threading.Event, stream: Optional[torch.cuda.Stream]) -> object:
+    def _routed(self, inbox: "queue.Queue", stop: threading.Event, used_on: Optional[torch.cuda.Stream],
+                stream: Optional[torch.cuda.Stream]) -> object:
         """The next batch of ``inbox`` (the GSU's thread's) with its routing (``_END`` after the last),
-        and its event."""
+        and its event; its memory recorded as used on ``used_on``."""
         item = _get(inbox, stop)
         if item is _END or isinstance(item, BaseException):
             return item
@@ -345,16 +351,19 @@ class GsuAhead:
             _wait_for(batch, event, stream)
         routing = self.router(batch.sparse_features, cuda_calls=CAPTURE_LOCK)
         with CAPTURE_LOCK:
-            return _recorded(replace(batch, routing=routing), stream)
+            return _recorded(replace(batch, routing=routing), stream, used_on)
 
     def __iter__(self) -> Iterator[Batch]:
         stop = threading.Event()
+        consumer = torch.cuda.current_stream(self.gsu.device) if self.gsu.device.type == "cuda" else None
         made: queue.Queue = queue.Queue(maxsize=self.depth)
-        stages = [("gsu-ahead", partial(self._made, iter(self.batches)), made)]
+        # The last stage records each batch as used on the consumer's stream.
+        stages = [("gsu-ahead", partial(self._made, iter(self.batches), consumer if self.router is None else None),
+                   made)]
         out = made
         if self.router is not None:
             out = queue.Queue(maxsize=self.depth)
-            stages.append(("route-ahead", partial(self._routed, made, stop), out))
+            stages.append(("route-ahead", partial(self._routed, made, stop, consumer), out))
         threads = [threading.Thread(target=_stage, args=(next_item, self._stream(), queue_, stop), daemon=True,
                                     name=name) for name, next_item, queue_ in stages]
         for thread in threads:
@@ -368,7 +377,7 @@ class GsuAhead:
                     raise item
                 batch, event = item
                 if event is not None:
-                    _wait_for(batch, event, torch.cuda.current_stream(self.gsu.device))
+                    consumer.wait_event(event)
                 yield batch
         finally:
             stop.set()
@@ -376,10 +385,14 @@ class GsuAhead:
                 thread.join()
 
 
-def _recorded(batch: Batch, stream: Optional[torch.cuda.Stream]) -> Tuple[Batch, Optional[torch.cuda.Event]]:
-    """``batch`` and, on CUDA, an event recorded on ``stream``, where its work was launched."""
+def _recorded(batch: Batch, stream: Optional[torch.cuda.Stream],
+              used_on: Optional[torch.cuda.Stream]) -> Tuple[Batch, Optional[torch.cuda.Event]]:
+    """``batch`` and, on CUDA, an event recorded on ``stream``, where its work was launched; its
+    memory recorded as used on ``used_on`` (the stream that will read it), unless None."""
     if stream is None:
         return batch, None
+    if used_on is not None:
+        batch.record_stream(used_on)
     event = torch.cuda.Event()
     event.record(stream)
     return batch, event
