@@ -332,7 +332,8 @@ class GsuAhead:
         with CAPTURE_LOCK:
             return torch.cuda.Stream(self.gsu.device) if self.gsu.device.type == "cuda" else None
 
-    def _made(self, source: Iterator, used_on: Optional[torch.cuda.Stream], stream: Optional[torch.cuda.Stream]) -> object:
+    def _made(self, source: Iterator, used_on: Optional[torch.cuda.Stream],
+              stream: Optional[torch.cuda.Stream]) -> object:
         """The next batch of ``source`` with its GSU (``_END`` after the last), and its event; its
         memory recorded as used on ``used_on`` (None: not recorded here)."""
         with CAPTURE_LOCK:
