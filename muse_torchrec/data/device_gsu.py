@@ -32,7 +32,6 @@ from muse_torchrec.data.block import SampleBlock
 from muse_torchrec.data.packed import Packed
 from muse_torchrec.data.routing import Routing
 from muse_torchrec.data.slots import SlotRef
-from muse_torchrec.host_turns import TRAINING_TURNS
 from muse_torchrec.model import gsu as gsu_ops
 from muse_torchrec.model.cuda_graphs import CAPTURE_LOCK
 
@@ -313,9 +312,7 @@ class GsuAhead:
     row 106).
 
     Each batch is drawn and made holding ``cuda_graphs.CAPTURE_LOCK``: the training thread's graph
-    captures fail if this thread allocates or synchronises meanwhile. And each starts once the
-    training thread is not busy (``host_turns.TRAINING_TURNS``: the plain step's backward or between
-    steps), so that its Python does not hold up the training thread's.
+    captures fail if this thread allocates or synchronises meanwhile.
 
     ``router``: each batch's ids are then routed over the ranks (``data.routing``: the exchanges and
     their read-backs off the training thread) in a second thread, on a stream of its own, while the
@@ -339,7 +336,6 @@ class GsuAhead:
               stream: Optional[torch.cuda.Stream]) -> object:
         """The next batch of ``source`` with its GSU (``_END`` after the last), and its event; its
         memory recorded as used on ``used_on`` (None: not recorded here)."""
-        TRAINING_TURNS.its_turn()
         with CAPTURE_LOCK:
             raw = next(source, _END)
             return raw if raw is _END else _recorded(self.gsu(raw), stream, used_on)

@@ -30,7 +30,6 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from muse_torchrec.config import ConfigError
 from muse_torchrec.data.batch import Batch
-from muse_torchrec.host_turns import TRAINING_TURNS
 
 # What the model returns besides its loss: (loss, logits, labels), all detached.
 StepOutput = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -59,14 +58,10 @@ class PlainStep:
 
     def progress(self, batches: Iterator[Any]) -> StepOutput:
         batch: Batch = next(batches).to(self.device, non_blocking=True)
-        # The data path's thread ahead makes its next batch during the backward, while this thread
-        # waits in C++ without the GIL (``host_turns``).
-        with TRAINING_TURNS.busy():
-            loss, output = self.model(batch)
-            self.optimizer.zero_grad()
+        loss, output = self.model(batch)
+        self.optimizer.zero_grad()
         loss.backward()
-        with TRAINING_TURNS.busy():
-            self.optimizer.step()
+        self.optimizer.step()
         return output
 
     def detach(self) -> nn.Module:
