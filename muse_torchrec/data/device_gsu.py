@@ -309,7 +309,7 @@ class GsuAhead:
     stream current where the iteration starts: use the batches there). Why there: each
     ``record_stream`` lets the GIL go, and the training thread, which would otherwise make one for
     every tensor of every batch, then waits to take it back from this thread (benchmarks/RESULTS.md
-    row 106).
+    row 106; end to end not separated from recording in the training thread, row 109).
 
     Each batch is drawn and made holding ``cuda_graphs.CAPTURE_LOCK``: the training thread's graph
     captures fail if this thread allocates or synchronises meanwhile.
