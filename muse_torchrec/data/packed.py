@@ -10,9 +10,10 @@ device as that one buffer, and ``unpack`` rebuilds the batch there from views of
 
 The rebuild runs for every batch in the data path's thread, beside the host-bound training thread,
 and every PyTorch op it calls lets the GIL go, which the training thread may then wait to take back
-(benchmarks/RESULTS.md rows 105-106). So ``pack`` computes every size in the worker, and the
-rebuild is one ``split_with_sizes`` per dtype (and a ``view`` for each tensor of more than one
-dimension): 15 ops for a ``GsuBatch``'s 20 tensors, instead of a view of its own for each.
+(benchmarks/RESULTS.md rows 105-106). So ``pack`` lays the tensors of one dtype out next to each
+other and computes every size in the worker, and the rebuild is one ``split_with_sizes`` per dtype
+(and a ``view`` for each tensor of more than one dimension): ~15 ops for a ``GsuBatch``'s 20
+tensors, instead of a view of its own for each.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
-# Every tensor starts at a multiple of this many bytes, so that a view of any dtype is aligned.
+# Each dtype's tensors start at a multiple of this many bytes, so that a view of any dtype is aligned.
 _ALIGN = 16
 
 # Layout nodes (plain tuples, cheap to pickle):
@@ -34,9 +35,8 @@ _ALIGN = 16
 #                                                ("value", None); length_per_key a list of ints
 #   ("dataclass", cls, ((field name, layout), ...))
 #   ("value", obj)                               anything else, kept as is (ints, None, strings)
-# A Packed's layout is (node, splits), splits ((dtype, sizes), ...): the buffer viewed as dtype
-# splits by sizes into [bytes before tensor 0, tensor 0, bytes before tensor 1, tensor 1, ...,
-# bytes after the last].
+# A Packed's layout is (node, splits): splits is ((dtype, sizes), ...), where the buffer viewed as
+# dtype splits by sizes into [the bytes before, tensor 0, tensor 1, ..., the bytes after].
 Layout = Tuple[Any, ...]
 
 
@@ -62,18 +62,15 @@ class Packed(Pipelineable):
 
 
 class _Collector:
-    """Tensors met while laying a batch out, grouped by dtype, with their byte offsets in the buffer."""
+    """Tensors met while laying a batch out, grouped by dtype in the order met."""
 
     def __init__(self) -> None:
-        self.by_dtype: Dict[torch.dtype, List[Tuple[torch.Tensor, int]]] = {}
-        self.size = 0
+        self.by_dtype: Dict[torch.dtype, List[torch.Tensor]] = {}
 
     def layout(self, obj: Any) -> Layout:
         if isinstance(obj, torch.Tensor):
-            offset = _aligned(self.size)
-            self.size = offset + obj.numel() * obj.element_size()
             same = self.by_dtype.setdefault(obj.dtype, [])
-            same.append((obj, offset))
+            same.append(obj)
             return ("tensor", obj.dtype, len(same) - 1, tuple(obj.shape))
         if isinstance(obj, KeyedJaggedTensor):
             # The ids per key travel as host numbers: computed on the device, TorchRec would read them
@@ -98,30 +95,20 @@ def pack(obj: Any, allocate: Callable[[int], torch.Tensor] = lambda size: torch.
     """
     collector = _Collector()
     node = collector.layout(obj)
-    buffer = allocate(_aligned(collector.size))
+    starts, size = [], 0  # each dtype's first byte
+    for dtype, tensors in collector.by_dtype.items():
+        starts.append(_aligned(size))
+        size = starts[-1] + sum(t.numel() for t in tensors) * tensors[0].element_size()
+    buffer = allocate(_aligned(size))
     splits = []
-    for dtype, placed in collector.by_dtype.items():
-        sizes = _split_sizes(placed, buffer.numel())
-        for (tensor, _), part in zip(placed, _tensor_parts(buffer, dtype, sizes)):
+    for start, (dtype, tensors) in zip(starts, collector.by_dtype.items()):
+        typed = buffer.view(dtype)
+        first, numels = start // tensors[0].element_size(), [t.numel() for t in tensors]
+        sizes = (first, *numels, typed.numel() - first - sum(numels))
+        for tensor, part in zip(tensors, typed.split_with_sizes(sizes)[1:-1]):
             part.view(tensor.shape).copy_(tensor)
         splits.append((dtype, sizes))
     return Packed(buffer, (node, tuple(splits)))
-
-
-def _split_sizes(placed: List[Tuple[torch.Tensor, int]], nbytes: int) -> Tuple[int, ...]:
-    """Sizes that split an ``nbytes`` buffer viewed as the dtype of the ``placed`` tensors (each with
-    its byte offset, in order) into [gap, tensor, gap, tensor, ..., the rest]."""
-    itemsize = placed[0][0].element_size()
-    sizes, end = [], 0
-    for tensor, offset in placed:
-        sizes += [offset // itemsize - end, tensor.numel()]
-        end = offset // itemsize + tensor.numel()
-    return (*sizes, nbytes // itemsize - end)
-
-
-def _tensor_parts(buffer: torch.Tensor, dtype: torch.dtype, sizes: Sequence[int]) -> Sequence[torch.Tensor]:
-    """The flat tensors of ``dtype`` in ``buffer``: two ops, whatever their number."""
-    return buffer.view(dtype).split_with_sizes(sizes)[1::2]
 
 
 def _rebuild(layout: Layout, parts: Dict[torch.dtype, Sequence[torch.Tensor]]) -> Any:
@@ -144,7 +131,7 @@ def _rebuild(layout: Layout, parts: Dict[torch.dtype, Sequence[torch.Tensor]]) -
 def unpack(packed: Packed) -> Any:
     """The batch ``pack`` was given, its tensors views of ``packed.buffer`` (on the buffer's device)."""
     node, splits = packed.layout
-    return _rebuild(node, {dtype: _tensor_parts(packed.buffer, dtype, sizes) for dtype, sizes in splits})
+    return _rebuild(node, {dtype: packed.buffer.view(dtype).split_with_sizes(sizes)[1:-1] for dtype, sizes in splits})
 
 
 class PackingTransform:
