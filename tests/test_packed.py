@@ -5,13 +5,11 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from muse_torchrec.data.batch import GSU_KINDS, BatchBuilder
 from muse_torchrec.data.device_gsu import DeferredGsuBuilder
 from muse_torchrec.data.packed import Packed, PackingTransform, pack, unpack
-from muse_torchrec.data.streams import tensors_of
 from random_data import random_block, random_scl
 
 
@@ -56,30 +54,6 @@ def test_round_trip_through_a_process_boundary(kind):
         if isinstance(tensor, torch.Tensor) and tensor.numel():
             assert tensor.untyped_storage().data_ptr() == storage
             assert (tensor.data_ptr() - storage) % tensor.element_size() == 0
-
-
-class _OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        # A dtype view's detach comes from the mode itself, not from the caller.
-        self.ops += func is not torch.ops.aten.detach.default
-        return func(*args, **(kwargs or {}))
-
-
-def test_unpack_is_a_split_per_dtype_and_a_view_per_tensor_of_several_dimensions():
-    # Every op of the rebuild lets the GIL go beside the training thread (data.packed's docstring).
-    builders, rng = _builders()
-    packed = pack(builders["deferred"](random_block(rng, num_users=15, max_len=70)))
-    with _OpCounter() as counter:
-        rebuilt = unpack(packed)
-    tensors = [t for t in tensors_of(rebuilt) if t is not None]
-    dtypes = {t.dtype for t in tensors}
-    several_dims = sum(t.dim() != 1 for t in tensors)
-    assert len(tensors) == 20 and several_dims == 7
-    assert counter.ops == 2 * len(dtypes) + several_dims
 
 
 def test_odd_dtypes_shapes_and_plain_values():

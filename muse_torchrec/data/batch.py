@@ -19,7 +19,6 @@ from torchrec.streamable import Pipelineable
 from muse_torchrec import features as F
 from muse_torchrec.data.block import SampleBlock
 from muse_torchrec.data.routing import Routing
-from muse_torchrec.data.streams import record_each_block
 from muse_torchrec.model import gsu as gsu_ops
 
 GSU_KINDS = ("scl_cosine", "category", "recent_only", "whole_history", "whole_history_scl", "whole_history_scl_vectors")
@@ -78,7 +77,8 @@ class Batch(Pipelineable):
                         for f, part in ((f, getattr(self, f.name)) for f in fields(self))})
 
     def record_stream(self, stream: torch.Stream) -> None:
-        record_each_block(self, stream)
+        for part in self._parts():
+            part.record_stream(stream)
 
     def pin_memory(self) -> "Batch":
         if self.routing is not None:

@@ -20,7 +20,7 @@ import queue
 import threading
 from dataclasses import dataclass, fields, replace
 from functools import partial
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -32,7 +32,6 @@ from muse_torchrec.data.block import SampleBlock
 from muse_torchrec.data.packed import Packed
 from muse_torchrec.data.routing import Routing
 from muse_torchrec.data.slots import SlotRef
-from muse_torchrec.data.streams import record_each_block
 from muse_torchrec.model import gsu as gsu_ops
 from muse_torchrec.model.cuda_graphs import CAPTURE_LOCK
 
@@ -86,7 +85,9 @@ class GsuBatch(Pipelineable):
         return replace(self, batch=self.batch.to(device, non_blocking), **moved)
 
     def record_stream(self, stream: torch.Stream) -> None:
-        record_each_block(self, stream)
+        self.batch.record_stream(stream)
+        for tensor in self._tensors().values():
+            tensor.record_stream(stream)
 
     def pin_memory(self) -> "GsuBatch":
         return replace(self, batch=self.batch.pin_memory(), **{n: t.pin_memory() for n, t in self._tensors().items()})
@@ -184,7 +185,6 @@ class GraphedMuseSelection:
                                             for _ in range(2))
         self.hist_lengths, self.sample_user, self.target_items = (
             torch.zeros(batch_size, dtype=torch.long, device=device) for _ in range(3))
-        self._inputs_by_users: Dict[int, List[torch.Tensor]] = {}
         compiled = torch.compile(select_by_sample, dynamic=False)
         args = (scl, item_scl_row, self.hist_items, self.hist_cates, self.hist_lengths, self.sample_user,
                 self.target_items, k)
@@ -203,24 +203,18 @@ class GraphedMuseSelection:
         """Device memory of the buffers and the graph's intermediates: ~12 int64 [B, L] tensors."""
         return 12 * 8 * batch_size * max_history
 
-    def _inputs(self, users: int) -> List[torch.Tensor]:
-        """The graph's input buffers for a batch of ``users`` users, in ``select_by_sample``'s order
-        (the histories' first ``users`` rows). Kept per user count: each slice is an op, and every
-        op lets the GIL go (see ``GsuAhead``)."""
-        inputs = self._inputs_by_users.get(users)
-        if inputs is None:
-            inputs = self._inputs_by_users[users] = [self.hist_items[:users], self.hist_cates[:users],
-                                                     self.hist_lengths[:users], self.sample_user, self.target_items]
-        return inputs
-
     def fits(self, raw: GsuBatch) -> bool:
         return raw.sample_user.numel() == self.batch_size and raw.hist_items.shape[1] == self.max_history
 
     def __call__(self, raw: GsuBatch) -> Selection:
         """Replay on the current stream; ``raw`` on the graph's device, ``fits(raw)``. The ids are
         valid until the next replay (see the class docstring)."""
-        torch._foreach_copy_(self._inputs(raw.hist_items.shape[0]),
-                             [raw.hist_items, raw.hist_cates, raw.hist_lengths, raw.sample_user, raw.target_items])
+        users = raw.hist_items.shape[0]
+        self.hist_items[:users].copy_(raw.hist_items)
+        self.hist_cates[:users].copy_(raw.hist_cates)
+        self.hist_lengths[:users].copy_(raw.hist_lengths)
+        self.sample_user.copy_(raw.sample_user)
+        self.target_items.copy_(raw.target_items)
         self.graph.replay()
         scores, items, cates = self.outputs
         return scores.clone(), items, cates

@@ -6,37 +6,31 @@ tensor), and the training thread spends ~0.45 ms per tensor taking them in (meas
 development machine: 9.8 ms per ``GsuBatch`` against 1.2 ms for one tensor of the same bytes),
 time a host-bound training step does not have. ``pack`` copies every tensor of a batch into one
 byte buffer in the worker; ``Packed`` crosses the process boundary, is pinned and moved to the
-device as that one buffer, and ``unpack`` rebuilds the batch there from views of it (no copies).
-
-The rebuild runs for every batch in the data path's thread, beside the host-bound training thread,
-and every PyTorch op it calls lets the GIL go, which the training thread may then wait to take back
-(benchmarks/RESULTS.md rows 105-106). So ``pack`` lays the tensors of one dtype out next to each
-other and computes every size in the worker, and the rebuild is one ``split_with_sizes`` per dtype
-(and a ``view`` for each tensor of more than one dimension): ~15 ops for a ``GsuBatch``'s 20
-tensors, instead of a view of its own for each.
+device as that one buffer, and ``unpack`` rebuilds the batch there from views of it (no copies):
+one ``as_strided`` per tensor on a view of the buffer as the tensor's dtype, with every offset,
+shape and stride computed in the worker, because the rebuild runs on the host-bound training
+process for every batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, List, Tuple
 
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
-# Each dtype's tensors start at a multiple of this many bytes, so that a view of any dtype is aligned.
+# Every tensor starts at a multiple of this many bytes, so that a view of any dtype is aligned.
 _ALIGN = 16
 
 # Layout nodes (plain tuples, cheap to pickle):
-#   ("tensor", dtype, index, shape)              the index-th tensor of dtype in the buffer
+#   ("tensor", dtype, shape, stride, offset)     contiguous; offset in elements of dtype
 #   ("kjt", keys, values, lengths, weights, length_per_key)   children are layouts, weights may be
 #                                                ("value", None); length_per_key a list of ints
 #   ("dataclass", cls, ((field name, layout), ...))
 #   ("value", obj)                               anything else, kept as is (ints, None, strings)
-# A Packed's layout is (node, splits): splits is ((dtype, sizes), ...), where the buffer viewed as
-# dtype splits by sizes into [the bytes before, tensor 0, tensor 1, ..., the bytes after].
 Layout = Tuple[Any, ...]
 
 
@@ -62,16 +56,19 @@ class Packed(Pipelineable):
 
 
 class _Collector:
-    """Tensors met while laying a batch out, grouped by dtype in the order met."""
+    """Tensors met while laying a batch out, with their byte offsets in the buffer."""
 
     def __init__(self) -> None:
-        self.by_dtype: Dict[torch.dtype, List[torch.Tensor]] = {}
+        self.placed: List[Tuple[torch.Tensor, int]] = []
+        self.size = 0
 
     def layout(self, obj: Any) -> Layout:
         if isinstance(obj, torch.Tensor):
-            same = self.by_dtype.setdefault(obj.dtype, [])
-            same.append(obj)
-            return ("tensor", obj.dtype, len(same) - 1, tuple(obj.shape))
+            offset = _aligned(self.size)
+            self.size = offset + obj.numel() * obj.element_size()
+            self.placed.append((obj, offset))
+            shape = tuple(obj.shape)
+            return ("tensor", obj.dtype, shape, _contiguous_strides(shape), offset // obj.element_size())
         if isinstance(obj, KeyedJaggedTensor):
             # The ids per key travel as host numbers: computed on the device, TorchRec would read them
             # back (a sync) in every input distribution.
@@ -87,6 +84,14 @@ def _aligned(size: int) -> int:
     return -(-size // _ALIGN) * _ALIGN
 
 
+def _contiguous_strides(shape: Tuple[int, ...]) -> Tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
 def pack(obj: Any, allocate: Callable[[int], torch.Tensor] = lambda size: torch.empty(size, dtype=torch.uint8)) -> Packed:
     """Copy every tensor of ``obj`` (CPU) into one buffer; tensors may be of any dtype and shape.
 
@@ -94,44 +99,45 @@ def pack(obj: Any, allocate: Callable[[int], torch.Tensor] = lambda size: torch.
     size is a multiple of 16, so that the buffer can be viewed as any dtype.
     """
     collector = _Collector()
-    node = collector.layout(obj)
-    starts, size = [], 0  # each dtype's first byte
-    for dtype, tensors in collector.by_dtype.items():
-        starts.append(_aligned(size))
-        size = starts[-1] + sum(t.numel() for t in tensors) * tensors[0].element_size()
-    buffer = allocate(_aligned(size))
-    splits = []
-    for start, (dtype, tensors) in zip(starts, collector.by_dtype.items()):
-        typed = buffer.view(dtype)
-        first, numels = start // tensors[0].element_size(), [t.numel() for t in tensors]
-        sizes = (first, *numels, typed.numel() - first - sum(numels))
-        for tensor, part in zip(tensors, typed.split_with_sizes(sizes)[1:-1]):
-            part.view(tensor.shape).copy_(tensor)
-        splits.append((dtype, sizes))
-    return Packed(buffer, (node, tuple(splits)))
+    layout = collector.layout(obj)
+    buffer = allocate(_aligned(collector.size))
+    for tensor, offset in collector.placed:
+        nbytes = tensor.numel() * tensor.element_size()
+        buffer[offset:offset + nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor)
+    return Packed(buffer, layout)
 
 
-def _rebuild(layout: Layout, parts: Dict[torch.dtype, Sequence[torch.Tensor]]) -> Any:
+class _TypedViews(dict):
+    """dtype -> the whole buffer viewed as that dtype, made on first use."""
+
+    def __init__(self, buffer: torch.Tensor) -> None:
+        super().__init__()
+        self.buffer = buffer
+
+    def __missing__(self, dtype: torch.dtype) -> torch.Tensor:
+        typed = self[dtype] = self.buffer.view(dtype)
+        return typed
+
+
+def _rebuild(layout: Layout, typed: _TypedViews) -> Any:
     kind = layout[0]
     if kind == "tensor":
-        _, dtype, index, shape = layout
-        part = parts[dtype][index]
-        return part if len(shape) == 1 else part.view(shape)
+        _, dtype, shape, stride, offset = layout
+        return typed[dtype].as_strided(shape, stride, offset)
     if kind == "kjt":
         keys, length_per_key = layout[1], layout[5]
-        values, lengths, weights = (_rebuild(child, parts) for child in layout[2:5])
+        values, lengths, weights = (_rebuild(child, typed) for child in layout[2:5])
         return KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, weights=weights,
                                  length_per_key=length_per_key)
     if kind == "dataclass":
         cls, fields = layout[1], layout[2]
-        return cls(**{name: _rebuild(child, parts) for name, child in fields})
+        return cls(**{name: _rebuild(child, typed) for name, child in fields})
     return layout[1]
 
 
 def unpack(packed: Packed) -> Any:
     """The batch ``pack`` was given, its tensors views of ``packed.buffer`` (on the buffer's device)."""
-    node, splits = packed.layout
-    return _rebuild(node, {dtype: packed.buffer.view(dtype).split_with_sizes(sizes)[1:-1] for dtype, sizes in splits})
+    return _rebuild(packed.layout, _TypedViews(packed.buffer))
 
 
 class PackingTransform:

@@ -30,8 +30,6 @@ import torch
 import torch.distributed as dist
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from muse_torchrec.data.streams import record_each_block
-
 
 def in_order(features: KeyedJaggedTensor, names: Sequence[str]) -> KeyedJaggedTensor:
     """``features`` with its keys in the order ``names`` (batches are built so: then as given)."""
@@ -75,7 +73,10 @@ class Routing:
                        self.restore.to(device, non_blocking=non_blocking), self.sent, self.received, self.batch_size)
 
     def record_stream(self, stream: torch.Stream) -> None:
-        record_each_block(self, stream)
+        self.read.record_stream(stream)
+        self.as_received.record_stream(stream)
+        self.as_read.record_stream(stream)
+        self.restore.record_stream(stream)
 
     def device(self) -> torch.device:
         return self.as_received.device

@@ -37,7 +37,7 @@ import torch
 from torchrec.streamable import Pipelineable
 
 from muse_torchrec.cuda_driver import host_register, host_unregister
-from muse_torchrec.data.packed import Layout, Packed, pack, unpack
+from muse_torchrec.data.packed import Layout, Packed, pack
 
 # A slot grows to this many times the batch that did not fit (batch sizes vary a little: histories).
 _GROWTH = 1.25
@@ -77,7 +77,7 @@ class SlotRef(Pipelineable):
             # A clone, or a copy from pageable memory, has read the slot when it returns.
             self.flags[self.slot] = 0
         self.buffer = None
-        return unpack(Packed(moved, self.layout))
+        return Packed(moved, self.layout).to(device)
 
     def record_stream(self, stream: torch.Stream) -> None:
         """Nothing to record: the slot is host memory, and ``to`` returns the batch that a stream uses."""
