@@ -60,7 +60,7 @@ from muse_torchrec.data.routing import RowWiseRouter
 from muse_torchrec.data.slots import SlotReceiver, SlotTransform
 from muse_torchrec.train.sharded import embedding_parameters, shard_model
 from muse_torchrec.train.step import STEPPERS, make_stepper
-from busy import busy_processes, parse_busy
+from busy import busy_work, parse_busy
 from cuda_sched import sync_mode, use_blocking_sync
 from make_prepared import make_prepared, zipf_rows
 
@@ -481,7 +481,8 @@ def main() -> None:
                              "the wait counts as CPU time) or blocking (they sleep: a wait no longer counts)")
     parser.add_argument("--busy-procs", nargs="+", type=parse_busy, default=[(0, "gather")], metavar="N[:KIND]",
                         help="model mode: one run per entry with N busy processes beside it doing KIND of work "
-                             "(busy.py: gather, the default, or spin); repeat entries to alternate")
+                             "(busy.py: gather, the default, or spin), or N threads in the training process "
+                             "(ops or replay); repeat entries to alternate")
     parser.add_argument("--busy-cpus", default=None, metavar="LIST",
                         help="the CPUs the busy processes run on, as sysfs writes them (e.g. 4-15)")
     parser.add_argument("--gil-switch-ms", nargs="+", type=float, default=[None], metavar="MS",
@@ -534,7 +535,7 @@ def main() -> None:
                 busy, busy_kind = busy_entry
                 name += "" if args.busy_procs == [(0, "gather")] else f":busy{busy}" + (f"_{busy_kind}" if busy else "")
                 name = unique_name(name, results)
-                with busy_processes(busy, busy_cpus, busy_kind):
+                with busy_work(busy, busy_cpus, busy_kind):
                     results[name] = bench_sharded(mode_cfg, vocab, batches, ctx, args.warmup, args.steps,
                                                   args.profile_steps, freeze_gc=gc_mode == "frozen",
                                                   profiler=args.profiler, pipeline=pipeline,

@@ -11,16 +11,33 @@ cache and memory bandwidth with the training thread), ``spin`` is integer arithm
 (shares only the cores, their clock and any hyper-thread siblings the host hides from a VM). Where
 ``spin`` slows the step too, sharing cores is a cause, which keeping busy processes off the training
 thread's cores (``--busy-cpus``) helps and leaner memory access does not.
+
+Two more kinds run as threads inside the training process instead, for what slows the training
+thread beside the data path's thread there (benchmarks/RESULTS.md rows 115-116): ``ops``, small CPU
+tensor ops, each of which lets the GIL go (the thread's GIL hand-overs, no CUDA call), and
+``replay``, a CUDA graph of many small kernels replayed on a stream of its own (calls into the CUDA
+driver, one GIL hand-over a replay). Both work in bursts about a data path's batch long, with a
+millisecond's pause between them.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
+import time
 from contextlib import contextmanager
-from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Callable, ContextManager, Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
+
+from muse_torchrec.model.cuda_graphs import CAPTURE_LOCK
+
+# A thread's burst: about the ops (or CUDA calls) of the data path's thread for one batch, then a pause.
+_BURST_OPS = 75
+_BURST_REPLAYS = 10
+_PAUSE_S = 0.001
 
 
 def _gather(stop: "multiprocessing.synchronize.Event") -> None:
@@ -45,12 +62,45 @@ def _spin(stop: "multiprocessing.synchronize.Event") -> None:
 KINDS: Dict[str, Callable[["multiprocessing.synchronize.Event"], None]] = {"gather": _gather, "spin": _spin}
 
 
+def _ops(stop: threading.Event) -> None:
+    """Bursts of small CPU tensor ops until ``stop``: each lets the GIL go, none calls CUDA."""
+    x = torch.zeros(16)
+    while not stop.is_set():
+        for _ in range(_BURST_OPS):
+            torch.add(x, 1, out=x)
+        time.sleep(_PAUSE_S)
+
+
+def _replay(stop: threading.Event) -> None:
+    """Bursts of replays of a CUDA graph of 100 small kernels, on a stream of this thread's, until
+    ``stop``: CUDA driver calls with one GIL hand-over a replay. Captured and replayed holding
+    ``CAPTURE_LOCK``, as the data path's thread does, so that the training thread's captures succeed."""
+    x = torch.zeros(1024, device="cuda")
+    stream = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    with CAPTURE_LOCK, torch.cuda.stream(stream):
+        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+            for _ in range(100):
+                x.add_(1)
+    while not stop.is_set():
+        with torch.cuda.stream(stream):
+            for _ in range(_BURST_REPLAYS):
+                with CAPTURE_LOCK:
+                    graph.replay()
+        time.sleep(_PAUSE_S)
+
+
+THREAD_KINDS: Dict[str, Callable[[threading.Event], None]] = {"ops": _ops, "replay": _replay}
+
+
 def parse_busy(entry: str) -> Tuple[int, str]:
-    """A ``--busy-procs`` entry, ``N`` or ``N:KIND`` (KIND in KINDS, default gather) -> (N, KIND)."""
+    """A ``--busy-procs`` entry, ``N`` or ``N:KIND`` (KIND in KINDS or THREAD_KINDS, default gather) ->
+    (N, KIND)."""
     count, _, kind = entry.partition(":")
     kind = kind or "gather"
-    if not count.isdigit() or kind not in KINDS:
-        raise ValueError(f"a busy entry is N or N:KIND with KIND one of {sorted(KINDS)}, not {entry!r}")
+    if not count.isdigit() or kind not in {**KINDS, **THREAD_KINDS}:
+        raise ValueError(f"a busy entry is N or N:KIND with KIND one of {sorted({**KINDS, **THREAD_KINDS})}, "
+                         f"not {entry!r}")
     return int(count), kind
 
 
@@ -74,3 +124,28 @@ def busy_processes(count: int, cpus: Optional[Sequence[int]] = None, kind: str =
         stop.set()
         for worker in workers:
             worker.join()
+
+
+@contextmanager
+def busy_threads(count: int, kind: str) -> Iterator[None]:
+    """``count`` threads of ``kind`` (THREAD_KINDS) in this process for the duration of the block."""
+    stop = threading.Event()
+    threads = [threading.Thread(target=THREAD_KINDS[kind], args=(stop,), daemon=True, name=f"busy-{kind}")
+               for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+
+
+def busy_work(count: int, cpus: Optional[Sequence[int]], kind: str) -> ContextManager[None]:
+    """Busy processes (KINDS, on ``cpus``) or threads (THREAD_KINDS, which ``cpus`` cannot place)."""
+    if kind in THREAD_KINDS:
+        if cpus:
+            raise ValueError(f"--busy-cpus places busy processes; {kind!r} runs threads in this process")
+        return busy_threads(count, kind)
+    return busy_processes(count, cpus, kind)
