@@ -1,4 +1,4 @@
-"""Busy processes beside a benchmark: does sharing the host's cores slow the host-bound training step?
+"""Busy processes (or threads) beside a benchmark: what slows the host-bound training step?
 
 End to end, every op of the training thread ran 20-40 % slower than in the model step alone on an
 H100 host (benchmarks/RESULTS.md row 51), with four loader workers busy beside it. Here
@@ -13,7 +13,7 @@ cache and memory bandwidth with the training thread), ``spin`` is integer arithm
 thread's cores (``--busy-cpus``) helps and leaner memory access does not.
 
 Two more kinds run as threads inside the training process instead, for what slows the training
-thread beside the data path's thread there (benchmarks/RESULTS.md rows 115-116): ``ops``, small CPU
+thread beside the data path's thread there (benchmarks/RESULTS.md rows 115-117): ``ops``, small CPU
 tensor ops, each of which lets the GIL go (the thread's GIL hand-overs, no CUDA call), and
 ``replay``, a CUDA graph of many small kernels replayed on a stream of its own (calls into the CUDA
 driver, one GIL hand-over a replay). Both work in bursts about a data path's batch long, with a
