@@ -9,6 +9,12 @@ each launch costs the launching thread ("host us": until the call returns) and t
 With one rank the collectives are copies (what ``bench_train --shard-as-on-several-ranks`` meets);
 with two or more they are the real exchanges.
 
+It also times the rows' exchange as the step runs it: ``_RowsAllToAll``'s forward and backward
+(a gather, the all-to-all each way, the gradients' gather and division), against the same autograd
+function with each all-to-all replaced by a local copy of the same size (``--rows`` split equally,
+so every rank sends and receives as many rows). The difference is what the collectives cost there,
+including the slower ops around them (benchmarks/RESULTS.md row 118).
+
     torchrun --nproc_per_node 2 benchmarks/bench_collectives.py --out collectives.json
 
 Prints a table on rank 0 and writes it as JSON.
@@ -17,16 +23,20 @@ Prints a table on rank 0 and writes it as JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
 from typing import Callable, Dict, List
+from unittest import mock
 
 import torch
 import torch.distributed as dist
 
+from muse_torchrec.train.direct_lookup import _RowsAllToAll
 
-def per_call_us(call: Callable[[], None], calls: int) -> Dict[str, float]:
+
+def per_call_us(call: Callable[[], object], calls: int) -> Dict[str, float]:
     """``call`` ``calls`` times: microseconds a call until it returned (launch) and until the GPU
     finished it (each call waited for before the next, so no call overlaps another)."""
     torch.cuda.synchronize()
@@ -59,12 +69,17 @@ def graphed(call: Callable[[], None]) -> Callable[[], None]:
     return graph.replay
 
 
+def _split_equally(rows: int, world: int) -> List[int]:
+    """``rows`` split over ``world`` ranks as evenly as whole rows allow (the last takes the rest)."""
+    splits = [rows // world] * world
+    splits[-1] += rows - sum(splits)
+    return splits
+
+
 def collectives(rows: int, dim: int, params: int, device: torch.device) -> Dict[str, Callable[[], None]]:
     """The step's collectives: the rows' all-to-all ([rows, dim] float32, an equal share to each
     rank, split sizes given as host integers) and the dense gradients' all-reduce ([params] float32)."""
-    world = dist.get_world_size()
-    splits: List[int] = [rows // world] * world
-    splits[-1] += rows - sum(splits)
+    splits = _split_equally(rows, dist.get_world_size())
     send = torch.randn(rows, dim, device=device)
     received = torch.empty_like(send)
     flat = torch.randn(params, device=device)
@@ -81,6 +96,30 @@ def collectives(rows: int, dim: int, params: int, device: torch.device) -> Dict[
         torch.index_select(send, 0, order, out=received)
 
     return {"rows all-to-all": all_to_all, "dense all-reduce": all_reduce, "rows gather (no comm)": gather}
+
+
+def rows_exchange(rows: int, dim: int, device: torch.device) -> Callable[[], torch.Tensor]:
+    """One training step's rows exchange through the routed lookup's autograd function: forward on
+    [rows, dim] float32 rows in a random order, backward of a gradient of the received rows; each
+    call returns the looked-up rows' gradient [rows, dim]."""
+    splits = _split_equally(rows, dist.get_world_size())
+    looked_up = torch.randn(rows, dim, device=device, requires_grad=True)
+    as_sent = torch.randperm(rows, device=device)
+    as_looked_up = torch.argsort(as_sent)
+    grad = torch.randn(rows, dim, device=device)
+    group = dist.group.WORLD
+
+    def exchange() -> torch.Tensor:
+        _RowsAllToAll.apply(looked_up, as_sent, as_looked_up, splits, splits, group).backward(grad)
+        looked_up_grad, looked_up.grad = looked_up.grad, None
+        return looked_up_grad
+
+    return exchange
+
+
+def _local_copy(output: torch.Tensor, input: torch.Tensor, **_: object) -> None:
+    """A stand-in for ``dist.all_to_all_single`` where every rank sends and receives as many rows."""
+    output.copy_(input)
 
 
 def main() -> None:
@@ -103,12 +142,18 @@ def main() -> None:
         for how, fn in (("eager", call), ("graph replay", graphed(call))):
             per_call_us(fn, 10)  # warm-up
             results.append({"collective": name, "launch": how, **per_call_us(fn, args.calls)})
+    exchange = rows_exchange(args.rows, args.dim, device)
+    for how, copies in (("autograd, NCCL", False), ("autograd, copies", True)) * 2:  # alternated: the host drifts
+        with mock.patch.object(dist, "all_to_all_single", _local_copy) if copies else contextlib.nullcontext():
+            per_call_us(exchange, 10)
+            results.append({"collective": "rows exchange fwd+bwd", "launch": how,
+                            **per_call_us(exchange, args.calls)})
     if dist.get_rank() == 0:
         print(f"{torch.cuda.get_device_name(device)} x {dist.get_world_size()} rank(s); rows {args.rows:,} x "
               f"{args.dim}, dense {args.params:,}")
-        print(f"{'collective':20} {'launch':14} {'host us':>9} {'done us':>9}")
+        print(f"{'collective':22} {'launch':16} {'host us':>9} {'done us':>9}")
         for r in results:
-            print(f"{r['collective']:20} {r['launch']:14} {r['host_us']:9.1f} {r['done_us']:9.1f}")
+            print(f"{r['collective']:22} {r['launch']:16} {r['host_us']:9.1f} {r['done_us']:9.1f}")
         if args.out:
             with open(args.out, "w") as f:
                 json.dump({"world_size": dist.get_world_size(), "device": torch.cuda.get_device_name(device),

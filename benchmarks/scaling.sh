@@ -1,18 +1,27 @@
 #!/usr/bin/env bash
 # Per-GPU throughput on all the host's GPUs against one GPU of the same host, in one call (the
-# issue's scaling target: per GPU at least 90 % of one GPU, same per-GPU batch). One part a call
-# (each fits a 10-minute device call):
+# issue's scaling target: per GPU at least 90 % of one GPU, same per-GPU batch). The parts, run in
+# the order named (model and trainer each fill a 10-minute device call; collectives takes about a
+# minute, so name it before tests, whose spawned ranks compile for minutes):
 #   model    the model step (bench_train model mode), p90 then full vocabulary, N GPUs / 1 / N / 1
 #            (full: N / 1), with each N-GPU p90 run's profiled timeline per rank under $OUT/traces
 #   trainer  the trainer end to end (ab_trainer.sh, p90, 1.2 M samples): N / 1 / N / 1
 #   tests    tests/test_sharded.py's multi-GPU cases (sharded against the unsharded reference)
+#   collectives  bench_collectives.py on all the GPUs: the step's collectives' host time, and the rows'
+#            exchange (forward and backward) against the same with local copies
 # Run on the GPU host, in the repository root, after
 # `source .gpu/install.sh && export PYTHONPATH=$PWD:$PYTHONPATH`:
-#     bash benchmarks/scaling.sh model
+#     bash benchmarks/scaling.sh model          (or: trainer; or: collectives tests)
 # Prints every run's per-GPU samples/s and the means' ratio N / 1. Logs under $OUT (else /tmp/scaling).
 set -euo pipefail
 
-part=${1:?"a part: model, trainer or tests"}
+[ $# -gt 0 ] || { echo "scaling.sh: name one or more parts: model, trainer, tests, collectives" >&2; exit 2; }
+for part in "$@"; do
+  case $part in
+    model | trainer | tests | collectives) ;;
+    *) echo "scaling.sh: a part is model, trainer, tests or collectives, not $part" >&2; exit 2 ;;
+  esac
+done
 gpus=$(nvidia-smi --list-gpus | wc -l)
 out=${OUT:-/tmp/scaling}
 mkdir -p "$out"
@@ -56,6 +65,7 @@ model_runs() {  # config, then the GPU counts of the runs in order
   done
 }
 
+for part in "$@"; do
 case $part in
   model)
     echo "p90 vocabulary, model step:"
@@ -74,8 +84,9 @@ case $part in
   tests)
     python -m pytest -q tests/test_sharded.py -k two_gpus 2>&1 | tail -n 5
     ;;
-  *)
-    echo "a part is model, trainer or tests, not $part" >&2
-    exit 2
+  collectives)
+    torchrun --nproc_per_node "$gpus" benchmarks/bench_collectives.py --out "$out/collectives.json" 2>&1 \
+      | grep -A 20 "rank(s); rows"
     ;;
 esac
+done
