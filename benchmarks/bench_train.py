@@ -47,7 +47,7 @@ from torchrec.distributed.train_pipeline import TrainPipelineBase
 
 from muse_torchrec import features as F
 from muse_torchrec.config import ExperimentConfig, apply_overrides, load_config
-from muse_torchrec.data.affinity import cpu_list
+from muse_torchrec.data.affinity import cpu_list, step_core
 from muse_torchrec.data.batch import Batch, BatchBuilder, sequence_features
 from muse_torchrec.data.block import SampleBlock
 from muse_torchrec.data.device_gsu import DeferredGsuBuilder, DeviceGsu
@@ -261,18 +261,21 @@ def bench_sharded(cfg: ExperimentConfig, vocab: Mapping[str, int], batches: Unio
     elif sharded.router is not None:
         raise ValueError("bench_train: routed lookups need their batches routed: give a list or a RoutedPath")
     batch_iter = iter(batches)
-    timing = timed_steps(step, batch_iter, warmup, steps, ctx.device, freeze_gc)
+    with step_core(cfg.train.step_core, cfg.data.cpu_affinity, ctx.local_rank, ctx.local_world_size, ctx.device):
+        timing = timed_steps(step, batch_iter, warmup, steps, ctx.device, freeze_gc)
+        peak_gib = _peak_gib(ctx.device)  # of the timed steps, before any profiled ones
+        profile = PROFILERS[profiler](step, batch_iter, profile_steps, ctx.device, trace) if profile_steps else None
     planned = sharded.plan.per_rank_bytes()[ctx.rank]
     result = {
         **timing.per_step(steps, cfg.train.batch_size),
         "route_ms": route_ms,
         "lookups": sharded.lookups,
-        "peak_gib": _peak_gib(ctx.device),
+        "peak_gib": peak_gib,
         "planned_gib": (planned["hbm"] if ctx.device.type == "cuda" else planned["ddr"]) / GIB,
         "plan": sharded.plan.format(),
     }
-    if profile_steps:
-        result["profile"] = PROFILERS[profiler](step, batch_iter, profile_steps, ctx.device, trace)
+    if profile is not None:
+        result["profile"] = profile
     if routing_profile is not None:
         result["routing_profile"] = routing_profile
     del step, sharded, model

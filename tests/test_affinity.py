@@ -103,3 +103,81 @@ def test_pinned_training_process_its_threads_and_its_workers_run_apart(tmp_path,
     data, _ = small_prepared(tmp_path)
     batches = list(make_loader(data, "train", 32, _affinity, num_workers=2, worker_cpus=workers))
     assert len(batches) > 2 and all(b == cpus[1:] for b in batches)
+
+
+def test_each_rank_takes_a_step_core_from_the_end_and_the_rest_keep_off_all_of_them(tmp_path):
+    from muse_torchrec.data.affinity import step_core_cpus
+
+    sysfs = fake_sysfs(tmp_path, {c: f"{c % 4},{c % 4 + 4}" for c in range(8)})
+    assert step_core_cpus(range(8), 0, 1, sysfs) == ([3, 7], [0, 1, 2, 4, 5, 6])
+    assert step_core_cpus(range(8), 0, 2, sysfs) == ([3, 7], [0, 1, 4, 5])
+    assert step_core_cpus(range(8), 1, 2, sysfs) == ([2, 6], [0, 1, 4, 5])
+    with pytest.raises(ConfigError, match="train.step_core: 4 physical core.*for 4 rank.*train.step_core=false"):
+        step_core_cpus(range(8), 0, 4, sysfs)
+
+
+def test_a_step_core_needs_cpus_of_its_own():
+    from muse_torchrec.data.affinity import StepCore
+
+    for step, others in (([], [0]), ([0], []), ([0, 1], [1])):
+        with pytest.raises(ValueError, match="must be non-empty and apart"):
+            StepCore(step, others, torch.device("cpu"))
+
+
+def _started_thread_affinity():
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(os.sched_getaffinity(0)))
+    thread.start()
+    thread.join()
+    return seen[0]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_the_step_core_holds_the_training_thread_and_what_it_starts_runs_elsewhere(tmp_path, restored_placement):
+    from muse_torchrec.data.affinity import StepCore, started_elsewhere
+    from muse_torchrec.data.loader import make_loader
+
+    before = os.sched_getaffinity(0)
+    cpus = sorted(before)
+    step, others = cpus[-1:], cpus[:-1]
+    data, _ = small_prepared(tmp_path)
+    with started_elsewhere():  # no step core: nothing changes
+        assert os.sched_getaffinity(0) == before
+    with StepCore(step, others, torch.device("cpu")):
+        assert os.sched_getaffinity(0) == set(step)
+        assert _started_thread_affinity() == set(step)  # a plain start inherits the step core
+        with started_elsewhere():
+            assert _started_thread_affinity() == set(others)
+        assert os.sched_getaffinity(0) == set(step)
+        # The loader's workers start off the step core, iterated from the training thread.
+        workers = list(make_loader(data, "train", 32, _affinity, num_workers=2))
+        assert len(workers) > 2 and all(w == others for w in workers)
+        # A thread that is not the pinned one starts what it starts where it runs.
+        seen = []
+        thread = threading.Thread(target=lambda: seen.append(_started_elsewhere_from_a_thread()))
+        thread.start()
+        thread.join()
+        assert seen == [set(step)]
+    assert os.sched_getaffinity(0) == before
+
+
+def _started_elsewhere_from_a_thread():
+    from muse_torchrec.data.affinity import started_elsewhere
+
+    with started_elsewhere():
+        return os.sched_getaffinity(0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs a CUDA GPU (autograd's device thread) and two CPUs")
+def test_the_step_core_holds_autograds_device_thread_too(restored_placement):
+    from muse_torchrec.data.affinity import StepCore, _autograd_threads
+
+    cpus = sorted(os.sched_getaffinity(0))
+    with StepCore(cpus[-1:], cpus[:-1], torch.device("cuda")):
+        threads = _autograd_threads()
+        assert threads and all(os.sched_getaffinity(tid) == {cpus[-1]} for tid in threads)
+        x = torch.ones(3, device="cuda", requires_grad=True)
+        (x * 2).sum().backward()  # the backward still runs, on the step core
+        assert x.grad.tolist() == [2.0, 2.0, 2.0]
+    assert all(os.sched_getaffinity(tid) == set(cpus) for tid in _autograd_threads())

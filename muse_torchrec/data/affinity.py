@@ -1,4 +1,5 @@
-"""Which CPUs a rank's loader workers and its training process run on (``data.cpu_affinity``).
+"""Which CPUs a rank's loader workers and its training process run on (``data.cpu_affinity``), and
+its training thread (``train.step_core``).
 
 - ``none`` (the default): wherever the OS places them.
 - ``pinned``: the CPUs this job may use are cut into equal shares of whole physical cores, one per
@@ -11,13 +12,23 @@ thread's cores (benchmarks/RESULTS.md row 53). The trainer's own loader workers 
 whole process tree, training thread included, averages about two busy cores at 150 k samples/s):
 pinned and none do not separate on it (row 54), so ``none`` stays the default; multi-GPU nodes,
 with more workers per core, have not been measured.
+
+``train.step_core`` (``StepCore``): while training, the training thread and autograd's CUDA device
+threads share one physical core that no other thread of the job uses. A CUDA step runs its forward
+in the training thread and its backward in autograd's device thread, which take turns every step;
+on two cores every turn is a wake-up of the other core and the shared state (the allocator, the
+dispatcher, NCCL's) moves between their caches. On one core each op and collective costs the host
+less: the rows' exchange forward and backward 3x less, the model step 1.27-1.28x the throughput
+(benchmarks/RESULTS.md row 119).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from pathlib import Path
-from typing import List, Optional, Sequence, Set
+from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 
@@ -109,3 +120,104 @@ def place_training_process(affinity: str, local_rank: int, local_world_size: int
         os.sched_setaffinity(0, cpus)
         torch.set_num_threads(len(cpus))
     return cpus
+
+
+# Threads pinned by a ``StepCore`` (native thread id) -> the CPUs what they start runs on.
+_ELSEWHERE: Dict[int, List[int]] = {}
+AUTOGRAD_THREAD_PREFIX = "pt_autograd_"  # torch names autograd's device threads pt_autograd_<device>
+
+
+def step_core_cpus(allowed: Sequence[int], local_rank: int, local_world_size: int,
+                   sysfs: Path = SYSFS_CPUS) -> Tuple[List[int], List[int]]:
+    """(the CPUs of rank ``local_rank``'s step core, the CPUs everything else may use) among
+    ``allowed``, shared by ``local_world_size`` ranks: rank r takes the r-th physical core from the
+    end, and the others keep off every rank's. ConfigError where no core would be left for them."""
+    cores = physical_cores(allowed, sysfs)
+    if len(cores) <= local_world_size:
+        raise ConfigError(f"train.step_core: {len(cores)} physical core(s) for {local_world_size} rank(s) on this "
+                          "node; each rank's training thread takes one and the rest of the job needs at least "
+                          "one more: set train.step_core=false")
+    taken = {cpu for core in cores[len(cores) - local_world_size:] for cpu in core}
+    return cores[-1 - local_rank], [cpu for cpu in sorted(allowed) if cpu not in taken]
+
+
+def _autograd_threads() -> List[int]:
+    """Native ids of this process's autograd device threads."""
+    found = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            name = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+        if name.startswith(AUTOGRAD_THREAD_PREFIX):
+            found.append(int(tid))
+    return found
+
+
+class StepCore:
+    """Context manager: while inside, the calling (training) thread and autograd's device threads
+    run on ``step`` only; what the training thread starts inside ``started_elsewhere()`` runs on
+    ``others``. On exit every pinned thread gets its CPUs back.
+
+    Args:
+        step: the step core's CPUs (``step_core_cpus``).
+        others: the CPUs for the rest of the job.
+        device: the training device; on CUDA its autograd thread is started (by one tiny backward)
+            so that it can be pinned before the first step.
+    """
+
+    def __init__(self, step: Sequence[int], others: Sequence[int], device: torch.device) -> None:
+        if not step or not others or set(step) & set(others):
+            raise ValueError(f"StepCore: the step core's CPUs {list(step)} and the others' {list(others)} must be "
+                             "non-empty and apart")
+        self.step, self.others, self.device = list(step), list(others), device
+        self._restore: Dict[int, Set[int]] = {}
+
+    def __enter__(self) -> "StepCore":
+        if self.device.type == "cuda":
+            torch.ones(1, device=self.device, requires_grad=True).sum().backward()
+        me = threading.get_native_id()
+        for tid in [me, *_autograd_threads()]:
+            self._restore[tid] = os.sched_getaffinity(tid)
+            os.sched_setaffinity(tid, self.step)
+        _ELSEWHERE[me] = self.others
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _ELSEWHERE.pop(threading.get_native_id(), None)
+        for tid, cpus in self._restore.items():
+            with contextlib.suppress(ProcessLookupError):  # an autograd thread that ended
+                os.sched_setaffinity(tid, cpus)
+        self._restore.clear()
+
+
+@contextlib.contextmanager
+def started_elsewhere() -> Iterator[None]:
+    """Threads and processes started inside run off the step core: where the calling thread is one a
+    ``StepCore`` pinned, it moves to the others' CPUs meanwhile (what it starts inherits them), then
+    back; elsewhere nothing changes."""
+    me = threading.get_native_id()
+    others = _ELSEWHERE.get(me)
+    if others is None:
+        yield
+        return
+    pinned = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, others)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, pinned)
+
+
+def step_core(enabled: bool, affinity: str, local_rank: int, local_world_size: int,
+              device: torch.device) -> contextlib.AbstractContextManager:
+    """The ``StepCore`` of ``train.step_core`` (``enabled``) for this rank, among the CPUs the
+    training process has (under ``data.cpu_affinity: pinned`` its own share's training cores, so the
+    last of them, whatever the rank); a no-op context when not enabled."""
+    if not enabled:
+        return contextlib.nullcontext()
+    allowed = sorted(os.sched_getaffinity(0))
+    if affinity == "pinned":
+        local_rank, local_world_size = 0, 1
+    step, others = step_core_cpus(allowed, local_rank, local_world_size)
+    return StepCore(step, others, device)

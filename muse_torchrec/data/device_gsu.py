@@ -27,6 +27,7 @@ import torch
 from torchrec.streamable import Pipelineable
 
 from muse_torchrec import features as F
+from muse_torchrec.data.affinity import started_elsewhere
 from muse_torchrec.data.batch import Batch, BatchBuilder, padded_block, user_histories
 from muse_torchrec.data.block import SampleBlock
 from muse_torchrec.data.packed import Packed
@@ -367,8 +368,9 @@ class GsuAhead:
             stages.append(("route-ahead", partial(self._routed, made, stop, consumer), out))
         threads = [threading.Thread(target=_stage, args=(next_item, self._stream(), queue_, stop), daemon=True,
                                     name=name) for name, next_item, queue_ in stages]
-        for thread in threads:
-            thread.start()
+        with started_elsewhere():  # off the training thread's step core (train.step_core)
+            for thread in threads:
+                thread.start()
         try:
             while True:
                 item = out.get()

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Tuple
 import torch
 import torch.multiprocessing as mp
 
+from muse_torchrec.data.affinity import started_elsewhere
 from muse_torchrec.data.packed import Packed, pack, unpack
 
 # How long the consumer waits for a batch before checking that the feeder still runs, and the
@@ -95,7 +96,8 @@ class ProcessFeeder:
         # Not a daemon: daemonic processes may not start the loader's workers.
         self.process: Optional[mp.Process] = context.Process(
             target=_feed, args=(make_batches, args, device, self.queue, self.consumer_done), daemon=False)
-        self.process.start()
+        with started_elsewhere():  # off the training thread's step core (train.step_core)
+            self.process.start()
 
     def _next(self) -> Any:
         while True:

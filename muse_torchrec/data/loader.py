@@ -26,7 +26,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +34,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from muse_torchrec import features as F
+from muse_torchrec.data.affinity import started_elsewhere
 from muse_torchrec.data.block import SampleBlock
 from muse_torchrec.data.integrity import (
     FLOAT,
@@ -548,12 +549,21 @@ def make_loader(
     )
     # Its own generator: each iterator draws a seed for its workers, which must not move the global
     # RNG (a resumed run creates its iterators at other points of the RNG stream).
-    return DataLoader(
+    return _WorkersOffStepCore(
         dataset, batch_size=None, num_workers=num_workers, collate_fn=_unchanged, pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(seed),
         worker_init_fn=keep_inherited_objects if worker_cpus is None else functools.partial(
             start_worker_on, tuple(worker_cpus)),
     )
+
+
+class _WorkersOffStepCore(DataLoader):
+    """A DataLoader whose workers (started with each iterator) run off the training thread's step
+    core (``affinity.started_elsewhere``), whatever thread iterates it."""
+
+    def __iter__(self) -> Iterator[Any]:
+        with started_elsewhere():
+            return super().__iter__()
 
 
 def keep_inherited_objects(worker_id: int = 0) -> None:

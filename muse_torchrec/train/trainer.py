@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from muse_torchrec.config import ExperimentConfig, save_config
-from muse_torchrec.data.affinity import loader_worker_cpus, place_training_process
+from muse_torchrec.data.affinity import loader_worker_cpus, place_training_process, step_core
 from muse_torchrec.data.batch import Batch, BatchBuilder, sequence_features
 from muse_torchrec.data.block import SampleBlock
 from muse_torchrec.data.integrity import check_prepared_config
@@ -253,31 +253,34 @@ def train(cfg: ExperimentConfig, data: PreparedData, sharded: ShardedModel, ctx:
     first_segment = True
     last_logged = (progress.samples, progress.seconds)
     first_logged: Optional[Tuple[int, float]] = None
-    while progress.epoch < cfg.train.epochs:
-        if batches is None:
-            # Exactly the epoch's steps: ranks whose share holds more batches leave them (a router
-            # would otherwise wait in its exchanges for ranks that have none).
-            batches = iter(_loader(cfg, data, "train", ctx, path, cfg.train.batch_size, shuffle=True,
-                                   drop_last=True, seed=cfg.data.seed + progress.epoch, skip=progress.epoch_step,
-                                   limit=max(per_epoch - progress.epoch_step, 0)))
-        # (A checkpoint of another world size may stand past this run's epoch end.)
-        segment = max(per_epoch - progress.epoch_step, 0)
-        if every is not None:
-            segment = min(segment, every - progress.step % every)
-        for loss in _losses(stepper, itertools.islice(batches, segment), progress, freeze_gc=first_segment):
-            progress.record(loss, cfg.train.batch_size * ctx.world_size)
-            progress.seconds = time.perf_counter() - start
-            if progress.step % cfg.train.log_every == 0 or progress.step == total:
-                _log_window(progress, total, ctx, log_file, last_logged)
-                last_logged = (progress.samples, progress.seconds)
-                first_logged = first_logged or last_logged
-        first_segment = False
-        if progress.epoch_step >= per_epoch:
-            progress.next_epoch()
-            batches = None
-        if every is not None and progress.step % every == 0 and progress.step != saved_step:
-            checkpoint(progress)
-            saved_step = progress.step
+    # (The loaders' workers and the data path's threads start off the step core: started_elsewhere.)
+    with step_core(cfg.train.step_core, cfg.data.cpu_affinity, ctx.local_rank, ctx.local_world_size,
+                   ctx.device):
+        while progress.epoch < cfg.train.epochs:
+            if batches is None:
+                # Exactly the epoch's steps: ranks whose share holds more batches leave them (a router
+                # would otherwise wait in its exchanges for ranks that have none).
+                batches = iter(_loader(cfg, data, "train", ctx, path, cfg.train.batch_size, shuffle=True,
+                                       drop_last=True, seed=cfg.data.seed + progress.epoch, skip=progress.epoch_step,
+                                       limit=max(per_epoch - progress.epoch_step, 0)))
+            # (A checkpoint of another world size may stand past this run's epoch end.)
+            segment = max(per_epoch - progress.epoch_step, 0)
+            if every is not None:
+                segment = min(segment, every - progress.step % every)
+            for loss in _losses(stepper, itertools.islice(batches, segment), progress, freeze_gc=first_segment):
+                progress.record(loss, cfg.train.batch_size * ctx.world_size)
+                progress.seconds = time.perf_counter() - start
+                if progress.step % cfg.train.log_every == 0 or progress.step == total:
+                    _log_window(progress, total, ctx, log_file, last_logged)
+                    last_logged = (progress.samples, progress.seconds)
+                    first_logged = first_logged or last_logged
+            first_segment = False
+            if progress.epoch_step >= per_epoch:
+                progress.next_epoch()
+                batches = None
+            if every is not None and progress.step % every == 0 and progress.step != saved_step:
+                checkpoint(progress)
+                saved_step = progress.step
     if checkpoint is not None and progress.step != saved_step:
         checkpoint(progress)
     # A pipeline rewrote the sharded modules' forwards; give evaluation the plain model back.
