@@ -132,11 +132,13 @@ class Timing(NamedTuple):
 
 
 def timed_steps(step, batches: Iterator[Batch], warmup: int, steps: int, device: torch.device,
-                freeze_gc: bool = False) -> Timing:
-    """Time ``steps`` calls of ``step(batches)`` after ``warmup`` calls; ``freeze_gc``: move every
-    object alive after the warm-up out of the garbage collector's reach (``gc.freeze``) while timing."""
+                freeze_gc: bool = False, after_warmup: Callable[[], None] = lambda: None) -> Timing:
+    """Time ``steps`` calls of ``step(batches)`` after ``warmup`` calls and ``after_warmup()``;
+    ``freeze_gc``: move every object alive after the warm-up out of the garbage collector's reach
+    (``gc.freeze``) while timing."""
     for _ in range(warmup):
         step(batches)
+    after_warmup()
     _sync(device)
     if freeze_gc:
         gc.collect()
@@ -261,8 +263,9 @@ def bench_sharded(cfg: ExperimentConfig, vocab: Mapping[str, int], batches: Unio
     elif sharded.router is not None:
         raise ValueError("bench_train: routed lookups need their batches routed: give a list or a RoutedPath")
     batch_iter = iter(batches)
-    with step_core(cfg.train.step_core, cfg.data.cpu_affinity, ctx.local_rank, ctx.local_world_size, ctx.device):
-        timing = timed_steps(step, batch_iter, warmup, steps, ctx.device, freeze_gc)
+    with step_core(cfg.train.step_core, cfg.data.cpu_affinity, ctx.local_rank, ctx.local_world_size,
+                   ctx.device) as core:
+        timing = timed_steps(step, batch_iter, warmup, steps, ctx.device, freeze_gc, after_warmup=core.pin)
         peak_gib = _peak_gib(ctx.device)  # of the timed steps, before any profiled ones
         profile = PROFILERS[profiler](step, batch_iter, profile_steps, ctx.device, trace) if profile_steps else None
     planned = sharded.plan.per_rank_bytes()[ctx.rank]

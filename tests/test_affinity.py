@@ -121,7 +121,7 @@ def test_a_step_core_needs_cpus_of_its_own():
 
     for step, others in (([], [0]), ([0], []), ([0, 1], [1])):
         with pytest.raises(ValueError, match="must be non-empty and apart"):
-            StepCore(step, others, torch.device("cpu"))
+            StepCore(step, others)
 
 
 def _started_thread_affinity():
@@ -141,10 +141,17 @@ def test_the_step_core_holds_the_training_thread_and_what_it_starts_runs_elsewhe
     cpus = sorted(before)
     step, others = cpus[-1:], cpus[:-1]
     data, _ = small_prepared(tmp_path)
+    stop = threading.Event()
+    older = threading.Thread(target=stop.wait)  # a thread of the process started before the pin
+    older.start()
     with started_elsewhere():  # no step core: nothing changes
         assert os.sched_getaffinity(0) == before
-    with StepCore(step, others, torch.device("cpu")):
+    with StepCore(step, others) as core:
+        assert os.sched_getaffinity(0) == before  # nothing pinned before pin()
+        core.pin()
+        core.pin()  # once is enough: a second call changes nothing
         assert os.sched_getaffinity(0) == set(step)
+        assert os.sched_getaffinity(older.native_id) == set(others)
         assert _started_thread_affinity() == set(step)  # a plain start inherits the step core
         with started_elsewhere():
             assert _started_thread_affinity() == set(others)
@@ -158,7 +165,9 @@ def test_the_step_core_holds_the_training_thread_and_what_it_starts_runs_elsewhe
         thread.start()
         thread.join()
         assert seen == [set(step)]
-    assert os.sched_getaffinity(0) == before
+    assert os.sched_getaffinity(0) == before and os.sched_getaffinity(older.native_id) == before
+    stop.set()
+    older.join()
 
 
 def _started_elsewhere_from_a_thread():
@@ -171,13 +180,30 @@ def _started_elsewhere_from_a_thread():
 @pytest.mark.skipif(not torch.cuda.is_available() or len(os.sched_getaffinity(0)) < 2,
                     reason="needs a CUDA GPU (autograd's device thread) and two CPUs")
 def test_the_step_core_holds_autograds_device_thread_too(restored_placement):
-    from muse_torchrec.data.affinity import StepCore, _autograd_threads
+    from muse_torchrec.data.affinity import AUTOGRAD_THREAD_PREFIX, StepCore, _threads
 
     cpus = sorted(os.sched_getaffinity(0))
-    with StepCore(cpus[-1:], cpus[:-1], torch.device("cuda")):
-        threads = _autograd_threads()
-        assert threads and all(os.sched_getaffinity(tid) == {cpus[-1]} for tid in threads)
-        x = torch.ones(3, device="cuda", requires_grad=True)
-        (x * 2).sum().backward()  # the backward still runs, on the step core
-        assert x.grad.tolist() == [2.0, 2.0, 2.0]
-    assert all(os.sched_getaffinity(tid) == set(cpus) for tid in _autograd_threads())
+    x = torch.ones(3, device="cuda", requires_grad=True)
+    (x * 2).sum().backward()  # autograd's CUDA device thread starts with the first CUDA backward
+    autograd = [tid for tid, name in _threads().items() if name.startswith(AUTOGRAD_THREAD_PREFIX)]
+    assert autograd
+    with StepCore(cpus[-1:], cpus[:-1]) as core:
+        core.pin()
+        assert all(os.sched_getaffinity(tid) == {cpus[-1]} for tid in autograd)
+        x.grad = None
+        (x * 3).sum().backward()  # the backward still runs, on the step core
+        assert x.grad.tolist() == [3.0, 3.0, 3.0]
+    assert all(os.sched_getaffinity(tid) == set(cpus) for tid in autograd)
+
+
+def test_the_step_core_is_for_cuda_steps_and_off_by_default():
+    from muse_torchrec.config import ExperimentConfig
+    from muse_torchrec.data.affinity import step_core
+
+    assert ExperimentConfig().train.step_core is False
+    before = os.sched_getaffinity(0)
+    with step_core(False, "none", 0, 1, torch.device("cpu")) as core:
+        core.pin()
+        assert os.sched_getaffinity(0) == before
+    with pytest.raises(ConfigError, match="train.step_core: on the CPU.*set train.step_core=false"):
+        step_core(True, "none", 0, 1, torch.device("cpu"))

@@ -13,12 +13,14 @@ whole process tree, training thread included, averages about two busy cores at 1
 pinned and none do not separate on it (row 54), so ``none`` stays the default; multi-GPU nodes,
 with more workers per core, have not been measured.
 
-``train.step_core`` (``StepCore``): while training, the training thread and autograd's CUDA device
-threads share one physical core that no other thread of the job uses. A CUDA step runs its forward
-in the training thread and its backward in autograd's device thread, which take turns every step;
-on two cores every turn is a wake-up of the other core and the shared state (the allocator, the
-dispatcher, NCCL's) moves between their caches. On one core each op and collective costs the host
-less: the rows' exchange forward and backward 3x less, the model step 1.27-1.28x the throughput
+``train.step_core`` (``StepCore``): from the third training step on, the training thread and
+autograd's CUDA device threads share one physical core; the process's other threads, and the
+threads and processes the training thread starts through ``started_elsewhere`` (the loaders'
+workers, the data path's threads), keep off it. A CUDA step runs its forward in the training thread
+and its backward in autograd's device thread, which take turns every step; on two cores every turn
+wakes the other core, and the state both use (the allocator's, the dispatcher's, NCCL's) moves
+between their caches (the likely cause; not isolated). On one core the rows' exchange forward and
+backward cost the host ~3x less, and the model step ran 1.11-1.28x, the trainer 1.02x
 (benchmarks/RESULTS.md row 119).
 """
 
@@ -28,7 +30,7 @@ import contextlib
 import os
 import threading
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 
@@ -141,54 +143,69 @@ def step_core_cpus(allowed: Sequence[int], local_rank: int, local_world_size: in
     return cores[-1 - local_rank], [cpu for cpu in sorted(allowed) if cpu not in taken]
 
 
-def _autograd_threads() -> List[int]:
-    """Native ids of this process's autograd device threads."""
-    found = []
+def _threads() -> Dict[int, str]:
+    """This process's threads: native id -> name."""
+    found = {}
     for tid in os.listdir("/proc/self/task"):
-        try:
-            name = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
-        except FileNotFoundError:  # the thread ended meanwhile
-            continue
-        if name.startswith(AUTOGRAD_THREAD_PREFIX):
-            found.append(int(tid))
+        with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+            found[int(tid)] = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
     return found
 
 
 class StepCore:
-    """Context manager: while inside, the calling (training) thread and autograd's device threads
-    run on ``step`` only; what the training thread starts inside ``started_elsewhere()`` runs on
-    ``others``. On exit every pinned thread gets its CPUs back.
+    """Context manager for a training loop: ``pin()`` (call it after each step; it acts once, so the
+    first steps' compilation and graph captures, and the compiler's worker processes, keep every
+    CPU) puts the calling (training) thread and autograd's device threads on ``step`` and this
+    process's other threads on ``others``; what the training thread starts inside
+    ``started_elsewhere()`` from then on runs on ``others``. On exit every moved thread gets its CPUs
+    back.
 
     Args:
         step: the step core's CPUs (``step_core_cpus``).
         others: the CPUs for the rest of the job.
-        device: the training device; on CUDA its autograd thread is started (by one tiny backward)
-            so that it can be pinned before the first step.
     """
 
-    def __init__(self, step: Sequence[int], others: Sequence[int], device: torch.device) -> None:
+    def __init__(self, step: Sequence[int], others: Sequence[int]) -> None:
         if not step or not others or set(step) & set(others):
             raise ValueError(f"StepCore: the step core's CPUs {list(step)} and the others' {list(others)} must be "
                              "non-empty and apart")
-        self.step, self.others, self.device = list(step), list(others), device
+        self.step, self.others = list(step), list(others)
         self._restore: Dict[int, Set[int]] = {}
 
     def __enter__(self) -> "StepCore":
-        if self.device.type == "cuda":
-            torch.ones(1, device=self.device, requires_grad=True).sum().backward()
-        me = threading.get_native_id()
-        for tid in [me, *_autograd_threads()]:
-            self._restore[tid] = os.sched_getaffinity(tid)
-            os.sched_setaffinity(tid, self.step)
-        _ELSEWHERE[me] = self.others
         return self
+
+    def pin(self) -> None:
+        """Pin the threads (once; later calls return at once)."""
+        if self._restore:
+            return
+        me = threading.get_native_id()
+        for tid, name in _threads().items():
+            on_step = tid == me or name.startswith(AUTOGRAD_THREAD_PREFIX)
+            with contextlib.suppress(ProcessLookupError):
+                self._restore[tid] = os.sched_getaffinity(tid)
+                os.sched_setaffinity(tid, self.step if on_step else self.others)
+        _ELSEWHERE[me] = self.others
 
     def __exit__(self, *exc: object) -> None:
         _ELSEWHERE.pop(threading.get_native_id(), None)
         for tid, cpus in self._restore.items():
-            with contextlib.suppress(ProcessLookupError):  # an autograd thread that ended
+            with contextlib.suppress(ProcessLookupError):  # a thread that ended
                 os.sched_setaffinity(tid, cpus)
         self._restore.clear()
+
+
+class _NoStepCore:
+    """``StepCore``'s stand-in where ``train.step_core`` is off: nothing moves."""
+
+    def __enter__(self) -> "_NoStepCore":
+        return self
+
+    def pin(self) -> None:
+        pass
+
+    def __exit__(self, *exc: object) -> None:
+        pass
 
 
 @contextlib.contextmanager
@@ -210,14 +227,18 @@ def started_elsewhere() -> Iterator[None]:
 
 
 def step_core(enabled: bool, affinity: str, local_rank: int, local_world_size: int,
-              device: torch.device) -> contextlib.AbstractContextManager:
+              device: torch.device) -> Union[StepCore, _NoStepCore]:
     """The ``StepCore`` of ``train.step_core`` (``enabled``) for this rank, among the CPUs the
     training process has (under ``data.cpu_affinity: pinned`` its own share's training cores, so the
-    last of them, whatever the rank); a no-op context when not enabled."""
+    last of them, whatever the rank); one whose ``pin()`` does nothing when not enabled. ConfigError
+    off CUDA."""
     if not enabled:
-        return contextlib.nullcontext()
+        return _NoStepCore()
+    if device.type != "cuda":
+        raise ConfigError("train.step_core: on the CPU the backward runs in the training thread itself, and pinning "
+                          "it would leave its intra-op threads one core: set train.step_core=false")
     allowed = sorted(os.sched_getaffinity(0))
     if affinity == "pinned":
         local_rank, local_world_size = 0, 1
     step, others = step_core_cpus(allowed, local_rank, local_world_size)
-    return StepCore(step, others, device)
+    return StepCore(step, others)

@@ -255,7 +255,7 @@ def train(cfg: ExperimentConfig, data: PreparedData, sharded: ShardedModel, ctx:
     first_logged: Optional[Tuple[int, float]] = None
     # (The loaders' workers and the data path's threads start off the step core: started_elsewhere.)
     with step_core(cfg.train.step_core, cfg.data.cpu_affinity, ctx.local_rank, ctx.local_world_size,
-                   ctx.device):
+                   ctx.device) as core:
         while progress.epoch < cfg.train.epochs:
             if batches is None:
                 # Exactly the epoch's steps: ranks whose share holds more batches leave them (a router
@@ -269,6 +269,7 @@ def train(cfg: ExperimentConfig, data: PreparedData, sharded: ShardedModel, ctx:
                 segment = min(segment, every - progress.step % every)
             for loss in _losses(stepper, itertools.islice(batches, segment), progress, freeze_gc=first_segment):
                 progress.record(loss, cfg.train.batch_size * ctx.world_size)
+                core.pin()  # once, after the first steps: their compilation and captures use every CPU
                 progress.seconds = time.perf_counter() - start
                 if progress.step % cfg.train.log_every == 0 or progress.step == total:
                     _log_window(progress, total, ctx, log_file, last_logged)
