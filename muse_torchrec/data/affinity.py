@@ -20,7 +20,8 @@ workers, the data path's threads), keep off it. A CUDA step runs its forward in 
 and its backward in autograd's device thread, which take turns every step; on two cores every turn
 wakes the other core, and the state both use (the allocator's, the dispatcher's, NCCL's) moves
 between their caches (the likely cause; not isolated). On one core the rows' exchange forward and
-backward cost the host ~3x less, and the model step ran 1.11-1.28x, the trainer 1.02x
+backward cost the host ~3x less, the model step ran 1.04-1.28x (means over 2-3 pairs a call, not
+every pair ahead) and the trainer 1.02x and 1.15x in two calls, every pair ahead
 (benchmarks/RESULTS.md row 119).
 """
 
