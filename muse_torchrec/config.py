@@ -142,8 +142,8 @@ class TrainConfig:
     # path's thread ahead send each id to the rank holding its row (data.gsu_placement "device", the
     # plain step); "distributed" always runs TorchRec's forward.
     sparse_lookup: str = "direct"
-    # While training, the training thread and autograd's CUDA device threads share one physical core
-    # that the job's other threads and processes keep off (data/affinity.py: StepCore).
+    # CUDA: from the third training step on, the training thread and autograd's device threads share
+    # one physical core that the rest of the job keeps off (data/affinity.py: StepCore).
     step_core: bool = False
 
 

@@ -3,6 +3,8 @@ process's cores, clear errors; loader workers really run where they are told, an
 process and the threads it starts run on its own cores."""
 
 import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -144,30 +146,37 @@ def test_the_step_core_holds_the_training_thread_and_what_it_starts_runs_elsewhe
     stop = threading.Event()
     older = threading.Thread(target=stop.wait)  # a thread of the process started before the pin
     older.start()
-    with started_elsewhere():  # no step core: nothing changes
-        assert os.sched_getaffinity(0) == before
-    with StepCore(step, others) as core:
-        assert os.sched_getaffinity(0) == before  # nothing pinned before pin()
-        core.pin()
-        core.pin()  # once is enough: a second call changes nothing
-        assert os.sched_getaffinity(0) == set(step)
-        assert os.sched_getaffinity(older.native_id) == set(others)
-        assert _started_thread_affinity() == set(step)  # a plain start inherits the step core
-        with started_elsewhere():
-            assert _started_thread_affinity() == set(others)
-        assert os.sched_getaffinity(0) == set(step)
-        # The loader's workers start off the step core, iterated from the training thread.
-        workers = list(make_loader(data, "train", 32, _affinity, num_workers=2))
-        assert len(workers) > 2 and all(w == others for w in workers)
-        # A thread that is not the pinned one starts what it starts where it runs.
-        seen = []
-        thread = threading.Thread(target=lambda: seen.append(_started_elsewhere_from_a_thread()))
-        thread.start()
-        thread.join()
-        assert seen == [set(step)]
-    assert os.sched_getaffinity(0) == before and os.sched_getaffinity(older.native_id) == before
-    stop.set()
-    older.join()
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a worker started before
+    try:
+        with started_elsewhere():  # no step core: nothing changes
+            assert os.sched_getaffinity(0) == before
+        with StepCore(step, others) as core:
+            assert os.sched_getaffinity(0) == before  # nothing pinned before pin()
+            core.pin()
+            core.pin()  # once is enough: a second call changes nothing
+            assert os.sched_getaffinity(0) == set(step)
+            assert os.sched_getaffinity(older.native_id) == set(others)
+            assert os.sched_getaffinity(child.pid) == set(others)
+            assert _started_thread_affinity() == set(step)  # a plain start inherits the step core
+            with started_elsewhere():
+                assert _started_thread_affinity() == set(others)
+            assert os.sched_getaffinity(0) == set(step)
+            # The loader's workers start off the step core, iterated from the training thread.
+            workers = list(make_loader(data, "train", 32, _affinity, num_workers=2))
+            assert len(workers) > 2 and all(w == others for w in workers)
+            # A thread that is not the pinned one starts what it starts where it runs.
+            seen = []
+            thread = threading.Thread(target=lambda: seen.append(_started_elsewhere_from_a_thread()))
+            thread.start()
+            thread.join()
+            assert seen == [set(step)]
+        assert os.sched_getaffinity(0) == before and os.sched_getaffinity(older.native_id) == before
+        assert os.sched_getaffinity(child.pid) == before
+    finally:
+        stop.set()
+        older.join()
+        child.kill()
+        child.wait()
 
 
 def _started_elsewhere_from_a_thread():

@@ -14,9 +14,9 @@ pinned and none do not separate on it (row 54), so ``none`` stays the default; m
 with more workers per core, have not been measured.
 
 ``train.step_core`` (``StepCore``): from the third training step on, the training thread and
-autograd's CUDA device threads share one physical core; the process's other threads, and the
-threads and processes the training thread starts through ``started_elsewhere`` (the loaders'
-workers, the data path's threads), keep off it. A CUDA step runs its forward in the training thread
+autograd's CUDA device threads share one physical core; the process's other threads, its child
+processes, and the threads and processes the training thread starts through ``started_elsewhere``
+(the loaders' workers, the data path's threads), keep off it. A CUDA step runs its forward in the training thread
 and its backward in autograd's device thread, which take turns every step; on two cores every turn
 wakes the other core, and the state both use (the allocator's, the dispatcher's, NCCL's) moves
 between their caches (the likely cause; not isolated). On one core the rows' exchange forward and
@@ -144,22 +144,32 @@ def step_core_cpus(allowed: Sequence[int], local_rank: int, local_world_size: in
     return cores[-1 - local_rank], [cpu for cpu in sorted(allowed) if cpu not in taken]
 
 
-def _threads() -> Dict[int, str]:
-    """This process's threads: native id -> name."""
+def _threads(pid: str = "self") -> Dict[int, str]:
+    """The threads of process ``pid`` ("self": this one): native id -> name."""
     found = {}
-    for tid in os.listdir("/proc/self/task"):
-        with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
-            found[int(tid)] = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
+    with contextlib.suppress(FileNotFoundError):  # a process that ended meanwhile
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+                found[int(tid)] = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
     return found
+
+
+def _child_processes() -> List[str]:
+    """The ids of this process's child processes (loader workers, the compiler's workers, ...)."""
+    children: List[str] = []
+    for tid in _threads():
+        with contextlib.suppress(FileNotFoundError):
+            children.extend(Path(f"/proc/self/task/{tid}/children").read_text().split())
+    return children
 
 
 class StepCore:
     """Context manager for a training loop: ``pin()`` (call it after each step; it acts once, so the
-    first steps' compilation and graph captures, and the compiler's worker processes, keep every
-    CPU) puts the calling (training) thread and autograd's device threads on ``step`` and this
-    process's other threads on ``others``; what the training thread starts inside
-    ``started_elsewhere()`` from then on runs on ``others``. On exit every moved thread gets its CPUs
-    back.
+    first steps' compilation and graph captures keep every CPU) puts the calling (training) thread
+    and autograd's device threads on ``step``, and moves this process's other threads and its child
+    processes' threads off it (to what they had less ``step``, or ``others`` where that leaves
+    nothing); what the training thread starts inside ``started_elsewhere()`` from then on runs on
+    ``others``. On exit every moved thread gets its CPUs back.
 
     Args:
         step: the step core's CPUs (``step_core_cpus``).
@@ -182,16 +192,26 @@ class StepCore:
             return
         me = threading.get_native_id()
         for tid, name in _threads().items():
-            on_step = tid == me or name.startswith(AUTOGRAD_THREAD_PREFIX)
-            with contextlib.suppress(ProcessLookupError):
-                self._restore[tid] = os.sched_getaffinity(tid)
-                os.sched_setaffinity(tid, self.step if on_step else self.others)
+            self._move(tid, self.step if tid == me or name.startswith(AUTOGRAD_THREAD_PREFIX) else None)
+        for child in _child_processes():
+            for tid in _threads(child):
+                self._move(tid, None)
         _ELSEWHERE[me] = self.others
+
+    def _move(self, tid: int, cpus: Optional[List[int]]) -> None:
+        """Thread ``tid`` to ``cpus``; None: off the step core (a narrower placement, e.g. NCCL's
+        threads near their GPU, is kept)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # ended, or not ours to move
+            had = os.sched_getaffinity(tid)
+            if cpus is None:
+                cpus = sorted(had - set(self.step)) or self.others
+            os.sched_setaffinity(tid, cpus)
+            self._restore[tid] = had
 
     def __exit__(self, *exc: object) -> None:
         _ELSEWHERE.pop(threading.get_native_id(), None)
         for tid, cpus in self._restore.items():
-            with contextlib.suppress(ProcessLookupError):  # a thread that ended
+            with contextlib.suppress(ProcessLookupError, PermissionError):  # a thread that ended
                 os.sched_setaffinity(tid, cpus)
         self._restore.clear()
 
