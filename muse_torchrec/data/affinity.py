@@ -21,8 +21,8 @@ and its backward in autograd's device thread, which take turns every step; on tw
 wakes the other core, and the state both use (the allocator's, the dispatcher's, NCCL's) moves
 between their caches (the likely cause; not isolated). On one core the rows' exchange forward and
 backward cost the host ~3x less, the model step ran 1.04-1.28x (means over 2-3 pairs a call, not
-every pair ahead) and the trainer 1.02x, 1.15x and 1.06x in three calls, ahead in eight of nine
-pairs (benchmarks/RESULTS.md row 119).
+every pair ahead) and the trainer 1.02-1.15x in four calls, ahead in ten of eleven pairs
+(benchmarks/RESULTS.md row 119).
 """
 
 from __future__ import annotations
