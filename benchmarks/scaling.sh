@@ -66,27 +66,27 @@ model_runs() {  # config, then the GPU counts of the runs in order
 }
 
 for part in "$@"; do
-case $part in
-  model)
-    echo "p90 vocabulary, model step:"
-    model_runs configs/taobao_mm_p90.yaml "$gpus" 1 "$gpus" 1 | ratio
-    echo "full vocabulary, model step:"
-    model_runs configs/taobao_mm_full.yaml "$gpus" 1 | ratio
-    ;;
-  trainer)
-    i=0
-    for nproc in "$gpus" 1 "$gpus" 1; do
-      i=$((i + 1))
-      OUT=$out AB_NPROC=$nproc bash benchmarks/ab_trainer.sh none new | awk -v n="$nproc" '/samples\/s per GPU/ {gsub(",", "", $2); print n, $2}'
-      mv "$out/ab_logs.tgz" "$out/trainer_${i}_${nproc}gpu.tgz"
-    done | ratio
-    ;;
-  tests)
-    python -m pytest -q tests/test_sharded.py -k two_gpus 2>&1 | tail -n 5
-    ;;
-  collectives)
-    torchrun --nproc_per_node "$gpus" benchmarks/bench_collectives.py --out "$out/collectives.json" 2>&1 \
-      | grep -A 20 "rank(s); rows"
-    ;;
-esac
+  case $part in
+    model)
+      echo "p90 vocabulary, model step:"
+      model_runs configs/taobao_mm_p90.yaml "$gpus" 1 "$gpus" 1 | ratio
+      echo "full vocabulary, model step:"
+      model_runs configs/taobao_mm_full.yaml "$gpus" 1 | ratio
+      ;;
+    trainer)
+      i=0
+      for nproc in "$gpus" 1 "$gpus" 1; do
+        i=$((i + 1))
+        OUT=$out AB_NPROC=$nproc bash benchmarks/ab_trainer.sh none new | awk -v n="$nproc" '/samples\/s per GPU/ {gsub(",", "", $2); print n, $2}'
+        mv "$out/ab_logs.tgz" "$out/trainer_${i}_${nproc}gpu.tgz"
+      done | ratio
+      ;;
+    tests)
+      python -m pytest -q tests/test_sharded.py -k two_gpus 2>&1 | tail -n 5
+      ;;
+    collectives)
+      torchrun --nproc_per_node "$gpus" benchmarks/bench_collectives.py --out "$out/collectives.json" 2>&1 \
+        | grep -A 20 "rank(s); rows"
+      ;;
+  esac
 done

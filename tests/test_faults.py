@@ -169,6 +169,7 @@ def test_bad_prepared_data_is_refused_by_the_loader(base, tmp_path, capsys, dist
     ("train:\n  checkpoint_every: 0\n", ["train.checkpoint_every"]),
     ("train:\n  pipeline: sparse\n", ["train.pipeline: unknown 'sparse'", "plain", "sparse_dist"]),
     ("data:\n  cpu_affinity: spread\n", ["data.cpu_affinity: unknown 'spread'", "none", "pinned"]),
+    ("train:\n  step_core: true\n", ["train.step_core: on the CPU", "set train.step_core=false"]),
 ])
 def test_bad_config_is_refused_before_anything_is_written(base, tmp_path, capsys, dist_env, text, fragments):
     config = tmp_path / "typo.yaml"

@@ -230,7 +230,7 @@ Checkpointer = Callable[[TrainProgress], None]
 
 def train(cfg: ExperimentConfig, data: PreparedData, sharded: ShardedModel, ctx: DistContext,
           progress: Optional[TrainProgress] = None, log_file: Optional[Path] = None,
-          checkpoint: Optional[Checkpointer] = None) -> TrainStats:
+          checkpoint: Optional[Checkpointer] = None, pin_step_core: Callable[[], None] = lambda: None) -> TrainStats:
     """Train ``cfg.train.epochs`` passes over the train split from ``progress`` (a resumed run's).
 
     Same number of steps on every rank. Epoch e reads the data in the order of seed
@@ -238,7 +238,8 @@ def train(cfg: ExperimentConfig, data: PreparedData, sharded: ShardedModel, ctx:
     every ``train.checkpoint_every`` steps and after the last step, with the stepper drained: a
     pipeline (``train.pipeline: sparse_dist``) prefetches batches, and stopping it at the checkpoint
     step keeps the saved data position equal to the trained one (it computes the same as the plain
-    step, so draining it changes no number).
+    step, so draining it changes no number). ``pin_step_core`` is called after every step
+    (``StepCore.pin`` under ``train.step_core``).
     """
     progress = progress or TrainProgress()
     per_epoch = steps_per_epoch(cfg, data, ctx)
@@ -253,35 +254,32 @@ def train(cfg: ExperimentConfig, data: PreparedData, sharded: ShardedModel, ctx:
     first_segment = True
     last_logged = (progress.samples, progress.seconds)
     first_logged: Optional[Tuple[int, float]] = None
-    # (The loaders' workers and the data path's threads start off the step core: started_elsewhere.)
-    with step_core(cfg.train.step_core, cfg.data.cpu_affinity, ctx.local_rank, ctx.local_world_size,
-                   ctx.device) as core:
-        while progress.epoch < cfg.train.epochs:
-            if batches is None:
-                # Exactly the epoch's steps: ranks whose share holds more batches leave them (a router
-                # would otherwise wait in its exchanges for ranks that have none).
-                batches = iter(_loader(cfg, data, "train", ctx, path, cfg.train.batch_size, shuffle=True,
-                                       drop_last=True, seed=cfg.data.seed + progress.epoch, skip=progress.epoch_step,
-                                       limit=max(per_epoch - progress.epoch_step, 0)))
-            # (A checkpoint of another world size may stand past this run's epoch end.)
-            segment = max(per_epoch - progress.epoch_step, 0)
-            if every is not None:
-                segment = min(segment, every - progress.step % every)
-            for loss in _losses(stepper, itertools.islice(batches, segment), progress, freeze_gc=first_segment):
-                progress.record(loss, cfg.train.batch_size * ctx.world_size)
-                core.pin()  # once, after the first steps: their compilation and captures use every CPU
-                progress.seconds = time.perf_counter() - start
-                if progress.step % cfg.train.log_every == 0 or progress.step == total:
-                    _log_window(progress, total, ctx, log_file, last_logged)
-                    last_logged = (progress.samples, progress.seconds)
-                    first_logged = first_logged or last_logged
-            first_segment = False
-            if progress.epoch_step >= per_epoch:
-                progress.next_epoch()
-                batches = None
-            if every is not None and progress.step % every == 0 and progress.step != saved_step:
-                checkpoint(progress)
-                saved_step = progress.step
+    while progress.epoch < cfg.train.epochs:
+        if batches is None:
+            # Exactly the epoch's steps: ranks whose share holds more batches leave them (a router
+            # would otherwise wait in its exchanges for ranks that have none).
+            batches = iter(_loader(cfg, data, "train", ctx, path, cfg.train.batch_size, shuffle=True,
+                                   drop_last=True, seed=cfg.data.seed + progress.epoch, skip=progress.epoch_step,
+                                   limit=max(per_epoch - progress.epoch_step, 0)))
+        # (A checkpoint of another world size may stand past this run's epoch end.)
+        segment = max(per_epoch - progress.epoch_step, 0)
+        if every is not None:
+            segment = min(segment, every - progress.step % every)
+        for loss in _losses(stepper, itertools.islice(batches, segment), progress, freeze_gc=first_segment):
+            progress.record(loss, cfg.train.batch_size * ctx.world_size)
+            pin_step_core()  # acts once, after the first steps: their compilation and captures use every CPU
+            progress.seconds = time.perf_counter() - start
+            if progress.step % cfg.train.log_every == 0 or progress.step == total:
+                _log_window(progress, total, ctx, log_file, last_logged)
+                last_logged = (progress.samples, progress.seconds)
+                first_logged = first_logged or last_logged
+        first_segment = False
+        if progress.epoch_step >= per_epoch:
+            progress.next_epoch()
+            batches = None
+        if every is not None and progress.step % every == 0 and progress.step != saved_step:
+            checkpoint(progress)
+            saved_step = progress.step
     if checkpoint is not None and progress.step != saved_step:
         checkpoint(progress)
     # A pipeline rewrote the sharded modules' forwards; give evaluation the plain model back.
@@ -447,6 +445,8 @@ def run(cfg: ExperimentConfig, ctx: DistContext) -> Dict[str, float]:
     pinned = place_training_process(cfg.data.cpu_affinity, ctx.local_rank, ctx.local_world_size)  # ConfigError now
     if pinned is not None:
         log.info("rank %d: training process pinned to CPUs %s", ctx.rank, pinned)
+    core = step_core(cfg.train.step_core, cfg.data.cpu_affinity, ctx.local_rank, ctx.local_world_size,
+                     ctx.device)  # ConfigError now
     run_dir = Path(cfg.train.run_dir)
     data = open_prepared(cfg)
     resume = resume_point(cfg, vocab_sizes(data), ctx)
@@ -465,7 +465,9 @@ def run(cfg: ExperimentConfig, ctx: DistContext) -> Dict[str, float]:
     if cfg.train.keep_checkpoints > 0:
         saver = functools.partial(save_checkpoint, checkpoints_dir(run_dir), sharded, cfg=cfg,
                                   vocab_sizes=vocab_sizes(data), ctx=ctx, keep=cfg.train.keep_checkpoints)
-    stats = train(cfg, data, sharded, ctx, progress, log_file, saver)
+    # The loaders' workers and the data path's threads start off the step core (started_elsewhere).
+    with core:
+        stats = train(cfg, data, sharded, ctx, progress, log_file, saver, pin_step_core=core.pin)
     metrics = evaluate(cfg, data, sharded, ctx).to_dict()
     metrics.update(
         train_samples_per_s=stats.samples_per_s,
