@@ -142,6 +142,10 @@ class TrainConfig:
     # path's thread ahead send each id to the rank holding its row (data.gsu_placement "device", the
     # plain step); "distributed" always runs TorchRec's forward.
     sparse_lookup: str = "direct"
+    # With "routed" and compile_mode "graphs": the rows' all-to-all, in fixed shapes laid out by the
+    # data path, replayed inside the step's CUDA graph, forward and backward (batches that do not
+    # fit it launch it as before); false: always launched from the host.
+    exchange_in_graphs: bool = True
     # CUDA: from the third training step on, the training thread and autograd's device threads share
     # one physical core that the rest of the job keeps off (data/affinity.py: StepCore).
     step_core: bool = False

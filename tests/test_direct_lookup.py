@@ -114,7 +114,11 @@ def _trained(method: str, device: str, sparse_lookup: str, ctx, extra: Sequence[
     losses = [float(stepper.progress(batches)[0]) for _ in range(STEPS)]
     state = {k: (v.local_shards()[0].tensor if isinstance(v, ShardedTensor) else v).detach().cpu().clone()
              for k, v in sharded.model.state_dict().items()}
-    return {"losses": losses, "state": state, "lookups": sharded.lookups}
+    # How often each of the loss step's graphs replayed (with train.compile_mode "graphs").
+    train = sharded.model.module
+    replays = {name: getattr(train, name).replays for name in ("graphs", "exchanged_graphs")
+               if getattr(train, name) is not None}
+    return {"losses": losses, "state": state, "lookups": sharded.lookups, "replays": replays}
 
 
 def _worker(rank: int, device: str, tmp: str, port: str) -> None:

@@ -13,7 +13,9 @@ TorchRec's forward, its reference, over 2 gloo ranks with every table row-wise:
   metrics and the same final checkpoint as an uninterrupted run through TorchRec's forward;
 - one rank with the tables row-wise as on several (what ``bench_train --shard-as-on-several-ranks``
   times): 4 training steps from the same weights equal TorchRec's forward's, on the CPU and on a GPU
-  (there with the tower's CUDA graphs);
+  (there with the tower's CUDA graphs, the rows' all-to-all replayed inside them);
+- the rows' all-to-all in fixed shapes (what those graphs replay) over 2 gloo ranks: the rows and
+  their gradients as the launched all-to-all's, decided alike on both ranks;
 - one rank as the trainer shards it (table-wise: the GPU configs on one GPU) takes the direct lookup;
 - settings: "routed" needs ``data.gsu_placement: device``.
 """
@@ -22,10 +24,12 @@ import json
 import sys
 from dataclasses import replace
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torch.multiprocessing import ProcessExitedException
 
@@ -127,6 +131,81 @@ def test_routed_lookups_equal_torchrecs_over_two_ranks(tmp_path):
         assert out["phases"] == (3, [False, False]), out["phases"]
 
 
+def _fixed_exchanges(rank: int, tmp: str) -> None:
+    from muse_torchrec.data import routing as routing_module
+    from muse_torchrec.model.muse import weighted_loss
+    from muse_torchrec.train.distributed import init_distributed, shutdown
+    from muse_torchrec.train.sharded import shard_model
+
+    ctx = init_distributed("cpu")
+    cfg = load_config(None, [*ROUTED, f"model.k={K}", f"data.recent={RECENT}", f"data.max_history={MAX_HISTORY}",
+                             f"train.batch_size={BATCH}", "model.mlp=[32, 16]"])
+    torch.manual_seed(0)
+    sharded = shard_model(build_model(cfg.model, VOCAB, sequence_features("scl_cosine"), RECENT, MAX_HISTORY), cfg, ctx)
+    train = sharded.model.module
+    arch = train.model.sparse_arch
+    # On the CPU the trainer lays out no fixed exchange (no graphs); a router that does, as on a GPU.
+    _, router = direct_lookup.use_direct_lookup(sharded.model, "routed", "plain", fixed_exchange=True)
+    rng = np.random.default_rng(200 + rank)
+    builder = BatchBuilder(*random_scl(rng), gsu="scl_cosine", k=K, recent=RECENT, max_history=MAX_HISTORY,
+                           pad_to=BATCH)
+    equal, largest = [], []
+    for _ in range(3):
+        batch = builder(random_block(rng, num_users=8, max_len=60))
+        routing = router(batch.sparse_features)
+        fixed, ids = routing.fixed, batch.sparse_features.values().numel()
+        # The launched exchange (the reference) and the fixed one, from the same rows, to the same
+        # gradient of every id's row.
+        read = torch.randn(sum(routing.received), 4, requires_grad=True)
+        grad = torch.randn(ids, 4)
+        launched = direct_lookup._RowsAllToAll.apply(read, routing.as_received, routing.as_read, routing.received,
+                                                     routing.sent, router.group)[routing.restore]
+        (want_grad,) = torch.autograd.grad(launched, read, grad)
+        padded = torch.cat([read, read.new_zeros(fixed.send_slots.numel() + 1 - read.shape[0], 4)])
+        exchanged = arch.lookup.exchanged(padded, fixed.send_slots)
+        (got_grad,) = torch.autograd.grad(exchanged[fixed.order[:ids]], padded, grad)
+        equal += [torch.equal(exchanged[fixed.order[:ids]], launched), torch.equal(got_grad[:read.shape[0]], want_grad),
+                  not exchanged[fixed.order[ids:]].any(), not exchanged[-1].any()]
+        # The model's loss from the rows this rank looked up, the exchange first, as its forward's.
+        with torch.no_grad():
+            batch = replace(batch, routing=routing)
+            want = weighted_loss(train.model(batch), batch.labels, batch.weights)
+            got, _ = train.loss_from_read_rows(train.loss_from_rows, *arch.read_rows(batch), batch.topk_scores,
+                                               batch.recent_scores, batch.labels, batch.weights)
+        equal.append(torch.equal(got, want))
+        largest.append(max(*routing.sent, *routing.received))
+    # Whether a batch fits is decided alike on every rank: at a capacity between the two ranks'
+    # largest counts, neither lays a fixed exchange out.
+    largest_per_rank = [None, None]
+    dist.all_gather_object(largest_per_rank, max(routing.sent))
+    with mock.patch.object(routing_module, "peer_capacity", lambda ids, world: min(largest_per_rank)):
+        between = router(batch.sparse_features).fixed
+    with mock.patch.object(routing_module, "peer_capacity", lambda ids, world: max(largest_per_rank)):
+        fits = router(batch.sparse_features).fixed
+    torch.save({"equal": equal, "largest": largest, "largest_per_rank": largest_per_rank,
+                "between": between is None, "fits": fits is not None,
+                "capacity": routing.fixed.peer_capacity, "ids_per_sample": router.ids_per_sample},
+               Path(tmp, f"fixed{rank}.pt"))
+    shutdown()
+
+
+def test_fixed_exchanges_send_the_rows_as_the_launched_one_over_two_ranks(tmp_path):
+    """The rows' all-to-all in fixed shapes (what the step's CUDA graph replays): every id's row and
+    every looked-up row's gradient equal the launched exchange's, the padding reads zeros, the
+    model's loss from the rows looked up equals its forward's; a batch that does not fit on one rank
+    is launched on both."""
+    tiny_run.spawn(_fixed_exchanges, 2, tmp_path, str(tmp_path))
+    outs = [torch.load(tmp_path / f"fixed{rank}.pt", weights_only=False) for rank in range(2)]
+    for out in outs:
+        assert all(out["equal"]), out["equal"]
+        # routing.peer_capacity: 1.25 times a rank's share of a full batch (BATCH samples).
+        assert out["capacity"] == -(-int(1.25 * out["ids_per_sample"] * BATCH) // 2)
+        assert max(out["largest"]) <= out["capacity"] < out["ids_per_sample"] * BATCH
+        assert out["fits"], out
+    assert outs[0]["largest_per_rank"][0] != outs[0]["largest_per_rank"][1], outs[0]
+    assert outs[0]["between"] and outs[1]["between"], outs
+
+
 def _trained(rank: int, root: str, name: str, extra: tuple) -> None:
     """A 2-epoch run; writes how many batches this rank's router routed."""
     from muse_torchrec.data.routing import RowWiseRouter
@@ -199,6 +278,9 @@ def test_one_rank_row_wise_routed_trains_as_torchrecs_forward(tmp_path, device):
         routed, distributed = runs["routed"], runs["distributed"]
         assert routed["lookups"].startswith("1 ranks, row-wise: the ids routed"), routed["lookups"]
         assert routed["losses"] == distributed["losses"] and routed["losses"][0] != routed["losses"][-1], method
+        if device == "cuda" and method == "muse":
+            # The rows' all-to-all replayed inside the loss step's graph at every step.
+            assert routed["replays"] == {"graphs": 0, "exchanged_graphs": len(routed["losses"])}, routed["replays"]
         for key, value in distributed["state"].items():
             torch.testing.assert_close(routed["state"][key], value, rtol=0, atol=0, msg=f"{method}: {key}")
 

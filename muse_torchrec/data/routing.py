@@ -15,6 +15,13 @@ attaches a ``Routing`` to the batch: the ids this rank looks up for every rank, 
 the rows back, and the counts, as host integers, that the rows' all-to-all needs, so the training
 thread runs that all-to-all (``direct_lookup.RoutedLookup``) without reading anything back.
 
+Given the most ids a sample holds, the router also lays the rows' all-to-all out in fixed shapes
+(``FixedExchange``): every rank sends every rank ``peer_capacity`` rows, padded with a zero row, so
+the training step can replay it inside its CUDA graph (``MuseTrain``'s exchanged graphs) instead of
+launching it, its gathers and their backward from the host every step. Each rank sends its
+largest count with its lengths, so every rank sees every rank's and decides alike whether a batch
+fits: a batch that does not on any rank goes through the launched all-to-all on every rank.
+
 Every rank must route the same number of batches, in the same order (the trainer routes an epoch's
 training batches, whose count is equal on every rank): a rank's router waits in each exchange for
 every other rank's.
@@ -24,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import ContextManager, List, Sequence, Tuple
+from typing import ContextManager, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -39,6 +46,45 @@ def in_order(features: KeyedJaggedTensor, names: Sequence[str]) -> KeyedJaggedTe
     if sorted(keys) != sorted(names):
         raise ValueError(f"sparse features {keys} are not the embedding collection's features {list(names)}")
     return features.permute([keys.index(name) for name in names])
+
+
+# A fixed exchange holds this many times a rank's even share of a full batch's ids from each rank:
+# room for ranks receiving more than their share (the ids' spread over the rows' blocks), at the
+# price of sending the padding.
+PEER_SLACK = 1.25
+
+
+def peer_capacity(batch_ids: int, world_size: int) -> int:
+    """Rows one rank sends another in a fixed exchange, for batches of at most ``batch_ids`` ids: no
+    more than a whole batch (which never overflows, e.g. on one rank)."""
+    return min(batch_ids, -(-int(PEER_SLACK * batch_ids) // world_size))
+
+
+@dataclass
+class FixedExchange:
+    """A routed batch's rows' all-to-all in fixed shapes: every rank sends every rank C rows.
+
+    Attributes:
+        peer_capacity: C.
+        send_slots: [W * C] int64, for each row sent (rank after rank, C each), its position among
+            the rows this rank looked up (``Routing.read``'s order), padding: W * C, a zero row
+            past them.
+        order: [W * C + 1] int64, for each of the batch's ids (feature, sample) the position of its
+            row among the rows received (rank after rank, C each), then W * C (a zero row past
+            them) for the rest: ``row_layout.padded_slots``' order.
+    """
+
+    peer_capacity: int
+    send_slots: torch.Tensor
+    order: torch.Tensor
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "FixedExchange":
+        return FixedExchange(self.peer_capacity, self.send_slots.to(device, non_blocking=non_blocking),
+                             self.order.to(device, non_blocking=non_blocking))
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        self.send_slots.record_stream(stream)
+        self.order.record_stream(stream)
 
 
 @dataclass
@@ -56,6 +102,8 @@ class Routing:
             coming back (holding rank, feature, sample).
         sent: ids sent to each rank [W]; received: ids received from each rank [W] (host integers).
         batch_size: B.
+        fixed: the rows' all-to-all in fixed shapes, where the router lays it out and the batch fits
+            on every rank; else None.
     """
 
     read: KeyedJaggedTensor
@@ -65,18 +113,22 @@ class Routing:
     sent: List[int]
     received: List[int]
     batch_size: int
+    fixed: Optional[FixedExchange] = None
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Routing":
         return Routing(self.read.to(device, non_blocking=non_blocking),
                        self.as_received.to(device, non_blocking=non_blocking),
                        self.as_read.to(device, non_blocking=non_blocking),
-                       self.restore.to(device, non_blocking=non_blocking), self.sent, self.received, self.batch_size)
+                       self.restore.to(device, non_blocking=non_blocking), self.sent, self.received, self.batch_size,
+                       None if self.fixed is None else self.fixed.to(device, non_blocking=non_blocking))
 
     def record_stream(self, stream: torch.Stream) -> None:
         self.read.record_stream(stream)
         self.as_received.record_stream(stream)
         self.as_read.record_stream(stream)
         self.restore.record_stream(stream)
+        if self.fixed is not None:
+            self.fixed.record_stream(stream)
 
     def device(self) -> torch.device:
         return self.as_received.device
@@ -94,13 +146,20 @@ class RowWiseRouter:
         block_sizes: rows per rank of each feature's table [F]: rank r holds rows
             [r * size, (r + 1) * size) (TorchRec's row-wise blocks).
         group: a gloo group of the W ranks, used by this router alone.
+        ids_per_sample: the most ids a sample holds over the features (``RowLayout.capacity(1)``):
+            with it, every routing that fits also lays the rows' all-to-all out in fixed shapes
+            (``Routing.fixed``) for batches of that many ids a sample at most.
     """
 
-    def __init__(self, feature_names: Sequence[str], block_sizes: Sequence[int], group: dist.ProcessGroup) -> None:
+    def __init__(self, feature_names: Sequence[str], block_sizes: Sequence[int], group: dist.ProcessGroup,
+                 ids_per_sample: Optional[int] = None) -> None:
         if len(feature_names) != len(block_sizes):
             raise ValueError(f"{len(feature_names)} features, {len(block_sizes)} block sizes")
+        if ids_per_sample is not None and ids_per_sample < 1:
+            raise ValueError(f"ids_per_sample must be positive, not {ids_per_sample}")
         self.feature_names = list(feature_names)
         self.group = group
+        self.ids_per_sample = ids_per_sample
         self.world_size = dist.get_world_size(group)
         count, ranks = len(self.feature_names), self.world_size
         self._block_sizes = torch.tensor(block_sizes, dtype=torch.int64)
@@ -126,22 +185,31 @@ class RowWiseRouter:
         pinned = device.type == "cuda"
         with cuda_calls:
             bucket_lengths, ids, restore = self._bucketised(in_order(features, self.feature_names))
-            received_lengths = torch.empty(bucket_lengths.numel(), dtype=bucket_lengths.dtype, pin_memory=pinned)
-        # Each rank's lengths are F * B: exchanged first, they give the counts of the ids to expect.
-        self._exchange(received_lengths, bucket_lengths, [count * batch] * ranks, [count * batch] * ranks)
-        sent_list = bucket_lengths.view(ranks, -1).sum(1).tolist()
-        received_list = received_lengths.view(ranks, -1).sum(1).tolist()
+            received = torch.empty((ranks, 1 + count * batch), dtype=bucket_lengths.dtype, pin_memory=pinned)
+        # Each rank's lengths (F * B per rank), after its largest count to any rank: every rank then
+        # knows every rank's, so all decide alike whether the batch fits a fixed exchange.
+        sent = bucket_lengths.view(ranks, -1).sum(1)
+        outgoing = torch.cat([sent.max().to(bucket_lengths.dtype).expand(ranks, 1), bucket_lengths.view(ranks, -1)], 1)
+        self._exchange(received.view(-1), outgoing.view(-1), [1 + count * batch] * ranks,
+                       [1 + count * batch] * ranks)
+        received_lengths = received[:, 1:]
+        sent_list, received_list = sent.tolist(), received_lengths.sum(1).tolist()
+        largest = int(received[:, 0].max())
         with cuda_calls:
             received_ids = torch.empty(sum(received_list), dtype=ids.dtype, pin_memory=pinned)
         self._exchange(received_ids, ids, received_list, sent_list)
         # The ids per key as host numbers: the lookup would otherwise read them back from the device.
-        length_per_key = received_lengths.view(ranks, count, batch).sum((0, 2)).tolist()
+        length_per_key = received_lengths.reshape(ranks, count, batch).sum((0, 2)).tolist()
         with cuda_calls:
-            routing = self._read(received_lengths.to(device, non_blocking=True),
+            routing = self._read(received.to(device, non_blocking=True)[:, 1:],
                                  received_ids.to(device, non_blocking=True), length_per_key, restore, sent_list,
                                  received_list, batch)
+            if self.ids_per_sample is not None:
+                capacity = peer_capacity(self.ids_per_sample * batch, ranks)
+                if largest <= capacity:
+                    routing.fixed = self._fixed(routing, capacity)
             # Page-locked blocks go back to their cache (which records events) here, not after.
-            del bucket_lengths, ids, received_lengths, received_ids
+            del bucket_lengths, ids, received, received_lengths, received_ids
         return routing
 
     def _bucketised(self, features: KeyedJaggedTensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -163,18 +231,40 @@ class RowWiseRouter:
 
     def _read(self, received_lengths: torch.Tensor, received_ids: torch.Tensor, length_per_key: List[int],
               restore: torch.Tensor, sent: List[int], received: List[int], batch: int) -> Routing:
-        """The routing from what this rank received (on the batch's device): lengths [W * F * B] and
+        """The routing from what this rank received (on the batch's device): lengths [W, F * B] and
         ids (source rank, feature, sample)."""
         ranks, count = self.world_size, len(self.feature_names)
         total = received_ids.numel()
         positions = torch.arange(total, device=received_ids.device)
         read_lengths, order, _ = torch.ops.fbgemm.permute_2D_sparse_data(
-            self._feature_major, received_lengths.view(ranks * count, batch), positions,
+            self._feature_major, received_lengths.reshape(ranks * count, batch), positions,
             permuted_lengths_sum=total)  # known here: not read back
         read = KeyedJaggedTensor(keys=self.feature_names, values=received_ids.index_select(0, order),
                                  lengths=read_lengths.view(-1), stride=ranks * batch, length_per_key=length_per_key)
         as_received = torch.empty_like(order).scatter_(0, order, positions)
         return Routing(read, as_received, order, restore, sent, received, batch)
+
+    def _fixed(self, routing: Routing, capacity: int) -> FixedExchange:
+        """``routing``'s rows' all-to-all laid out for ``capacity`` rows from every rank to every rank."""
+        device, slots = routing.device(), self.world_size * capacity
+        send_slots = torch.full((slots,), slots, dtype=torch.int64, device=device)
+        send_slots.index_copy_(0, _padded_positions(routing.received, capacity, device), routing.as_received)
+        order = torch.full((slots + 1,), slots, dtype=torch.int64, device=device)
+        restored = _padded_positions(routing.sent, capacity, device).index_select(0, routing.restore)
+        order[:restored.numel()] = restored
+        return FixedExchange(capacity, send_slots, order)
+
+
+def _padded_positions(counts: List[int], capacity: int, device: torch.device) -> torch.Tensor:
+    """For rows that come rank after rank, ``counts[r]`` from rank r, each row's place when every rank
+    takes ``capacity`` places: r * capacity + its index among rank r's [sum(counts)] int64."""
+    offsets = [0]
+    for count in counts[:-1]:
+        offsets.append(offsets[-1] + count)
+    shifts = torch.tensor([r * capacity - offset for r, offset in enumerate(offsets)], device=device)
+    total = sum(counts)
+    return torch.arange(total, device=device) + shifts.repeat_interleave(torch.tensor(counts, device=device),
+                                                                           output_size=total)
 
 
 def _to_host(tensor: torch.Tensor, pinned: bool) -> torch.Tensor:

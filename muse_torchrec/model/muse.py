@@ -8,7 +8,8 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Protocol, Sequence, Tuple
+from functools import partial
+from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 import torch.nn.functional as nnf
@@ -173,9 +174,7 @@ class SparseArch(nn.Module):
         else:
             seq = self.tables(features)
             values = torch.cat([seq[key].values() for key in features.keys()])
-        if tuple(features.keys()) != self.row_layout.keys:
-            raise ValueError(f"sparse features {features.keys()} are not in the collection's order "
-                             f"{list(self.row_layout.keys)}")
+        self._check_order(features)
         capacity = self.row_layout.capacity(features.stride())
         if values.shape[0] > capacity:
             raise ValueError(f"{values.shape[0]} ids in a batch of {features.stride()} samples: more than the "
@@ -186,6 +185,21 @@ class SparseArch(nn.Module):
         else:  # the zero rows stay where they are
             order = torch.cat([order, torch.arange(ids, capacity + 1, device=values.device)])
         return nnf.pad(values, (0, 0, 0, capacity + 1 - ids)), order, features.lengths()
+
+    def _check_order(self, features: KeyedJaggedTensor) -> None:
+        if tuple(features.keys()) != self.row_layout.keys:
+            raise ValueError(f"sparse features {features.keys()} are not in the collection's order "
+                             f"{list(self.row_layout.keys)}")
+
+    def read_rows(self, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For a routed batch with a fixed exchange (``Routing.fixed``, W ranks, C rows each), what
+        ``MuseTrain.loss_from_read_rows`` takes: (the rows this rank looked up for every rank, then
+        zero rows [W * C + 1, D]; the fixed exchange's send slots [W * C] and order [W * C + 1]
+        int64; lengths [F * B])."""
+        features, read_rows = self.lookup.read_rows(batch.sparse_features, batch.routing)
+        self._check_order(features)
+        fixed = batch.routing.fixed
+        return read_rows, fixed.send_slots, fixed.order, features.lengths()
 
     def padded(self, rows: torch.Tensor, order: torch.Tensor, lengths: torch.Tensor, topk_scores: torch.Tensor,
                recent_scores: torch.Tensor) -> Tuple[SequenceInputs, torch.Tensor]:
@@ -320,7 +334,9 @@ def compile_tower(model: nn.Module, mode: str, device: torch.device, pad_in_grap
     "reduce-overhead"'s CUDA graph trees); CUDA only. With ``pad_in_graphs``, where the model allows
     (``MuseModel.pads_in_graphs``, held by a ``MuseTrain``), one graph runs from the looked-up rows
     to the loss and back (``MuseTrain.loss_from_rows``, ``cuda_graphs.GraphedLossStep``: the
-    forward and the backward in one graph, one autograd node); False for TorchRec's pipeline, which
+    forward and the backward in one graph, one autograd node), and for routed batches with a fixed
+    exchange one from the rows this rank looked up, their all-to-all inside
+    (``MuseTrain.loss_from_read_rows``); False for TorchRec's pipeline, which
     traces the model's forward with torch.fx and cannot trace into the graphs' checks. ``device``:
     where the model will train.
     """
@@ -342,7 +358,9 @@ def compile_tower(model: nn.Module, mode: str, device: torch.device, pad_in_grap
             tower.compile(mode=COMPILE_MODES[mode], dynamic=False)
         elif id(muse) in from_rows:
             train = from_rows[id(muse)]
-            train.graphs = GraphedLossStep(tower, torch.compile(train.loss_from_rows, dynamic=False))
+            loss_from_rows = torch.compile(train.loss_from_rows, dynamic=False)
+            train.graphs = GraphedLossStep(tower, loss_from_rows)
+            train.exchanged_graphs = GraphedLossStep(tower, partial(train.loss_from_read_rows, loss_from_rows))
         else:
             tower.graphs = GraphedFunction(tower, torch.compile(tower.logits, dynamic=False))
 
@@ -362,16 +380,20 @@ class MuseTrain(nn.Module):
         self.model = model
         # train.compile_mode "graphs" with the padding in the graphs (``compile_tower``): training
         # steps replay one CUDA graph of the compiled ``loss_from_rows`` (the padding, the tower and
-        # the loss, forward and backward); evaluation runs it compiled.
+        # the loss, forward and backward); evaluation runs it compiled. ``exchanged_graphs``: the same
+        # from the rows this rank looked up, for routed batches with a fixed exchange.
         self.graphs: Optional[GraphedLossStep] = None
+        self.exchanged_graphs: Optional[GraphedLossStep] = None
 
     def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        scored = (batch.topk_scores, batch.recent_scores, batch.labels, batch.weights)
         if self.graphs is None:
             logits = self.model(batch)
             loss = weighted_loss(logits, batch.labels, batch.weights)
+        elif self.exchanged_graphs is not None and batch.routing is not None and batch.routing.fixed is not None:
+            loss, logits = self.exchanged_graphs(*self.model.sparse_arch.read_rows(batch), *scored)
         else:
-            loss, logits = self.graphs(*self.model.sparse_arch.rows(batch), batch.topk_scores, batch.recent_scores,
-                                       batch.labels, batch.weights)
+            loss, logits = self.graphs(*self.model.sparse_arch.rows(batch), *scored)
         return loss, (loss.detach(), logits.detach(), batch.labels)
 
     def loss_from_rows(self, rows: torch.Tensor, order: torch.Tensor, lengths: torch.Tensor,
@@ -381,3 +403,12 @@ class MuseTrain(nn.Module):
         the click logits [B] without gradient: only the loss is differentiated), of static shapes."""
         logits = self.model.logits_from_rows(rows, order, lengths, topk_scores, recent_scores)
         return weighted_loss(logits, labels, weights), logits.detach()
+
+    def loss_from_read_rows(self, loss_from_rows: Callable[..., Tuple[torch.Tensor, torch.Tensor]],
+                            read_rows: torch.Tensor, send_slots: torch.Tensor, order: torch.Tensor,
+                            lengths: torch.Tensor, *scored: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``loss_from_rows`` (this module's, or its compiled form) from ``SparseArch.read_rows``: the
+        rows' all-to-all first (``RoutedLookup.exchanged``), in fixed shapes. ``scored``: the batch's
+        scores, labels and weights, as ``loss_from_rows`` takes them."""
+        rows = self.model.sparse_arch.lookup.exchanged(read_rows, send_slots)
+        return loss_from_rows(rows, order, lengths, *scored)

@@ -16,6 +16,9 @@ half, the rows' all-to-all, itself: the first half, each id sent to the rank hol
 done by the data path ahead of the step (``data.routing.RowWiseRouter``), so the training thread
 neither bucketises nor reads anything back. Its backward sends the gradients back, divided by the
 world size as TorchRec's is. Batches without a routing (evaluation) go through TorchRec's forward.
+Where the data path laid the rows' all-to-all out in fixed shapes (``Routing.fixed``), the step can
+replay it inside its CUDA graph instead: ``RoutedLookup.read_rows`` gives the rows this rank looked
+up, ``RoutedLookup.exchanged`` sends them in the graph (``MuseTrain``'s exchanged graphs).
 
 ``train.sparse_lookup`` chooses: "direct" (the default) uses ``DirectLookup`` where it applies (one
 rank, the plain step, one table-wise lookup); "routed" also ``RoutedLookup`` (2+ ranks, the plain
@@ -30,6 +33,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn import functional as nnf
 from torchrec.distributed.embedding import ShardedEmbeddingCollection
 from torchrec.distributed.types import ShardingType
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
@@ -130,6 +134,25 @@ class _RowsAllToAll(torch.autograd.Function):
         return sent.index_select(0, as_looked_up).div_(ctx.world_size), None, None, None, None, None
 
 
+class _EvenAllToAll(torch.autograd.Function):
+    """Rows [W * C, D], C for each rank in turn -> the rows received, C from each rank [W * C, D].
+    Backward: the gradients sent back, divided by the world size (as ``_RowsAllToAll``'s). Fixed
+    shapes, so a CUDA graph can hold it, forward and backward."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, group: dist.ProcessGroup, world_size: int) -> torch.Tensor:
+        ctx.group, ctx.world_size = group, world_size
+        out = torch.empty_like(rows)
+        dist.all_to_all_single(out, rows, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, None]:
+        sent = torch.empty_like(grad)
+        dist.all_to_all_single(sent, grad.contiguous(), group=ctx.group)
+        return sent.div_(ctx.world_size), None, None
+
+
 class RoutedLookup(DirectLookup):
     """``DirectLookup`` over row-wise tables on W ranks, for batches routed by the data path.
 
@@ -141,18 +164,40 @@ class RoutedLookup(DirectLookup):
                  group: dist.ProcessGroup) -> None:
         super().__init__(lookup, feature_names, dim)
         self.collection, self.group = collection, group
+        self.world_size = dist.get_world_size(group)
 
     def __call__(self, features: KeyedJaggedTensor, routing: Optional[Routing] = None) -> Dict[str, JaggedTensor]:
         # Unrouted (evaluation): the collection's own per-feature output, not concatenated and split again.
         return self.collection(features).wait() if routing is None else super().__call__(features, routing)
+
+    def read_rows(self, features: KeyedJaggedTensor, routing: Routing) -> Tuple[KeyedJaggedTensor, torch.Tensor]:
+        """For a batch whose routing has a fixed exchange (``Routing.fixed``, W ranks, C rows each):
+        (the KJT with its keys in the lookup's order, the rows this rank looks up for every rank,
+        then zero rows [W * C + 1, D]), for ``exchanged``."""
+        if routing.fixed is None:
+            raise ValueError("RoutedLookup.read_rows: the batch's routing has no fixed exchange")
+        self._check(features, routing)
+        rows = self.lookup(routing.read).view(-1, self.dim)
+        slots = routing.fixed.send_slots.shape[0]
+        return in_order(features, self.feature_names), nnf.pad(rows, (0, 0, 0, slots + 1 - rows.shape[0]))
+
+    def exchanged(self, read_rows: torch.Tensor, send_slots: torch.Tensor) -> torch.Tensor:
+        """``read_rows`` [W * C + 1, D] and ``Routing.fixed.send_slots`` [W * C] -> the rows of the
+        batch's ids, C from each rank, then a zero row [W * C + 1, D] (in the order
+        ``Routing.fixed.order`` reads). Fixed shapes, no host value: capturable in a CUDA graph."""
+        received = _EvenAllToAll.apply(read_rows.index_select(0, send_slots), self.group, self.world_size)
+        return nnf.pad(received, (0, 0, 0, 1))
+
+    def _check(self, features: KeyedJaggedTensor, routing: Routing) -> None:
+        if routing.batch_size != features.stride():
+            raise ValueError(f"a routing of {routing.batch_size} samples for a batch of {features.stride()}")
 
     def _embeddings(self, features: KeyedJaggedTensor,
                     routing: Optional[Routing]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         if routing is None:
             embedded = self.collection(features).wait()
             return torch.cat([embedded[name].values() for name in self.feature_names]), None
-        if routing.batch_size != features.stride():
-            raise ValueError(f"a routing of {routing.batch_size} samples for a batch of {features.stride()}")
+        self._check(features, routing)
         rows = self.lookup(routing.read).view(-1, self.dim)  # (feature, source rank, sample)
         # Sent (source rank, feature, sample), received (holding rank, feature, sample).
         mine = _RowsAllToAll.apply(rows, routing.as_received, routing.as_read, routing.received, routing.sent,
@@ -173,12 +218,13 @@ def _row_wise_blocks(tables: List[nn.Module], world_size: int) -> Optional[List[
     return blocks
 
 
-def direct_lookup_of(collection: nn.Module, routed: bool = False
+def direct_lookup_of(collection: nn.Module, routed: bool = False, ids_per_sample: Optional[int] = None
                      ) -> Tuple[Optional[DirectLookup], Optional[RowWiseRouter], str]:
     """A ``DirectLookup`` for a sharded collection where its distributions are identities, with
     ``routed`` a ``RoutedLookup`` and the ``RowWiseRouter`` its batches need where every table is
     row-wise over 2+ ranks; else None; with the reason either way (for the run's log). Collective
-    when it makes a router (a gloo group of its own): every rank must call it."""
+    when it makes a router (a gloo group of its own): every rank must call it. ``ids_per_sample``:
+    the router's (it then lays out fixed exchanges)."""
     if not isinstance(collection, ShardedEmbeddingCollection):
         return None, None, f"the collection is a {type(collection).__name__}, not a ShardedEmbeddingCollection"
     world_size = collection._env.world_size
@@ -202,16 +248,19 @@ def direct_lookup_of(collection: nn.Module, routed: bool = False
     if blocks is None:
         return None, None, "row-wise shards of uneven blocks"
     group = collection._env.process_group
-    router = RowWiseRouter(names, blocks, dist.new_group(ranks=dist.get_process_group_ranks(group), backend="gloo"))
+    router = RowWiseRouter(names, blocks, dist.new_group(ranks=dist.get_process_group_ranks(group), backend="gloo"),
+                           ids_per_sample)
     return (RoutedLookup(lookup, names, dim, collection, group), router,
             f"{world_size} ranks, row-wise: the ids routed by the data path, the rows' all-to-all ours")
 
 
-def use_direct_lookup(model: nn.Module, setting: str, pipeline: str) -> Tuple[str, Optional[RowWiseRouter]]:
+def use_direct_lookup(model: nn.Module, setting: str, pipeline: str,
+                      fixed_exchange: bool = False) -> Tuple[str, Optional[RowWiseRouter]]:
     """Give every ``SparseArch`` of the DMP-sharded ``model`` a ``DirectLookup`` (or ``RoutedLookup``)
     where ``setting`` (``train.sparse_lookup``) and the stepper (``train.pipeline``) allow it and it
     applies; returns how the lookups run (for the run's log) and the router the training batches
-    need (None: no routing).
+    need (None: no routing). ``fixed_exchange``: the router also lays the rows' all-to-all out in
+    fixed shapes for the step's CUDA graphs (``train.exchange_in_graphs`` with "graphs").
 
     TorchRec's pipeline (``sparse_dist``) keeps the collection's forward: it traces the model to find
     the sharded modules it runs the input distribution of ahead. Routing needs one ``SparseArch``
@@ -226,7 +275,8 @@ def use_direct_lookup(model: nn.Module, setting: str, pipeline: str) -> Tuple[st
     routed = setting == "routed" and len(archs) == 1
     reasons, router = [], None
     for arch in archs:
-        arch.lookup, arch_router, reason = direct_lookup_of(arch.tables, routed)
+        ids_per_sample = arch.row_layout.capacity(1) if fixed_exchange else None
+        arch.lookup, arch_router, reason = direct_lookup_of(arch.tables, routed, ids_per_sample)
         router = router or arch_router
         reasons.append(reason if arch.lookup is not None else f"TorchRec's forward ({reason})")
     return "; ".join(reasons), router

@@ -26,7 +26,7 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from muse_torchrec.config import ExperimentConfig, ShardingConfig
 from muse_torchrec.data.routing import RowWiseRouter
-from muse_torchrec.model.muse import compile_tower
+from muse_torchrec.model.muse import MuseTrain, compile_tower
 from muse_torchrec.sharding import GIB, PlanReport, make_sharders, plan_model
 from muse_torchrec.train.dense_sync import GradientAverage, check_dense_sync, dense_synchronisation
 from muse_torchrec.train.direct_lookup import check_sparse_lookup, use_direct_lookup
@@ -132,7 +132,9 @@ def shard_model(model: nn.Module, cfg: ExperimentConfig, ctx: DistContext, reser
         return dense_adam(params, cfg.train.dense_lr, cfg.train.compile_mode, ctx.device, average)
 
     dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())), dense_optimizer)
-    lookups, router = use_direct_lookup(dmp, cfg.train.sparse_lookup, cfg.train.pipeline)
+    fixed_exchange = cfg.train.exchange_in_graphs and any(
+        isinstance(m, MuseTrain) and m.exchanged_graphs is not None for m in model.modules())
+    lookups, router = use_direct_lookup(dmp, cfg.train.sparse_lookup, cfg.train.pipeline, fixed_exchange)
     return ShardedModel(model=dmp, optimizer=CombinedOptimizer([dmp.fused_optimizer, dense]), plan=report,
                         lookups=lookups, router=router)
 
