@@ -7,7 +7,9 @@ full vocabulary's 3.4 ms model step (benchmarks/RESULTS.md rows 94-95), which wo
 the step end to end. This runs the router alone on the config's batch shapes and vocabulary, and
 splits each routing into its phases: the bucketisation (on the batch's device, with the copies of
 its output to the host and the one wait for them), the exchange of the lengths, the exchange of the
-ids, and what the received ids become on the device (the ``Routing``). An exchange's time includes
+ids, what the received ids become on the device (the ``Routing``) and, as the trainer's router with
+``train.exchange_in_graphs`` and "graphs", the rows' all-to-all laid out in fixed shapes
+(``Routing.fixed``; ``--set train.exchange_in_graphs=false`` leaves it out). An exchange's time includes
 waiting for the other ranks to reach it; ``--barrier`` meets them before every routing, so that the
 phases hold less of the ranks' skew.
 
@@ -26,28 +28,29 @@ import json
 import os
 import time
 from collections import defaultdict
-from typing import Callable, Dict, List, Mapping
+from typing import Callable, Dict, List, Mapping, Optional
 
 import torch
 import torch.distributed as dist
 
 from muse_torchrec import features as F
-from muse_torchrec.config import load_config
-from muse_torchrec.data.batch import Batch
+from muse_torchrec.config import ExperimentConfig, load_config
+from muse_torchrec.data.batch import Batch, sequence_features
 from muse_torchrec.data.routing import RowWiseRouter
+from muse_torchrec.model.methods import build_model, get_method
 from bench_train import Shapes, staged_batches
 
 # What each exchange of a routing sends, in the order the router makes them.
 EXCHANGES = ("lengths exchange", "ids exchange")
-PHASES = ("bucketise + copy to host", *EXCHANGES, "routing on the device")
+PHASES = ("bucketise + copy to host", *EXCHANGES, "routing on the device", "fixed exchange layout")
 
 
 class PhaseTimer:
     """Wall time of the router's phases, summed over the routings timed.
 
-    ``timed(router)`` wraps the router's own steps (``_bucketised``, ``_exchange``, ``_read``) on that
-    instance, so the router runs its code unchanged; ``_exchange`` is named by its place in a
-    routing (``EXCHANGES``)."""
+    ``timed(router)`` wraps the router's own steps (``_bucketised``, ``_exchange``, ``_read``,
+    ``_fixed``) on that instance, so the router runs its code unchanged; ``_exchange`` is named by
+    its place in a routing (``EXCHANGES``)."""
 
     def __init__(self) -> None:
         self.seconds: Dict[str, float] = defaultdict(float)
@@ -70,7 +73,8 @@ class PhaseTimer:
     def timed(self, router: RowWiseRouter) -> RowWiseRouter:
         router._bucketised = self._wrapped(router._bucketised, lambda: PHASES[0])
         router._exchange = self._wrapped(router._exchange, self._exchange_name)
-        router._read = self._wrapped(router._read, lambda: PHASES[-1])
+        router._read = self._wrapped(router._read, lambda: PHASES[3])
+        router._fixed = self._wrapped(router._fixed, lambda: PHASES[4])
         return router
 
     def reset(self) -> None:
@@ -78,13 +82,24 @@ class PhaseTimer:
         self._exchanges = 0
 
 
-def router_for(batch: Batch, vocab: Mapping[str, int], group: dist.ProcessGroup) -> RowWiseRouter:
+def router_for(batch: Batch, vocab: Mapping[str, int], group: dist.ProcessGroup,
+               ids_per_sample: Optional[int]) -> RowWiseRouter:
     """A router for ``batch``'s sparse features over row-wise tables of ``vocab`` rows, in blocks of
-    ceil(rows / W) per rank (TorchRec's row-wise shards)."""
+    ceil(rows / W) per rank (TorchRec's row-wise shards); ``ids_per_sample``: the router's."""
     tables = {**F.SEQUENCE_FEATURES, **F.HISTORY_FEATURES, **F.SIDE_FEATURES}
     names = F.lookup_order(batch.sparse_features.keys())
     world = dist.get_world_size(group)
-    return RowWiseRouter(names, [-(-vocab[tables[name]] // world) for name in names], group)
+    return RowWiseRouter(names, [-(-vocab[tables[name]] // world) for name in names], group, ids_per_sample)
+
+
+def trainers_ids_per_sample(cfg: ExperimentConfig, vocab: Mapping[str, int]) -> Optional[int]:
+    """What the trainer's router gets (``direct_lookup.use_direct_lookup``): the model's most ids a
+    sample holds where it lays out fixed exchanges, else None."""
+    if not (cfg.train.exchange_in_graphs and cfg.train.compile_mode == "graphs"):
+        return None
+    model = build_model(cfg.model, vocab, sequence_features(get_method(cfg.model.method).gsu), cfg.data.recent,
+                        cfg.data.max_history)  # on the meta device: no memory
+    return model.model.sparse_arch.row_layout.capacity(1) if model.model.pads_in_graphs else None
 
 
 def _sync(device: torch.device) -> None:
@@ -152,10 +167,10 @@ def main() -> None:
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
         device = _device(int(os.environ.get("LOCAL_RANK", "0")), args.device)
-        vocab = dict(cfg.sharding.plan_vocab_sizes)
+        vocab = dict(cfg.sharding.plan_vocab_sizes) or {t.name: 1000 for t in F.TABLES}
         shapes = Shapes(cfg.train.batch_size, cfg.data.max_history, args.samples_per_user, args.scl_rows)
         batches = staged_batches(cfg, vocab, shapes, args.distinct_batches, seed=1000 + rank, device=device)
-        router = router_for(batches[0], vocab, dist.group.WORLD)
+        router = router_for(batches[0], vocab, dist.group.WORLD, trainers_ids_per_sample(cfg, vocab))
         mine = time_routings(router, batches, args.routings, args.warmup, args.barrier, device)
         ranks: List[Dict[str, float]] = [{} for _ in range(world)]
         dist.all_gather_object(ranks, mine)
@@ -166,7 +181,7 @@ def main() -> None:
                    "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                    "batch_size": cfg.train.batch_size, "history": cfg.data.max_history, "barrier": args.barrier,
                    "routings": args.routings, "ids_per_batch": batches[0].sparse_features.values().numel(),
-                   "ranks": ranks}
+                   "ids_per_sample": router.ids_per_sample, "ranks": ranks}
         print(format_table(results))
         if args.out:
             with open(args.out, "w") as f:

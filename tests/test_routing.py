@@ -21,10 +21,10 @@ TorchRec's forward, its reference, over 2 gloo ranks with every table row-wise:
 """
 
 import json
+import math
 import sys
 from dataclasses import replace
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -132,7 +132,6 @@ def test_routed_lookups_equal_torchrecs_over_two_ranks(tmp_path):
 
 
 def _fixed_exchanges(rank: int, tmp: str) -> None:
-    from muse_torchrec.data import routing as routing_module
     from muse_torchrec.model.muse import weighted_loss
     from muse_torchrec.train.distributed import init_distributed, shutdown
     from muse_torchrec.train.sharded import shard_model
@@ -149,7 +148,7 @@ def _fixed_exchanges(rank: int, tmp: str) -> None:
     rng = np.random.default_rng(200 + rank)
     builder = BatchBuilder(*random_scl(rng), gsu="scl_cosine", k=K, recent=RECENT, max_history=MAX_HISTORY,
                            pad_to=BATCH)
-    equal, largest = [], []
+    equal, largest, fixed_routings = [], [], []
     for _ in range(3):
         batch = builder(random_block(rng, num_users=8, max_len=60))
         routing = router(batch.sparse_features)
@@ -174,18 +173,19 @@ def _fixed_exchanges(rank: int, tmp: str) -> None:
                                                batch.recent_scores, batch.labels, batch.weights)
         equal.append(torch.equal(got, want))
         largest.append(max(*routing.sent, *routing.received))
-    # Whether a batch fits is decided alike on every rank: at a capacity between the two ranks'
-    # largest counts, neither lays a fixed exchange out.
-    largest_per_rank = [None, None]
+        fixed_routings.append(routing)
+    # C is set by the first batch, alike on every rank, and a batch fits or not alike on every rank:
+    # at a C between the two ranks' largest counts, neither lays a fixed exchange out.
+    capacity, largest_per_rank = router.peer_capacity, [None, None]
     dist.all_gather_object(largest_per_rank, max(routing.sent))
-    with mock.patch.object(routing_module, "peer_capacity", lambda ids, world: min(largest_per_rank)):
-        between = router(batch.sparse_features).fixed
-    with mock.patch.object(routing_module, "peer_capacity", lambda ids, world: max(largest_per_rank)):
-        fits = router(batch.sparse_features).fixed
+    router.peer_capacity = min(largest_per_rank)
+    between = router(batch.sparse_features).fixed
+    router.peer_capacity = max(largest_per_rank)
+    fits = router(batch.sparse_features).fixed
     torch.save({"equal": equal, "largest": largest, "largest_per_rank": largest_per_rank,
-                "between": between is None, "fits": fits is not None,
-                "capacity": routing.fixed.peer_capacity, "ids_per_sample": router.ids_per_sample},
-               Path(tmp, f"fixed{rank}.pt"))
+                "between": between is None, "fits": fits is not None, "capacity": capacity,
+                "capacities": [routing.fixed.peer_capacity for routing in fixed_routings],
+                "ids_per_sample": router.ids_per_sample}, Path(tmp, f"fixed{rank}.pt"))
     shutdown()
 
 
@@ -198,10 +198,11 @@ def test_fixed_exchanges_send_the_rows_as_the_launched_one_over_two_ranks(tmp_pa
     outs = [torch.load(tmp_path / f"fixed{rank}.pt", weights_only=False) for rank in range(2)]
     for out in outs:
         assert all(out["equal"]), out["equal"]
-        # routing.peer_capacity: 1.25 times a rank's share of a full batch (BATCH samples).
-        assert out["capacity"] == -(-int(1.25 * out["ids_per_sample"] * BATCH) // 2)
-        assert max(out["largest"]) <= out["capacity"] < out["ids_per_sample"] * BATCH
-        assert out["fits"], out
+        # routing.peer_capacity: 1.25 times the first batch's largest count over both ranks.
+        assert out["capacities"] == [out["capacity"]] * 3 and out["fits"], out
+        assert out["capacity"] < out["ids_per_sample"] * BATCH
+    first_largest = max(outs[0]["largest"][0], outs[1]["largest"][0])
+    assert outs[0]["capacity"] == outs[1]["capacity"] == math.ceil(1.25 * first_largest), outs
     assert outs[0]["largest_per_rank"][0] != outs[0]["largest_per_rank"][1], outs[0]
     assert outs[0]["between"] and outs[1]["between"], outs
 

@@ -16,20 +16,18 @@ the rows back, and the counts, as host integers, that the rows' all-to-all needs
 thread runs that all-to-all (``direct_lookup.RoutedLookup``) without reading anything back.
 
 Given the most ids a sample holds, the router also lays the rows' all-to-all out in fixed shapes
-(``FixedExchange``): every rank sends every rank ``peer_capacity`` rows, padded with a zero row, so
-the training step can replay it inside its CUDA graph (``MuseTrain``'s exchanged graphs) instead of
-launching it, its gathers and their backward from the host every step. Each rank sends its
-largest count with its lengths, so every rank sees every rank's and decides alike whether a batch
-fits: a batch that does not on any rank goes through the launched all-to-all on every rank.
-
-Every rank must route the same number of batches, in the same order (the trainer routes an epoch's
-training batches, whose count is equal on every rank): a rank's router waits in each exchange for
-every other rank's.
+(``FixedExchange``): every rank sends every rank C rows, padded with a zero row, so the training
+step can replay it inside its CUDA graph (``MuseTrain``'s exchanged graphs) instead of launching it,
+its gathers and their backward from the host every step. Each rank sends its largest count with
+its lengths, so every rank sees every rank's and decides alike: C from the first batch
+(``peer_capacity``), and whether a batch fits it; a batch that does not, on any rank, goes through
+the launched all-to-all on every rank.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import ContextManager, List, Optional, Sequence, Tuple
 
@@ -48,16 +46,17 @@ def in_order(features: KeyedJaggedTensor, names: Sequence[str]) -> KeyedJaggedTe
     return features.permute([keys.index(name) for name in names])
 
 
-# A fixed exchange holds this many times a rank's even share of a full batch's ids from each rank:
-# room for ranks receiving more than their share (the ids' spread over the rows' blocks), at the
-# price of sending the padding.
+# A fixed exchange holds this many times the first batch's largest count from one rank to another:
+# room for batches whose ids crowd one rank's rows more (popular items: on Zipf-like ids the rank
+# holding the most popular rows receives well above its even share).
 PEER_SLACK = 1.25
 
 
-def peer_capacity(batch_ids: int, world_size: int) -> int:
-    """Rows one rank sends another in a fixed exchange, for batches of at most ``batch_ids`` ids: no
-    more than a whole batch (which never overflows, e.g. on one rank)."""
-    return min(batch_ids, -(-int(PEER_SLACK * batch_ids) // world_size))
+def peer_capacity(largest: int, batch_ids: int) -> int:
+    """Rows one rank sends another in a fixed exchange, from the first batch's largest count from
+    one rank to another: ``PEER_SLACK`` times it, but no more than a whole batch of at most
+    ``batch_ids`` ids (which never overflows, e.g. on one rank)."""
+    return min(batch_ids, math.ceil(PEER_SLACK * largest))
 
 
 @dataclass
@@ -148,7 +147,8 @@ class RowWiseRouter:
         group: a gloo group of the W ranks, used by this router alone.
         ids_per_sample: the most ids a sample holds over the features (``RowLayout.capacity(1)``):
             with it, every routing that fits also lays the rows' all-to-all out in fixed shapes
-            (``Routing.fixed``) for batches of that many ids a sample at most.
+            (``Routing.fixed``), C rows per pair of ranks, C set by the first routing
+            (``peer_capacity``; every rank must route the same first batch of the run).
     """
 
     def __init__(self, feature_names: Sequence[str], block_sizes: Sequence[int], group: dist.ProcessGroup,
@@ -160,6 +160,7 @@ class RowWiseRouter:
         self.feature_names = list(feature_names)
         self.group = group
         self.ids_per_sample = ids_per_sample
+        self.peer_capacity: Optional[int] = None
         self.world_size = dist.get_world_size(group)
         count, ranks = len(self.feature_names), self.world_size
         self._block_sizes = torch.tensor(block_sizes, dtype=torch.int64)
@@ -205,9 +206,10 @@ class RowWiseRouter:
                                  received_ids.to(device, non_blocking=True), length_per_key, restore, sent_list,
                                  received_list, batch)
             if self.ids_per_sample is not None:
-                capacity = peer_capacity(self.ids_per_sample * batch, ranks)
-                if largest <= capacity:
-                    routing.fixed = self._fixed(routing, capacity)
+                if self.peer_capacity is None:
+                    self.peer_capacity = peer_capacity(largest, self.ids_per_sample * batch)
+                if largest <= self.peer_capacity:
+                    routing.fixed = self._fixed(routing, self.peer_capacity)
             # Page-locked blocks go back to their cache (which records events) here, not after.
             del bucket_lengths, ids, received, received_lengths, received_ids
         return routing
