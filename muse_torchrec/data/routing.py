@@ -249,24 +249,27 @@ class RowWiseRouter:
     def _fixed(self, routing: Routing, capacity: int) -> FixedExchange:
         """``routing``'s rows' all-to-all laid out for ``capacity`` rows from every rank to every rank."""
         device, slots = routing.device(), self.world_size * capacity
+        # The counts on the device in one copy that does not wait (a copy from a Python list would
+        # wait for the device's queue: ~1 ms a batch on one H100 shared by 2 ranks).
+        sent, received = torch.tensor([routing.sent, routing.received], pin_memory=device.type == "cuda").to(
+            device, non_blocking=True)
         send_slots = torch.full((slots,), slots, dtype=torch.int64, device=device)
-        send_slots.index_copy_(0, _padded_positions(routing.received, capacity, device), routing.as_received)
+        send_slots.index_copy_(0, _padded_positions(received, routing.as_received.numel(), capacity),
+                               routing.as_received)
         order = torch.full((slots + 1,), slots, dtype=torch.int64, device=device)
-        restored = _padded_positions(routing.sent, capacity, device).index_select(0, routing.restore)
-        order[:restored.numel()] = restored
+        restored = _padded_positions(sent, routing.restore.numel(), capacity).index_select(0, routing.restore)
+        order.narrow(0, 0, restored.numel()).copy_(restored)
         return FixedExchange(capacity, send_slots, order)
 
 
-def _padded_positions(counts: List[int], capacity: int, device: torch.device) -> torch.Tensor:
-    """For rows that come rank after rank, ``counts[r]`` from rank r, each row's place when every rank
-    takes ``capacity`` places: r * capacity + its index among rank r's [sum(counts)] int64."""
-    offsets = [0]
-    for count in counts[:-1]:
-        offsets.append(offsets[-1] + count)
-    shifts = torch.tensor([r * capacity - offset for r, offset in enumerate(offsets)], device=device)
-    total = sum(counts)
-    return torch.arange(total, device=device) + shifts.repeat_interleave(torch.tensor(counts, device=device),
-                                                                           output_size=total)
+def _padded_positions(counts: torch.Tensor, total: int, capacity: int) -> torch.Tensor:
+    """For ``total`` rows that come rank after rank, ``counts[r]`` from rank r ([W] int64, on their
+    device), each row's place when every rank takes ``capacity`` places: r * capacity + its index
+    among rank r's [total] int64."""
+    ends = counts.cumsum(0)
+    positions = torch.arange(total, device=counts.device)
+    rank = torch.searchsorted(ends, positions, right=True)
+    return positions - (ends - counts).index_select(0, rank) + rank * capacity
 
 
 def _to_host(tensor: torch.Tensor, pinned: bool) -> torch.Tensor:
