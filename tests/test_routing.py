@@ -319,3 +319,12 @@ def test_direct_lookup_refuses_a_routed_batch():
     routing = Routing(features, torch.zeros(0), torch.zeros(0), torch.zeros(0), [0], [0], features.stride())
     with pytest.raises(ValueError, match="a batch routed over several ranks"):
         lookup.flat(features, routing)
+
+
+def test_padded_positions_skip_empty_parts():
+    """Rows part after part (parts 0 and 2 from rank 0, 1 and 3 from rank 1), 5 places per rank:
+    each row at its rank's places, in order; an empty part takes none."""
+    from muse_torchrec.data.routing import _padded_positions
+
+    positions = _padded_positions(torch.tensor([2, 0, 3, 1]), 6, capacity=5, world_size=2)
+    assert positions.tolist() == [0, 1, 0, 1, 2, 5]

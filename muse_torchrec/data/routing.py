@@ -251,25 +251,27 @@ class RowWiseRouter:
         device, slots = routing.device(), self.world_size * capacity
         # The counts on the device in one copy that does not wait (a copy from a Python list would
         # wait for the device's queue: ~1 ms a batch on one H100 shared by 2 ranks).
-        sent, received = torch.tensor([routing.sent, routing.received], pin_memory=device.type == "cuda").to(
-            device, non_blocking=True)
-        send_slots = torch.full((slots,), slots, dtype=torch.int64, device=device)
-        send_slots.index_copy_(0, _padded_positions(received, routing.as_received.numel(), capacity),
-                               routing.as_received)
+        parts = routing.received + routing.sent
+        counts = torch.tensor(parts, pin_memory=device.type == "cuda").to(device, non_blocking=True)
+        # The rows this rank sends (as its ids were received), then the rows coming back to it (as
+        # its ids were sent): both in one pass, a dozen launches a batch fewer.
+        sends, returns = _padded_positions(counts, sum(parts), capacity, self.world_size).split(
+            [routing.as_received.numel(), routing.restore.numel()])
+        send_slots = torch.full((slots,), slots, dtype=torch.int64, device=device).index_copy_(
+            0, sends, routing.as_received)
         order = torch.full((slots + 1,), slots, dtype=torch.int64, device=device)
-        restored = _padded_positions(sent, routing.restore.numel(), capacity).index_select(0, routing.restore)
-        order.narrow(0, 0, restored.numel()).copy_(restored)
+        order.narrow(0, 0, returns.numel()).copy_(returns.index_select(0, routing.restore))
         return FixedExchange(capacity, send_slots, order)
 
 
-def _padded_positions(counts: torch.Tensor, total: int, capacity: int) -> torch.Tensor:
-    """For ``total`` rows that come rank after rank, ``counts[r]`` from rank r ([W] int64, on their
-    device), each row's place when every rank takes ``capacity`` places: r * capacity + its index
-    among rank r's [total] int64."""
+def _padded_positions(counts: torch.Tensor, total: int, capacity: int, world_size: int) -> torch.Tensor:
+    """For ``total`` rows that come part after part, ``counts[i]`` in part i ([P] int64 on their
+    device, P a multiple of W, part i from or to rank i mod W), each row's place when every rank
+    takes ``capacity`` places: (i mod W) * capacity + its index in its part [total] int64."""
     ends = counts.cumsum(0)
     positions = torch.arange(total, device=counts.device)
-    rank = torch.searchsorted(ends, positions, right=True)
-    return positions - (ends - counts).index_select(0, rank) + rank * capacity
+    part = torch.searchsorted(ends, positions, right=True)
+    return positions - (ends - counts).index_select(0, part) + part.remainder(world_size) * capacity
 
 
 def _to_host(tensor: torch.Tensor, pinned: bool) -> torch.Tensor:
