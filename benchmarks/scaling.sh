@@ -2,24 +2,25 @@
 # Per-GPU throughput on all the host's GPUs against one GPU of the same host, in one call (the
 # issue's scaling target: per GPU at least 90 % of one GPU, same per-GPU batch). The parts, run in
 # the order named (model and trainer each fill a 10-minute device call; collectives takes about a
-# minute, so name it before tests, whose spawned ranks compile for minutes):
+# minute and routing less, so name them before tests, whose spawned ranks compile for minutes):
 #   model    the model step (bench_train model mode), p90 then full vocabulary, N GPUs / 1 / N / 1
 #            (full: N / 1), with each N-GPU p90 run's profiled timeline per rank under $OUT/traces
 #   trainer  the trainer end to end (ab_trainer.sh, p90, 1.2 M samples): N / 1 / N / 1
 #   tests    tests/test_sharded.py's multi-GPU cases (sharded against the unsharded reference)
 #   collectives  bench_collectives.py on all the GPUs: the step's collectives' host time, and the rows'
 #            exchange (forward and backward) against the same with local copies
+#   routing  bench_routing.py on all the GPUs: the data path's router alone, by phase, full vocabulary
 # Run on the GPU host, in the repository root, after
 # `source .gpu/install.sh && export PYTHONPATH=$PWD:$PYTHONPATH`:
-#     bash benchmarks/scaling.sh model          (or: trainer; or: collectives tests)
+#     bash benchmarks/scaling.sh model          (or: trainer; or: collectives routing tests)
 # Prints every run's per-GPU samples/s and the means' ratio N / 1. Logs under $OUT (else /tmp/scaling).
 set -euo pipefail
 
-[ $# -gt 0 ] || { echo "scaling.sh: name one or more parts: model, trainer, tests, collectives" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "scaling.sh: name one or more parts: model, trainer, tests, collectives, routing" >&2; exit 2; }
 for part in "$@"; do
   case $part in
-    model | trainer | tests | collectives) ;;
-    *) echo "scaling.sh: a part is model, trainer, tests or collectives, not $part" >&2; exit 2 ;;
+    model | trainer | tests | collectives | routing) ;;
+    *) echo "scaling.sh: a part is model, trainer, tests, collectives or routing, not $part" >&2; exit 2 ;;
   esac
 done
 gpus=$(nvidia-smi --list-gpus | wc -l)
@@ -87,6 +88,10 @@ for part in "$@"; do
     collectives)
       torchrun --nproc_per_node "$gpus" benchmarks/bench_collectives.py --out "$out/collectives.json" 2>&1 \
         | grep -A 20 "rank(s); rows"
+      ;;
+    routing)
+      torchrun --nproc_per_node "$gpus" benchmarks/bench_routing.py --config configs/taobao_mm_full.yaml \
+        --out "$out/routing.json" 2>&1 | grep -A 12 "^routing over"
       ;;
   esac
 done

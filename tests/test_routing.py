@@ -64,15 +64,22 @@ class _Phases:
         self.inside = False
 
 
-def _lookups(rank: int, tmp: str) -> None:
-    from muse_torchrec.train.distributed import init_distributed, shutdown
+def _routed_model():
+    """This rank's small MUSE model, every table row-wise over the gloo ranks, routed."""
+    from muse_torchrec.train.distributed import init_distributed
     from muse_torchrec.train.sharded import shard_model
 
-    ctx = init_distributed("cpu")
     cfg = load_config(None, [*ROUTED, f"model.k={K}", f"data.recent={RECENT}", f"data.max_history={MAX_HISTORY}",
                              f"train.batch_size={BATCH}", "model.mlp=[32, 16]"])
     torch.manual_seed(0)
-    sharded = shard_model(build_model(cfg.model, VOCAB, sequence_features("scl_cosine"), RECENT, MAX_HISTORY), cfg, ctx)
+    return shard_model(build_model(cfg.model, VOCAB, sequence_features("scl_cosine"), RECENT, MAX_HISTORY), cfg,
+                       init_distributed("cpu"))
+
+
+def _lookups(rank: int, tmp: str) -> None:
+    from muse_torchrec.train.distributed import shutdown
+
+    sharded = _routed_model()
     arch = next(m for m in sharded.model.modules() if isinstance(m, SparseArch))
     router = sharded.router
     rng = np.random.default_rng(100 + rank)  # each rank its own batches
@@ -133,14 +140,9 @@ def test_routed_lookups_equal_torchrecs_over_two_ranks(tmp_path):
 
 def _fixed_exchanges(rank: int, tmp: str) -> None:
     from muse_torchrec.model.muse import weighted_loss
-    from muse_torchrec.train.distributed import init_distributed, shutdown
-    from muse_torchrec.train.sharded import shard_model
+    from muse_torchrec.train.distributed import shutdown
 
-    ctx = init_distributed("cpu")
-    cfg = load_config(None, [*ROUTED, f"model.k={K}", f"data.recent={RECENT}", f"data.max_history={MAX_HISTORY}",
-                             f"train.batch_size={BATCH}", "model.mlp=[32, 16]"])
-    torch.manual_seed(0)
-    sharded = shard_model(build_model(cfg.model, VOCAB, sequence_features("scl_cosine"), RECENT, MAX_HISTORY), cfg, ctx)
+    sharded = _routed_model()
     train = sharded.model.module
     arch = train.model.sparse_arch
     # On the CPU the trainer lays out no fixed exchange (no graphs); a router that does, as on a GPU.
@@ -176,16 +178,21 @@ def _fixed_exchanges(rank: int, tmp: str) -> None:
         fixed_routings.append(routing)
     # C is set by the first batch, alike on every rank, and a batch fits or not alike on every rank:
     # at a C between the two ranks' largest counts, neither lays a fixed exchange out.
-    capacity, largest_per_rank = router.peer_capacity, [None, None]
+    capacity, largest_per_rank = router.fixed_capacity, [None, None]
     dist.all_gather_object(largest_per_rank, max(routing.sent))
-    router.peer_capacity = min(largest_per_rank)
+    router.fixed_capacity = min(largest_per_rank)
     between = router(batch.sparse_features).fixed
-    router.peer_capacity = max(largest_per_rank)
+    router.fixed_capacity = max(largest_per_rank)
     fits = router(batch.sparse_features).fixed
+    try:
+        arch.lookup.read_rows(batch.sparse_features, replace(routing, fixed=None))
+        refused = ""
+    except ValueError as error:
+        refused = str(error)
     torch.save({"equal": equal, "largest": largest, "largest_per_rank": largest_per_rank,
                 "between": between is None, "fits": fits is not None, "capacity": capacity,
                 "capacities": [routing.fixed.peer_capacity for routing in fixed_routings],
-                "ids_per_sample": router.ids_per_sample}, Path(tmp, f"fixed{rank}.pt"))
+                "ids_per_sample": router.ids_per_sample, "refused": refused}, Path(tmp, f"fixed{rank}.pt"))
     shutdown()
 
 
@@ -198,9 +205,10 @@ def test_fixed_exchanges_send_the_rows_as_the_launched_one_over_two_ranks(tmp_pa
     outs = [torch.load(tmp_path / f"fixed{rank}.pt", weights_only=False) for rank in range(2)]
     for out in outs:
         assert all(out["equal"]), out["equal"]
-        # routing.peer_capacity: 1.25 times the first batch's largest count over both ranks.
+        # The router's fixed_capacity: 1.25 times the first batch's largest count over both ranks.
         assert out["capacities"] == [out["capacity"]] * 3 and out["fits"], out
         assert out["capacity"] < out["ids_per_sample"] * BATCH
+        assert "the batch's routing has no fixed exchange" in out["refused"], out["refused"]
     first_largest = max(outs[0]["largest"][0], outs[1]["largest"][0])
     assert outs[0]["capacity"] == outs[1]["capacity"] == math.ceil(1.25 * first_largest), outs
     assert outs[0]["largest_per_rank"][0] != outs[0]["largest_per_rank"][1], outs[0]

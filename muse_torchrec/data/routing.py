@@ -22,6 +22,10 @@ its gathers and their backward from the host every step. Each rank sends its lar
 its lengths, so every rank sees every rank's and decides alike: C from the first batch
 (``peer_capacity``), and whether a batch fits it; a batch that does not, on any rank, goes through
 the launched all-to-all on every rank.
+
+Every rank must route the same number of batches, in the same order (the trainer routes an epoch's
+training batches, whose count is equal on every rank): a rank's router waits in each exchange for
+every other rank's.
 """
 
 from __future__ import annotations
@@ -160,7 +164,7 @@ class RowWiseRouter:
         self.feature_names = list(feature_names)
         self.group = group
         self.ids_per_sample = ids_per_sample
-        self.peer_capacity: Optional[int] = None
+        self.fixed_capacity: Optional[int] = None
         self.world_size = dist.get_world_size(group)
         count, ranks = len(self.feature_names), self.world_size
         self._block_sizes = torch.tensor(block_sizes, dtype=torch.int64)
@@ -190,7 +194,8 @@ class RowWiseRouter:
         # Each rank's lengths (F * B per rank), after its largest count to any rank: every rank then
         # knows every rank's, so all decide alike whether the batch fits a fixed exchange.
         sent = bucket_lengths.view(ranks, -1).sum(1)
-        outgoing = torch.cat([sent.max().to(bucket_lengths.dtype).expand(ranks, 1), bucket_lengths.view(ranks, -1)], 1)
+        largest_sent = sent.max().to(bucket_lengths.dtype).expand(ranks, 1)
+        outgoing = torch.cat([largest_sent, bucket_lengths.view(ranks, -1)], 1)
         self._exchange(received.view(-1), outgoing.view(-1), [1 + count * batch] * ranks,
                        [1 + count * batch] * ranks)
         received_lengths = received[:, 1:]
@@ -206,10 +211,10 @@ class RowWiseRouter:
                                  received_ids.to(device, non_blocking=True), length_per_key, restore, sent_list,
                                  received_list, batch)
             if self.ids_per_sample is not None:
-                if self.peer_capacity is None:
-                    self.peer_capacity = peer_capacity(largest, self.ids_per_sample * batch)
-                if largest <= self.peer_capacity:
-                    routing.fixed = self._fixed(routing, self.peer_capacity)
+                if self.fixed_capacity is None:
+                    self.fixed_capacity = peer_capacity(largest, self.ids_per_sample * batch)
+                if largest <= self.fixed_capacity:
+                    routing.fixed = self._fixed(routing, self.fixed_capacity)
             # Page-locked blocks go back to their cache (which records events) here, not after.
             del bucket_lengths, ids, received, received_lengths, received_ids
         return routing
