@@ -78,12 +78,11 @@ def _replay(stop: threading.Event) -> None:
     x = torch.zeros(1024, device="cuda")
     stream = torch.cuda.Stream()
     graph = torch.cuda.CUDAGraph()
-    with CAPTURE_LOCK, torch.cuda.stream(stream):
-        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
-            for _ in range(100):
-                x.add_(1)
+    with CAPTURE_LOCK, torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+        for _ in range(100):
+            x.add_(1)
     while not stop.is_set():
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(stream):  # a replay launches on the current stream
             for _ in range(_BURST_REPLAYS):
                 with CAPTURE_LOCK:
                     graph.replay()
