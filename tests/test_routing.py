@@ -336,22 +336,3 @@ def test_padded_positions_skip_empty_parts():
 
     positions = _padded_positions(torch.tensor([2, 0, 3, 1]), 6, capacity=5, world_size=2)
     assert positions.tolist() == [0, 1, 0, 1, 2, 5]
-
-
-@pytest.mark.parametrize("block", [1000, 2**31 + 10])
-def test_ids_travel_in_a_dtype_that_holds_them(monkeypatch, block):
-    """Ids travel as int32 where every block allows, else as int64; either way they come back as
-    the batch's ids, in the batch's dtype (one gloo rank: every id is local)."""
-    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-    from muse_torchrec.data.routing import RowWiseRouter
-
-    tiny_run.use_one_rank(monkeypatch)
-    dist.init_process_group("gloo")
-    try:
-        ids = torch.tensor([block - 1, 3, 0, block // 2], dtype=torch.int64)
-        features = KeyedJaggedTensor(keys=["a", "b"], values=ids, lengths=torch.tensor([2, 0, 1, 1], dtype=torch.int32))
-        read = RowWiseRouter(["a", "b"], [block, block], dist.group.WORLD)(features).read
-    finally:
-        dist.destroy_process_group()
-    assert read.values().dtype == torch.int64 and read.values().tolist() == ids.tolist()

@@ -171,10 +171,6 @@ class RowWiseRouter:
         # Received ids come (source rank, feature); the lookup reads them feature-major.
         self._feature_major = torch.tensor([r * count + f for f in range(count) for r in range(ranks)],
                                            dtype=torch.int32)
-        # Ids travel local to their rank's rows, below its block: 4 bytes each where every block
-        # allows (half the copies' and the exchange's bytes of int64).
-        fits_int32 = max(block_sizes, default=0) <= torch.iinfo(torch.int32).max
-        self._wire_dtype = torch.int32 if fits_int32 else torch.int64
 
     def _exchange(self, out: torch.Tensor, tensor: torch.Tensor, received: List[int], sent: List[int]) -> None:
         """``tensor``'s parts to the ranks, theirs into ``out`` (host tensors: no CUDA call)."""
@@ -211,9 +207,9 @@ class RowWiseRouter:
         # The ids per key as host numbers: the lookup would otherwise read them back from the device.
         length_per_key = received_lengths.reshape(ranks, count, batch).sum((0, 2)).tolist()
         with cuda_calls:
-            ids_read = received_ids.to(device, non_blocking=True).to(features.values().dtype)
-            routing = self._read(received.to(device, non_blocking=True)[:, 1:], ids_read, length_per_key, restore,
-                                 sent_list, received_list, batch)
+            routing = self._read(received.to(device, non_blocking=True)[:, 1:],
+                                 received_ids.to(device, non_blocking=True), length_per_key, restore, sent_list,
+                                 received_list, batch)
             if self.ids_per_sample is not None:
                 if self.fixed_capacity is None:
                     self.fixed_capacity = peer_capacity(largest, self.ids_per_sample * batch)
@@ -225,8 +221,7 @@ class RowWiseRouter:
 
     def _bucketised(self, features: KeyedJaggedTensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (lengths [W * F * B] and ids (holding rank, feature, sample), each local to its rank's
-        rows, on the host (waited for; the ids in the wire's dtype); for each of the batch's ids, its
-        position among them [n])."""
+        rows, on the host (waited for); for each of the batch's ids, its position among them [n])."""
         values = features.values()
         device = values.device
         if self._block_sizes.device != device or self._block_sizes.dtype != values.dtype:
@@ -236,7 +231,7 @@ class RowWiseRouter:
             features.lengths(), values, bucketize_pos=False, sequence=True, block_sizes=self._block_sizes,
             my_size=self.world_size, weights=None)
         pinned = device.type == "cuda"
-        bucket_lengths, ids = _to_host(bucket_lengths, pinned), _to_host(ids.to(self._wire_dtype), pinned)
+        bucket_lengths, ids = _to_host(bucket_lengths, pinned), _to_host(ids, pinned)
         if pinned:  # one wait for both copies
             torch.cuda.current_stream(device).synchronize()
         return bucket_lengths, ids, restore
