@@ -380,8 +380,8 @@ class MuseTrain(nn.Module):
         self.model = model
         # train.compile_mode "graphs" with the padding in the graphs (``compile_tower``): training
         # steps replay one CUDA graph of the compiled ``loss_from_rows`` (the padding, the tower and
-        # the loss, forward and backward); evaluation runs it compiled. ``exchanged_graphs``: the same
-        # from the rows this rank looked up, for routed batches with a fixed exchange.
+        # the loss, forward and backward); evaluation runs it compiled. ``exchanged_graphs`` starts
+        # one step earlier, at the rows this rank looked up (routed batches with a fixed exchange).
         self.graphs: Optional[GraphedLossStep] = None
         self.exchanged_graphs: Optional[GraphedLossStep] = None
 

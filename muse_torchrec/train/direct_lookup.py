@@ -176,8 +176,7 @@ class RoutedLookup(DirectLookup):
         then zero rows [W * C + 1, D]), for ``exchanged``."""
         if routing.fixed is None:
             raise ValueError("RoutedLookup.read_rows: the batch's routing has no fixed exchange")
-        self._check(features, routing)
-        rows = self.lookup(routing.read).view(-1, self.dim)
+        rows = self._looked_up_for_ranks(features, routing)
         slots = routing.fixed.send_slots.shape[0]
         return in_order(features, self.feature_names), nnf.pad(rows, (0, 0, 0, slots + 1 - rows.shape[0]))
 
@@ -188,17 +187,18 @@ class RoutedLookup(DirectLookup):
         received = _EvenAllToAll.apply(read_rows.index_select(0, send_slots), self.group, self.world_size)
         return nnf.pad(received, (0, 0, 0, 1))
 
-    def _check(self, features: KeyedJaggedTensor, routing: Routing) -> None:
+    def _looked_up_for_ranks(self, features: KeyedJaggedTensor, routing: Routing) -> torch.Tensor:
+        """The rows this rank looks up for every rank [n_read, D] (feature, source rank, sample)."""
         if routing.batch_size != features.stride():
             raise ValueError(f"a routing of {routing.batch_size} samples for a batch of {features.stride()}")
+        return self.lookup(routing.read).view(-1, self.dim)
 
     def _embeddings(self, features: KeyedJaggedTensor,
                     routing: Optional[Routing]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         if routing is None:
             embedded = self.collection(features).wait()
             return torch.cat([embedded[name].values() for name in self.feature_names]), None
-        self._check(features, routing)
-        rows = self.lookup(routing.read).view(-1, self.dim)  # (feature, source rank, sample)
+        rows = self._looked_up_for_ranks(features, routing)
         # Sent (source rank, feature, sample), received (holding rank, feature, sample).
         mine = _RowsAllToAll.apply(rows, routing.as_received, routing.as_read, routing.received, routing.sent,
                                    self.group)
