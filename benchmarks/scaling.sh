@@ -10,17 +10,20 @@
 #   collectives  bench_collectives.py on all the GPUs: the step's collectives' host time, and the rows'
 #            exchange (forward and backward) against the same with local copies
 #   routing  bench_routing.py on all the GPUs: the data path's router alone, by phase, full vocabulary
+#   profile  the p90 model step on N GPUs then on one, waits for the GPU sleeping (so its CPU time is
+#            the host's work), each rank's 20 profiled steps' timeline summarised (trace_summary.py:
+#            the GPU's busy, collective and idle time a step, the host's waits); about 4 minutes
 # Run on the GPU host, in the repository root, after
 # `source .gpu/install.sh && export PYTHONPATH=$PWD:$PYTHONPATH`:
 #     bash benchmarks/scaling.sh model          (or: trainer; or: collectives routing tests)
 # Prints every run's per-GPU samples/s and the means' ratio N / 1. Logs under $OUT (else /tmp/scaling).
 set -euo pipefail
 
-[ $# -gt 0 ] || { echo "scaling.sh: name one or more parts: model, trainer, tests, collectives, routing" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "scaling.sh: name one or more parts: model, trainer, tests, collectives, routing, profile" >&2; exit 2; }
 for part in "$@"; do
   case $part in
-    model | trainer | tests | collectives | routing) ;;
-    *) echo "scaling.sh: a part is model, trainer, tests, collectives or routing, not $part" >&2; exit 2 ;;
+    model | trainer | tests | collectives | routing | profile) ;;
+    *) echo "scaling.sh: a part is model, trainer, tests, collectives, routing or profile, not $part" >&2; exit 2 ;;
   esac
 done
 gpus=$(nvidia-smi --list-gpus | wc -l)
@@ -92,6 +95,18 @@ for part in "$@"; do
     routing)
       torchrun --nproc_per_node "$gpus" benchmarks/bench_routing.py --config configs/taobao_mm_full.yaml \
         --out "$out/routing.json" 2>&1 | grep -A 12 "^routing over"
+      ;;
+    profile)
+      for nproc in "$gpus" 1; do
+        name=profile_${nproc}gpu
+        timeout 200 torchrun --nproc_per_node "$nproc" benchmarks/bench_train.py --config configs/taobao_mm_p90.yaml \
+          --modes model --steps 150 --warmup 30 --cuda-sync blocking --profile-steps 20 \
+          --trace-dir "$out/traces/$name" --out "$out/$name.json" > "$out/$name.log" 2>&1 \
+          || { echo "$name failed (the end of $out/$name.log:)" >&2; tail -n 15 "$out/$name.log" >&2; continue; }
+        python3 -c 'import json, sys; r = json.load(open(sys.argv[1]))["model"]; print(sys.argv[2], "GPU(s): step", round(r["step_ms"], 2), "ms, CPU", round(r["cpu_ms"], 2), "ms")' \
+          "$out/$name.json" "$nproc"
+        python benchmarks/trace_summary.py --steps 20 --out "$out/$name.summary.json" "$out/traces/$name"/*
+      done
       ;;
   esac
 done
