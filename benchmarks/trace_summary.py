@@ -6,7 +6,7 @@ when its rank gets there and ends once every rank has, so on several GPUs its ti
 transfer is that rank waiting for the others. For each trace (one rank's ``--profile-steps`` steps):
 the profiled window per step, the GPU's busy time in it (the union of its kernels and copies, over
 every stream), the collectives' share of that, the idle rest, the host's waits for the device
-(synchronising CUDA calls), and the kernels by total time.
+(synchronising CUDA calls), each host thread's time in ops, and the kernels by total time.
 
     python benchmarks/trace_summary.py --steps 20 $OUT/traces/*/*.json.gz
 
@@ -54,7 +54,9 @@ def summarize(events: List[dict], steps: int, top: int = 8) -> Dict[str, object]
     """Per-step figures (microseconds) of one rank's ``steps`` profiled steps: the window from the
     first device event's start to the last's end; the device busy (``busy``), in collectives
     (``collectives``: their kernels' union) and idle; the host's waits for the device
-    (``host_waits``); and the ``top`` kernels by total time (name, calls, microseconds a step)."""
+    (``host_waits``); each host thread's time in ops (``threads``: thread id -> the union of its
+    ops' spans, busiest first); and the ``top`` kernels by total time (name, calls, microseconds a
+    step)."""
     if steps < 1:
         raise ValueError(f"steps must be positive, not {steps}")
     device = [e for e in events if e.get("cat") in DEVICE_CATEGORIES]
@@ -67,6 +69,11 @@ def summarize(events: List[dict], steps: int, top: int = 8) -> Dict[str, object]
                                if e["name"].lower().startswith(COLLECTIVE_PREFIX))
     waits = sum(float(e["dur"]) for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")
                 and e["name"] in HOST_WAITS)
+    ops: Dict[str, List[Tuple[float, float]]] = defaultdict(list)
+    for e in events:
+        if e.get("cat") == "cpu_op":
+            ops[str(e.get("tid"))].append((float(e["ts"]), float(e["ts"]) + float(e["dur"])))
+    threads = sorted(((tid, union_length(spans) / steps) for tid, spans in ops.items()), key=lambda t: -t[1])
     kernels: Dict[str, List[float]] = defaultdict(list)
     for e in device:
         kernels[e["name"]].append(float(e["dur"]))
@@ -78,6 +85,7 @@ def summarize(events: List[dict], steps: int, top: int = 8) -> Dict[str, object]
         "collectives_us": collectives / steps,
         "idle_us": (window - busy) / steps,
         "host_waits_us": waits / steps,
+        "threads": threads,
         "top_kernels": [(name, len(durations), sum(durations) / steps) for name, durations in ranked],
     }
 
@@ -86,7 +94,8 @@ def report(name: str, summary: Dict[str, object]) -> str:
     """``summary`` as lines of text under ``name``."""
     lines = [f"{name}: {summary['steps']} steps, per step: window {summary['window_us']:,.0f} us, "
              f"GPU busy {summary['busy_us']:,.0f} (collectives {summary['collectives_us']:,.0f}), "
-             f"idle {summary['idle_us']:,.0f}; host waits for the GPU {summary['host_waits_us']:,.0f}"]
+             f"idle {summary['idle_us']:,.0f}; host waits for the GPU {summary['host_waits_us']:,.0f}; "
+             "host threads in ops " + ", ".join(f"{tid}: {us:,.0f}" for tid, us in summary["threads"][:4])]
     for kernel, calls, per_step in summary["top_kernels"]:
         lines.append(f"    {per_step:9,.1f} us/step  {calls:6d} calls  {kernel[:100]}")
     return "\n".join(lines)

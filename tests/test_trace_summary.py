@@ -19,6 +19,8 @@ def _event(name: str, cat: str, ts: float, dur: float) -> dict:
 
 TRACE = [
     _event("aten::mm", "cpu_op", 0, 100),  # host ops are outside the device's window
+    _event("aten::addmm", "cpu_op", 20, 30),  # inside the first: thread 0 in ops 0-100
+    dict(_event("aten::add", "cpu_op", 90, 20), tid=7),
     _event("gemm", "kernel", 10, 10),
     _event("gemm", "kernel", 15, 10),  # overlaps the first on another stream: busy 10-25
     _event("ncclDevKernel_SendRecv", "kernel", 30, 10),
@@ -40,6 +42,7 @@ def test_per_step_figures_of_a_small_timeline(tmp_path):
     assert summary["collectives_us"] == pytest.approx(10 / 5)
     assert summary["idle_us"] == pytest.approx(15 / 5)
     assert summary["host_waits_us"] == pytest.approx(7 / 5)
+    assert summary["threads"] == [("0", 100 / 5), ("7", 20 / 5)]
     assert summary["top_kernels"] == [("gemm", 2, 4.0), ("ncclDevKernel_SendRecv", 1, 2.0)]
 
 
