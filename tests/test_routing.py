@@ -163,7 +163,7 @@ def _fixed_exchanges(rank: int, tmp: str) -> None:
                                                      routing.sent, router.group)[routing.restore]
         (want_grad,) = torch.autograd.grad(launched, read, grad)
         padded = torch.cat([read, read.new_zeros(fixed.send_slots.numel() + 1 - read.shape[0], 4)])
-        exchanged = arch.lookup.exchanged(padded, fixed.send_slots)
+        exchanged = arch.lookup.exchanged(padded, fixed.row_slots, fixed.send_slots)
         (got_grad,) = torch.autograd.grad(exchanged[fixed.order[:ids]], padded, grad)
         equal += [torch.equal(exchanged[fixed.order[:ids]], launched), torch.equal(got_grad[:read.shape[0]], want_grad),
                   not exchanged[fixed.order[ids:]].any(), not exchanged[-1].any()]

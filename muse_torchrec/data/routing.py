@@ -72,6 +72,10 @@ class FixedExchange:
         send_slots: [W * C] int64, for each row sent (rank after rank, C each), its position among
             the rows this rank looked up (``Routing.read``'s order), padding: W * C, a zero row
             past them.
+        row_slots: [W * C + 1] int64, the inverse: for each row this rank looked up, then each zero
+            row past them, its place among the rows sent (W * C, a slot past them, for the zero
+            rows). The exchange scatters through both (one thread an element) rather than gather
+            through either (a block a row: 130 us for 210 k rows of 16 floats on an H100).
         order: [W * C + 1] int64, for each of the batch's ids (feature, sample) the position of its
             row among the rows received (rank after rank, C each), then W * C (a zero row past
             them) for the rest: ``row_layout.padded_slots``' order.
@@ -79,15 +83,18 @@ class FixedExchange:
 
     peer_capacity: int
     send_slots: torch.Tensor
+    row_slots: torch.Tensor
     order: torch.Tensor
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "FixedExchange":
-        return FixedExchange(self.peer_capacity, self.send_slots.to(device, non_blocking=non_blocking),
-                             self.order.to(device, non_blocking=non_blocking))
+        return FixedExchange(self.peer_capacity, *(t.to(device, non_blocking=non_blocking) for t in self._tensors()))
 
     def record_stream(self, stream: torch.Stream) -> None:
-        self.send_slots.record_stream(stream)
-        self.order.record_stream(stream)
+        for tensor in self._tensors():
+            tensor.record_stream(stream)
+
+    def _tensors(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.send_slots, self.row_slots, self.order
 
 
 @dataclass
@@ -264,9 +271,11 @@ class RowWiseRouter:
             [routing.as_received.numel(), routing.restore.numel()])
         send_slots = torch.full((slots,), slots, dtype=torch.int64, device=device).index_copy_(
             0, sends, routing.as_received)
+        row_slots = torch.full((slots + 1,), slots, dtype=torch.int64, device=device).index_copy_(
+            0, routing.as_received, sends)
         order = torch.full((slots + 1,), slots, dtype=torch.int64, device=device)
         order.narrow(0, 0, returns.numel()).copy_(returns.index_select(0, routing.restore))
-        return FixedExchange(capacity, send_slots, order)
+        return FixedExchange(capacity, send_slots, row_slots, order)
 
 
 def _padded_positions(counts: torch.Tensor, total: int, capacity: int, world_size: int) -> torch.Tensor:

@@ -191,15 +191,15 @@ class SparseArch(nn.Module):
             raise ValueError(f"sparse features {features.keys()} are not in the collection's order "
                              f"{list(self.row_layout.keys)}")
 
-    def read_rows(self, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def read_rows(self, batch: Batch) -> Tuple[torch.Tensor, ...]:
         """For a routed batch with a fixed exchange (``Routing.fixed``, W ranks, C rows each), what
         ``MuseTrain.loss_from_read_rows`` takes: (the rows this rank looked up for every rank, then
-        zero rows [W * C + 1, D]; the fixed exchange's send slots [W * C] and order [W * C + 1]
-        int64; lengths [F * B])."""
+        zero rows [W * C + 1, D]; the fixed exchange's row slots [W * C + 1], send slots [W * C] and
+        order [W * C + 1] int64; lengths [F * B])."""
         features, read_rows = self.lookup.read_rows(batch.sparse_features, batch.routing)
         self._check_order(features)
         fixed = batch.routing.fixed
-        return read_rows, fixed.send_slots, fixed.order, features.lengths()
+        return read_rows, fixed.row_slots, fixed.send_slots, fixed.order, features.lengths()
 
     def padded(self, rows: torch.Tensor, order: torch.Tensor, lengths: torch.Tensor, topk_scores: torch.Tensor,
                recent_scores: torch.Tensor) -> Tuple[SequenceInputs, torch.Tensor]:
@@ -405,10 +405,11 @@ class MuseTrain(nn.Module):
         return weighted_loss(logits, labels, weights), logits.detach()
 
     def loss_from_read_rows(self, loss_from_rows: Callable[..., Tuple[torch.Tensor, torch.Tensor]],
-                            read_rows: torch.Tensor, send_slots: torch.Tensor, order: torch.Tensor,
-                            lengths: torch.Tensor, *scored: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+                            read_rows: torch.Tensor, row_slots: torch.Tensor, send_slots: torch.Tensor,
+                            order: torch.Tensor, lengths: torch.Tensor,
+                            *scored: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``loss_from_rows`` (this module's, or its compiled form) from ``SparseArch.read_rows``: the
         rows' all-to-all first (``RoutedLookup.exchanged``), in fixed shapes. ``scored``: the batch's
         scores, labels and weights, as ``loss_from_rows`` takes them."""
-        rows = self.model.sparse_arch.lookup.exchanged(read_rows, send_slots)
+        rows = self.model.sparse_arch.lookup.exchanged(read_rows, row_slots, send_slots)
         return loss_from_rows(rows, order, lengths, *scored)

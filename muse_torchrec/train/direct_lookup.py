@@ -105,13 +105,20 @@ class DirectLookup:
         return {name: JaggedTensor(values=v, lengths=l) for name, v, l in zip(self.feature_names, values, lengths)}
 
 
+def _scattered(rows: torch.Tensor, places: torch.Tensor, count: int) -> torch.Tensor:
+    """[count, D] with ``rows[i]`` [N, D] at row ``places[i]`` [N] int64 (a place taken twice gets
+    either row), zeros elsewhere. The scatter rather than the gather by the inverse places: it runs
+    a thread an element where a gather runs a block a row (on an H100, 210 k rows of 16 floats: 17
+    against 130 us; 315 k: 74 against 193)."""
+    return rows.new_zeros((count, rows.shape[1])).index_put_((places,), rows)
+
+
 class _RowsAllToAll(torch.autograd.Function):
     """Rows [N, D] in the order they were looked up, ``as_sent`` [N] the row to send at each place
-    (``send[r]`` of them to rank r, rank after rank) -> the rows received, ``recv[r]`` from rank r
-    [sum(recv), D]. Backward: the gradients sent back, each to the place its row was looked up
-    through ``as_looked_up`` [N] (the inverse permutation of ``as_sent``: one gather, where the
-    gather's own backward would scatter-add into zeros) and divided by the world size (TorchRec's
-    row-wise output distribution divides them so)."""
+    (``send[r]`` of them to rank r, rank after rank) and its inverse ``as_looked_up`` [N] (each
+    row's place) -> the rows received, ``recv[r]`` from rank r [sum(recv), D]. Backward: the
+    gradients sent back, each to the place its row was looked up, and divided by the world size
+    (TorchRec's row-wise output distribution divides them so)."""
 
     @staticmethod
     def forward(ctx, rows: torch.Tensor, as_sent: torch.Tensor, as_looked_up: torch.Tensor, send: List[int],
@@ -119,38 +126,49 @@ class _RowsAllToAll(torch.autograd.Function):
         # The world size kept as a number (one entry of ``send`` per rank): no query of the group in
         # every backward (~0.2 ms a step under cProfile on one H100 host, benchmarks/RESULTS.md row 91).
         ctx.send, ctx.recv, ctx.group, ctx.world_size = send, recv, group, len(send)
-        ctx.save_for_backward(as_looked_up)
+        ctx.save_for_backward(as_sent)
         out = rows.new_empty((sum(recv), rows.shape[1]))
-        dist.all_to_all_single(out, rows.index_select(0, as_sent), output_split_sizes=recv, input_split_sizes=send,
-                               group=group)
+        dist.all_to_all_single(out, _scattered(rows, as_looked_up, rows.shape[0]), output_split_sizes=recv,
+                               input_split_sizes=send, group=group)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, None, None, None, None]:
-        (as_looked_up,) = ctx.saved_tensors
+        (as_sent,) = ctx.saved_tensors
         sent = grad.new_empty((sum(ctx.send), grad.shape[1]))
         dist.all_to_all_single(sent, grad.contiguous(), output_split_sizes=ctx.send, input_split_sizes=ctx.recv,
                                group=ctx.group)
-        return sent.index_select(0, as_looked_up).div_(ctx.world_size), None, None, None, None, None
+        return _scattered(sent, as_sent, sent.shape[0]).div_(ctx.world_size), None, None, None, None, None
 
 
-class _EvenAllToAll(torch.autograd.Function):
-    """Rows [W * C, D], C for each rank in turn -> the rows received, C from each rank [W * C, D].
-    Backward: the gradients sent back, divided by the world size (as ``_RowsAllToAll``'s). Fixed
-    shapes, so a CUDA graph can hold it, forward and backward."""
+class _FixedAllToAll(torch.autograd.Function):
+    """The rows this rank looked up, then zero rows [W * C + 1, D], with ``Routing.fixed``'s
+    ``row_slots`` [W * C + 1] and ``send_slots`` [W * C] -> the rows received, C from each rank,
+    then a zero row [W * C + 1, D]. Backward: the gradients sent back, divided by the world size
+    (as ``_RowsAllToAll``'s). Fixed shapes, no host value: a CUDA graph can hold it, forward and
+    backward."""
 
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, group: dist.ProcessGroup, world_size: int) -> torch.Tensor:
+    def forward(ctx, read_rows: torch.Tensor, row_slots: torch.Tensor, send_slots: torch.Tensor,
+                group: dist.ProcessGroup, world_size: int) -> torch.Tensor:
         ctx.group, ctx.world_size = group, world_size
-        out = torch.empty_like(rows)
-        dist.all_to_all_single(out, rows, group=group)
+        ctx.save_for_backward(send_slots)
+        slots = send_slots.shape[0]
+        # The zero rows go to the slot past those sent; the padding sent is zeros.
+        sent = _scattered(read_rows, row_slots, slots + 1)
+        out = torch.empty_like(sent)
+        out[slots].zero_()
+        dist.all_to_all_single(out[:slots], sent[:slots], group=group)
         return out
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, None]:
-        sent = torch.empty_like(grad)
-        dist.all_to_all_single(sent, grad.contiguous(), group=ctx.group)
-        return sent.div_(ctx.world_size), None, None
+    def backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, None, None, None]:
+        (send_slots,) = ctx.saved_tensors
+        slots = send_slots.shape[0]
+        back = grad.new_empty((slots, grad.shape[1]))
+        dist.all_to_all_single(back, grad[:slots].contiguous(), group=ctx.group)
+        # The padding's gradients (zeros: no id reads the padding received) land on the last zero row.
+        return _scattered(back, send_slots, slots + 1).div_(ctx.world_size), None, None, None, None
 
 
 class RoutedLookup(DirectLookup):
@@ -180,12 +198,12 @@ class RoutedLookup(DirectLookup):
         slots = routing.fixed.send_slots.shape[0]
         return in_order(features, self.feature_names), nnf.pad(rows, (0, 0, 0, slots + 1 - rows.shape[0]))
 
-    def exchanged(self, read_rows: torch.Tensor, send_slots: torch.Tensor) -> torch.Tensor:
-        """``read_rows`` [W * C + 1, D] and ``Routing.fixed.send_slots`` [W * C] -> the rows of the
-        batch's ids, C from each rank, then a zero row [W * C + 1, D] (in the order
-        ``Routing.fixed.order`` reads). Fixed shapes, no host value: capturable in a CUDA graph."""
-        received = _EvenAllToAll.apply(read_rows.index_select(0, send_slots), self.group, self.world_size)
-        return nnf.pad(received, (0, 0, 0, 1))
+    def exchanged(self, read_rows: torch.Tensor, row_slots: torch.Tensor, send_slots: torch.Tensor) -> torch.Tensor:
+        """``read_rows`` [W * C + 1, D] and ``Routing.fixed``'s ``row_slots`` [W * C + 1] and
+        ``send_slots`` [W * C] -> the rows of the batch's ids, C from each rank, then a zero row
+        [W * C + 1, D] (in the order ``Routing.fixed.order`` reads). Fixed shapes, no host value:
+        capturable in a CUDA graph."""
+        return _FixedAllToAll.apply(read_rows, row_slots, send_slots, self.group, self.world_size)
 
     def _looked_up_for_ranks(self, features: KeyedJaggedTensor, routing: Routing) -> torch.Tensor:
         """The rows this rank looks up for every rank [n_read, D] (feature, source rank, sample)."""
