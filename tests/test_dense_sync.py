@@ -129,7 +129,7 @@ def _train(compile_mode: str, sync: str, on_one_rank: bool, ctx) -> dict:
     load_unsharded_state(sharded.model, start)
     tower = next(m for m in sharded.model.modules() if isinstance(m, DenseTower))
     tower_names = {id(p): n for n, p in tower.named_parameters()}
-    all_reduced: list = []  # per step, the sizes of the tensors all-reduced
+    all_reduced: list = []  # per step, the sizes of the tensors all-reduced, and whether into a CUDA graph
     in_buckets: list = []  # per step, the tower parameters in DDP's buckets
     wrappers = [m for m in sharded.model.modules() if isinstance(m, DistributedDataParallel)]
     assert len(wrappers) == int(sync == "ddp" and on_one_rank)
@@ -142,7 +142,7 @@ def _train(compile_mode: str, sync: str, on_one_rank: bool, ctx) -> dict:
     all_reduce = dense_sync.dist.all_reduce
 
     def recorded_all_reduce(tensor, *args, **kwargs):
-        all_reduced[-1].append(tensor.numel())
+        all_reduced[-1].append((tensor.numel(), tensor.is_cuda and torch.cuda.is_current_stream_capturing()))
         return all_reduce(tensor, *args, **kwargs)
 
     dense_sync.dist.all_reduce = recorded_all_reduce
@@ -191,8 +191,15 @@ def test_one_rank_synchronised_trains_as_unsynchronised(tmp_path, device):
         compile_mode, sync, on_one_rank = RUNS[device][run_name]
         if not on_one_rank:
             assert run["all_reduced"] == run["in_buckets"] == [[]] * STEPS, run_name
+        elif sync == "allreduce" and compile_mode == "graphs":
+            # Every dense gradient in one all-reduce: launched at the first step (no Adam state yet),
+            # captured into the dense Adam's graph at the second, which every later step replays.
+            n = run["dense_numel"]
+            assert run["all_reduced"] == [[(n, False)], [(n, True)]] + [[]] * (STEPS - 2), run_name
+            assert run["in_buckets"] == [[]] * STEPS, run_name
         elif sync == "allreduce":  # every dense gradient in one all-reduce a step
-            assert run["all_reduced"] == [[run["dense_numel"]]] * STEPS and run["in_buckets"] == [[]] * STEPS, run_name
+            assert run["all_reduced"] == [[(run["dense_numel"], False)]] * STEPS, run_name
+            assert run["in_buckets"] == [[]] * STEPS, run_name
         else:  # every tower gradient through DDP's buckets
             assert run["in_buckets"] == [run["tower_params"]] * STEPS, run_name
         if run_name == name:

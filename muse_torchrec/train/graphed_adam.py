@@ -20,8 +20,10 @@ eagerly. Same updates as ``torch.optim.Adam(fused=True)``: tests/test_graphed_ad
 
 Over several ranks (``average``) the gradients are averaged before the step as
 ``dense_sync.GradientAverage`` does, but its flat buffer is the graph's own: the gradients are copied
-into it anyway, summed there in one all-reduce, and divided inside the graph. The pre-step hook
-would gather, concatenate, split and copy back every gradient on the host first.
+into it anyway, then summed in one all-reduce and divided, both inside the graph. The pre-step hook
+would gather, concatenate, split and copy back every gradient on the host first, and an all-reduce
+launched from the host costs the step 100-180 us of host time (benchmarks/RESULTS.md row 118)
+where a graph's replay holds it for nothing more.
 """
 
 from __future__ import annotations
@@ -85,8 +87,6 @@ class GraphedAdam(torch.optim.Adam):
         if self._graph is None or hyperparameters != self._captured_with:
             self._capture(params, grads, hyperparameters)
         torch._foreach_copy_(self._static_grads, grads)
-        if self.average is not None:
-            self.average.sum_over_ranks(self._flat_grads)
         self._graph.replay()
 
     def _capture(self, params: List[Tensor], grads: List[Tensor], hyperparameters: Tuple[Any, ...]) -> None:
@@ -101,6 +101,9 @@ class GraphedAdam(torch.optim.Adam):
         try:
             with CAPTURE_LOCK, torch.cuda.graph(graph):
                 if self.average is not None:
+                    # Every rank captures at the same step (the same parameters have gradients
+                    # everywhere), so their replays' all-reduces pair up.
+                    self.average.sum_over_ranks(self._flat_grads)
                     self._flat_grads.div_(self.average.world_size)
                 super().step()
         finally:
