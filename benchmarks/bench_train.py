@@ -53,6 +53,7 @@ from muse_torchrec.data.block import SampleBlock
 from muse_torchrec.data.device_gsu import DeferredGsuBuilder, DeviceGsu
 from muse_torchrec.data.feeder import ProcessFeeder
 from muse_torchrec.model.methods import build_model, get_method
+from muse_torchrec.model.muse import loss_step_replays
 from muse_torchrec.train.distributed import DistContext, init_distributed, shutdown
 from muse_torchrec.data.loader import PreparedData, count_batches, make_loader
 from muse_torchrec.data.packed import PackingTransform
@@ -273,6 +274,9 @@ def bench_sharded(cfg: ExperimentConfig, vocab: Mapping[str, int], batches: Unio
         **timing.per_step(steps, cfg.train.batch_size),
         "route_ms": route_ms,
         "lookups": sharded.lookups,
+        # Warm-up, timed and profiled steps: a routed batch past the fixed exchange's capacity
+        # replays "graphs" (its exchange launched) instead of "exchanged_graphs".
+        "graph_replays": loss_step_replays(sharded.model),
         "peak_gib": peak_gib,
         "planned_gib": (planned["hbm"] if ctx.device.type == "cuda" else planned["ddr"]) / GIB,
         "plan": sharded.plan.format(),
@@ -620,6 +624,9 @@ def format_results(results: Mapping[str, object]) -> str:
                      f"{peak:>9} {planned:>12}")
         if r.get("route_ms") is not None:
             lines.append(f"{'':<34} routing (the data path's, not in the step): {r['route_ms']:.2f} ms a batch")
+        if "exchanged_graphs" in r.get("graph_replays", {}):
+            replays = ", ".join(f"{name} {count}" for name, count in r["graph_replays"].items())
+            lines.append(f"{'':<34} loss step graphs replayed (every step): {replays}")
     base = results.get("baseline")
     for name, r in results.items():
         if isinstance(base, dict) and name.startswith("model") and isinstance(r, dict):

@@ -103,6 +103,7 @@ def _lookups_equal(method: str, device: str, ctx) -> dict:
 
 def _trained(method: str, device: str, sparse_lookup: str, ctx, extra: Sequence[str] = (), several: bool = False) -> dict:
     """``STEPS`` plain steps from the same weights; batches routed where the lookup needs it."""
+    from muse_torchrec.model.muse import loss_step_replays
     from muse_torchrec.train.step import make_stepper
 
     sharded, arch = _sharded(method, device, sparse_lookup, ctx, extra=extra, several=several)
@@ -115,10 +116,8 @@ def _trained(method: str, device: str, sparse_lookup: str, ctx, extra: Sequence[
     state = {k: (v.local_shards()[0].tensor if isinstance(v, ShardedTensor) else v).detach().cpu().clone()
              for k, v in sharded.model.state_dict().items()}
     # How often each of the loss step's graphs replayed (with train.compile_mode "graphs").
-    train = sharded.model.module
-    replays = {name: getattr(train, name).replays for name in ("graphs", "exchanged_graphs")
-               if getattr(train, name) is not None}
-    return {"losses": losses, "state": state, "lookups": sharded.lookups, "replays": replays}
+    return {"losses": losses, "state": state, "lookups": sharded.lookups,
+            "replays": loss_step_replays(sharded.model)}
 
 
 def _worker(rank: int, device: str, tmp: str, port: str) -> None:

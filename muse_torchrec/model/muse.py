@@ -385,6 +385,13 @@ class MuseTrain(nn.Module):
         self.graphs: Optional[GraphedLossStep] = None
         self.exchanged_graphs: Optional[GraphedLossStep] = None
 
+    def replays(self) -> Dict[str, int]:
+        """Training steps so far that replayed each loss step graph built: "graphs" (from the rows
+        looked up, or exchanged before the step) and "exchanged_graphs" (the rows' exchange inside;
+        a routed batch past the fixed exchange's capacity replays "graphs" instead)."""
+        built = {"graphs": self.graphs, "exchanged_graphs": self.exchanged_graphs}
+        return {name: graphs.replays for name, graphs in built.items() if graphs is not None}
+
     def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         scored = (batch.topk_scores, batch.recent_scores, batch.labels, batch.weights)
         if self.graphs is None:
@@ -413,3 +420,9 @@ class MuseTrain(nn.Module):
         scores, labels and weights, as ``loss_from_rows`` takes them."""
         rows = self.model.sparse_arch.lookup.exchanged(read_rows, row_slots, send_slots)
         return loss_from_rows(rows, order, lengths, *scored)
+
+
+def loss_step_replays(model: nn.Module) -> Dict[str, int]:
+    """``MuseTrain.replays`` of the ``MuseTrain`` inside ``model`` (e.g. DMP's); {} without one."""
+    train = next((m for m in model.modules() if isinstance(m, MuseTrain)), None)
+    return {} if train is None else train.replays()

@@ -40,6 +40,7 @@ from muse_torchrec.data.routing import RowWiseRouter
 from muse_torchrec.data.slots import SlotReceiver, SlotTransform
 from muse_torchrec.metrics import EvalAccumulator, EvalMetrics
 from muse_torchrec.model.methods import build_model, get_method
+from muse_torchrec.model.muse import loss_step_replays
 from muse_torchrec.train.checkpoint import (
     CheckpointInfo,
     TrainProgress,
@@ -466,8 +467,14 @@ def run(cfg: ExperimentConfig, ctx: DistContext) -> Dict[str, float]:
         saver = functools.partial(save_checkpoint, checkpoints_dir(run_dir), sharded, cfg=cfg,
                                   vocab_sizes=vocab_sizes(data), ctx=ctx, keep=cfg.train.keep_checkpoints)
     # The loaders' workers and the data path's threads start off the step core (started_elsewhere).
+    first_step = progress.step
     with core:
         stats = train(cfg, data, sharded, ctx, progress, log_file, saver, pin_step_core=core.pin)
+    replays = loss_step_replays(sharded.model)
+    if ctx.is_main and replays:
+        # Every rank decides alike whether a batch fits the fixed exchange: rank 0's counts are every rank's.
+        log.info("loss step CUDA graphs replayed in this run's %d training steps: %s", stats.steps - first_step,
+                 ", ".join(f"{name} {count}" for name, count in replays.items()))
     metrics = evaluate(cfg, data, sharded, ctx).to_dict()
     metrics.update(
         train_samples_per_s=stats.samples_per_s,
