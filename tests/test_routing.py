@@ -334,5 +334,5 @@ def test_padded_positions_skip_empty_parts():
     each row at its rank's places, in order; an empty part takes none."""
     from muse_torchrec.data.routing import _padded_positions
 
-    positions = _padded_positions(torch.tensor([2, 0, 3, 1]), 6, capacity=5, world_size=2)
+    positions = _padded_positions([2, 0, 3, 1], capacity=5, world_size=2, device=torch.device("cpu"))
     assert positions.tolist() == [0, 1, 0, 1, 2, 5]

@@ -31,6 +31,7 @@ every other rank's.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from dataclasses import dataclass
 from typing import ContextManager, List, Optional, Sequence, Tuple
@@ -261,31 +262,33 @@ class RowWiseRouter:
     def _fixed(self, routing: Routing, capacity: int) -> FixedExchange:
         """``routing``'s rows' all-to-all laid out for ``capacity`` rows from every rank to every rank."""
         device, slots = routing.device(), self.world_size * capacity
-        # The counts on the device in one copy that does not wait (a copy from a Python list would
-        # wait for the device's queue: ~1 ms a batch on one H100 shared by 2 ranks).
-        parts = routing.received + routing.sent
-        counts = torch.tensor(parts, pin_memory=device.type == "cuda").to(device, non_blocking=True)
         # The rows this rank sends (as its ids were received), then the rows coming back to it (as
         # its ids were sent): both in one pass, a dozen launches a batch fewer.
-        sends, returns = _padded_positions(counts, sum(parts), capacity, self.world_size).split(
-            [routing.as_received.numel(), routing.restore.numel()])
-        send_slots = torch.full((slots,), slots, dtype=torch.int64, device=device).index_copy_(
-            0, sends, routing.as_received)
-        row_slots = torch.full((slots + 1,), slots, dtype=torch.int64, device=device).index_copy_(
-            0, routing.as_received, sends)
-        order = torch.full((slots + 1,), slots, dtype=torch.int64, device=device)
-        order.narrow(0, 0, returns.numel()).copy_(returns.index_select(0, routing.restore))
+        sends, returns = _padded_positions(routing.received + routing.sent, capacity, self.world_size,
+                                           device).split([routing.as_received.numel(), routing.restore.numel()])
+        # Every place not written below holds W * C: the zero row past the rows of either side.
+        send_slots, row_slots, order = torch.full((3 * slots + 2,), slots, dtype=torch.int64, device=device).split(
+            [slots, slots + 1, slots + 1])
+        send_slots.index_copy_(0, sends, routing.as_received)
+        row_slots.index_copy_(0, routing.as_received, sends)
+        torch.index_select(returns, 0, routing.restore, out=order[:returns.numel()])
         return FixedExchange(capacity, send_slots, row_slots, order)
 
 
-def _padded_positions(counts: torch.Tensor, total: int, capacity: int, world_size: int) -> torch.Tensor:
-    """For ``total`` rows that come part after part, ``counts[i]`` in part i ([P] int64 on their
-    device, P a multiple of W, part i from or to rank i mod W), each row's place when every rank
-    takes ``capacity`` places: (i mod W) * capacity + its index in its part [total] int64."""
-    ends = counts.cumsum(0)
-    positions = torch.arange(total, device=counts.device)
-    part = torch.searchsorted(ends, positions, right=True)
-    return positions - (ends - counts).index_select(0, part) + part.remainder(world_size) * capacity
+def _padded_positions(counts: List[int], capacity: int, world_size: int, device: torch.device) -> torch.Tensor:
+    """For rows that come part after part, ``counts[i]`` in part i (P parts, P a multiple of W, part
+    i from or to rank i mod W), each row's place when every rank takes ``capacity`` places:
+    (i mod W) * capacity + its index in its part [sum(counts)] int64 on ``device``.
+
+    Each part's shift is a host number, and the counts and shifts reach the device in one copy
+    that does not wait (a copy from a Python list would wait for the device's queue: ~1 ms a batch
+    on one H100 shared by 2 ranks); three launches then place every row."""
+    starts = [0, *itertools.accumulate(counts)]
+    shifts = [(i % world_size) * capacity - start for i, start in enumerate(starts[:-1])]
+    host = torch.tensor(counts + shifts, pin_memory=device.type == "cuda")
+    part_counts, part_shifts = host.to(device, non_blocking=True).split(len(counts))
+    total = starts[-1]
+    return torch.arange(total, device=device).add_(part_shifts.repeat_interleave(part_counts, output_size=total))
 
 
 def _to_host(tensor: torch.Tensor, pinned: bool) -> torch.Tensor:
