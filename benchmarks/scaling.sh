@@ -15,7 +15,7 @@
 #            the GPU's busy, collective and idle time a step, the host's waits); about 4 minutes
 # Run on the GPU host, in the repository root, after
 # `source .gpu/install.sh && export PYTHONPATH=$PWD:$PYTHONPATH`:
-#     bash benchmarks/scaling.sh model          (or: trainer; or: collectives routing tests)
+#     bash benchmarks/scaling.sh model          (or: trainer; or: collectives routing tests; or: profile tests)
 # Prints every run's per-GPU samples/s and the means' ratio N / 1. Logs under $OUT (else /tmp/scaling).
 set -euo pipefail
 

@@ -336,3 +336,15 @@ def test_padded_positions_skip_empty_parts():
 
     positions = _padded_positions([2, 0, 3, 1], capacity=5, world_size=2, device=torch.device("cpu"))
     assert positions.tolist() == [0, 1, 0, 1, 2, 5]
+
+
+def test_padded_positions_equal_a_plain_loop_on_random_parts():
+    from muse_torchrec.data.routing import _padded_positions
+
+    rng = np.random.default_rng(3)
+    for world_size in (1, 2, 3, 8):
+        counts = rng.integers(0, 6, size=2 * world_size).tolist()
+        capacity = max(counts) + int(rng.integers(0, 3))
+        want = [(part % world_size) * capacity + i for part, count in enumerate(counts) for i in range(count)]
+        got = _padded_positions(counts, capacity, world_size, torch.device("cpu"))
+        assert got.tolist() == want, (counts, capacity)

@@ -266,7 +266,7 @@ class RowWiseRouter:
         # its ids were sent): both in one pass, a dozen launches a batch fewer.
         sends, returns = _padded_positions(routing.received + routing.sent, capacity, self.world_size,
                                            device).split([routing.as_received.numel(), routing.restore.numel()])
-        # Every place not written below holds W * C: the zero row past the rows of either side.
+        # Every place not written below holds W * C, past the rows on either side: a zero row, or a slot not sent.
         send_slots, row_slots, order = torch.full((3 * slots + 2,), slots, dtype=torch.int64, device=device).split(
             [slots, slots + 1, slots + 1])
         send_slots.index_copy_(0, sends, routing.as_received)
