@@ -83,13 +83,13 @@ class PhaseTimer:
 
 
 def router_for(batch: Batch, vocab: Mapping[str, int], group: dist.ProcessGroup,
-               ids_per_sample: Optional[int]) -> RowWiseRouter:
+               ids_per_sample: Optional[int], slack: float) -> RowWiseRouter:
     """A router for ``batch``'s sparse features over row-wise tables of ``vocab`` rows, in blocks of
-    ceil(rows / W) per rank (TorchRec's row-wise shards); ``ids_per_sample``: the router's."""
+    ceil(rows / W) per rank (TorchRec's row-wise shards); ``ids_per_sample``, ``slack``: the router's."""
     tables = {**F.SEQUENCE_FEATURES, **F.HISTORY_FEATURES, **F.SIDE_FEATURES}
     names = F.lookup_order(batch.sparse_features.keys())
     world = dist.get_world_size(group)
-    return RowWiseRouter(names, [-(-vocab[tables[name]] // world) for name in names], group, ids_per_sample)
+    return RowWiseRouter(names, [-(-vocab[tables[name]] // world) for name in names], group, ids_per_sample, slack)
 
 
 def trainers_ids_per_sample(cfg: ExperimentConfig, vocab: Mapping[str, int]) -> Optional[int]:
@@ -170,7 +170,8 @@ def main() -> None:
         vocab = dict(cfg.sharding.plan_vocab_sizes) or {t.name: 1000 for t in F.TABLES}
         shapes = Shapes(cfg.train.batch_size, cfg.data.max_history, args.samples_per_user, args.scl_rows)
         batches = staged_batches(cfg, vocab, shapes, args.distinct_batches, seed=1000 + rank, device=device)
-        router = router_for(batches[0], vocab, dist.group.WORLD, trainers_ids_per_sample(cfg, vocab))
+        router = router_for(batches[0], vocab, dist.group.WORLD, trainers_ids_per_sample(cfg, vocab),
+                            cfg.train.exchange_slack)
         mine = time_routings(router, batches, args.routings, args.warmup, args.barrier, device)
         ranks: List[Dict[str, float]] = [{} for _ in range(world)]
         dist.all_gather_object(ranks, mine)

@@ -624,7 +624,7 @@ def format_results(results: Mapping[str, object]) -> str:
                      f"{peak:>9} {planned:>12}")
         if r.get("route_ms") is not None:
             lines.append(f"{'':<34} routing (the data path's, not in the step): {r['route_ms']:.2f} ms a batch")
-        if "exchanged_graphs" in r.get("graph_replays", {}):
+        if r.get("graph_replays"):
             replays = ", ".join(f"{name} {count}" for name, count in r["graph_replays"].items())
             lines.append(f"{'':<34} loss step graphs replayed (every step): {replays}")
     base = results.get("baseline")

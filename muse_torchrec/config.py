@@ -146,6 +146,11 @@ class TrainConfig:
     # data path, replayed inside the step's CUDA graph, forward and backward (batches that do not
     # fit it launch it as before); false: always launched from the host.
     exchange_in_graphs: bool = True
+    # The fixed exchange's room: every rank sends every rank C rows, C this many times the first
+    # batch's largest count from one rank to another (at least 1). A batch past it launches its
+    # exchange from the host; the trainer's log counts such steps ("graphs" among the loss step
+    # graphs replayed): raise it where ids crowd some rank's rows more than in the first batch.
+    exchange_slack: float = 1.25
     # CUDA: from the third training step on, the training thread and autograd's device threads share
     # one physical core that the rest of the job keeps off (data/affinity.py: StepCore).
     step_core: bool = False

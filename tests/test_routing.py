@@ -146,7 +146,7 @@ def _fixed_exchanges(rank: int, tmp: str) -> None:
     train = sharded.model.module
     arch = train.model.sparse_arch
     # On the CPU the trainer lays out no fixed exchange (no graphs); a router that does, as on a GPU.
-    _, router = direct_lookup.use_direct_lookup(sharded.model, "routed", "plain", fixed_exchange=True)
+    _, router = direct_lookup.use_direct_lookup(sharded.model, "routed", "plain", exchange_slack=1.25)
     rng = np.random.default_rng(200 + rank)
     builder = BatchBuilder(*random_scl(rng), gsu="scl_cosine", k=K, recent=RECENT, max_history=MAX_HISTORY,
                            pad_to=BATCH)
@@ -316,6 +316,40 @@ def test_routed_needs_the_data_paths_thread_ahead():
     with pytest.raises(ConfigError, match="'routed' routes the ids in the data path's thread ahead"):
         direct_lookup.check_sparse_lookup("routed", "workers")
     direct_lookup.check_sparse_lookup("routed", "device")
+
+
+def test_the_exchange_slack_sets_the_capacity_and_leaves_the_first_batch_room():
+    from muse_torchrec.data.routing import RowWiseRouter, peer_capacity
+
+    assert peer_capacity(100, 10_000) == 125 and peer_capacity(100, 10_000, 1.5) == 150
+    assert peer_capacity(100, 130, 1.5) == 130  # never more than a whole batch
+    direct_lookup.check_sparse_lookup("routed", "device", 1.0)
+    for slack in (0.9, float("nan")):
+        with pytest.raises(ConfigError, match="train.exchange_slack: .* at least 1"):
+            direct_lookup.check_sparse_lookup("routed", "device", slack)
+    with pytest.raises(ValueError, match="at least 1"):
+        RowWiseRouter(["item"], [4], group=None, slack=0.5)
+
+
+def test_the_trainer_warns_when_routed_batches_did_not_fit_the_fixed_exchange(caplog):
+    from types import SimpleNamespace
+
+    from muse_torchrec.model.muse import MuseTrain
+    from muse_torchrec.train.trainer import _log_graph_replays
+
+    train = MuseTrain(torch.nn.Identity())
+    train.graphs, train.exchanged_graphs = SimpleNamespace(replays=3), SimpleNamespace(replays=7)
+    fixed, launched = SimpleNamespace(ids_per_sample=20), SimpleNamespace(ids_per_sample=None)
+    for router, warned in ((fixed, True), (launched, False), (None, False)):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="muse_torchrec"):
+            _log_graph_replays(SimpleNamespace(model=train, router=router), 1.25, 10)
+        assert "in this run's 10 training steps: graphs 3, exchanged_graphs 7" in caplog.text
+        assert ("3 training steps launched their rows' exchange" in caplog.text) == warned, caplog.text
+    train.graphs.replays = 0
+    caplog.clear()
+    _log_graph_replays(SimpleNamespace(model=train, router=fixed), 1.25, 7)
+    assert "launched" not in caplog.text
 
 
 def test_direct_lookup_refuses_a_routed_batch():

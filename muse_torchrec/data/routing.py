@@ -51,17 +51,25 @@ def in_order(features: KeyedJaggedTensor, names: Sequence[str]) -> KeyedJaggedTe
     return features.permute([keys.index(name) for name in names])
 
 
-# A fixed exchange holds this many times the first batch's largest count from one rank to another:
-# room for batches whose ids crowd one rank's rows more (popular items: on Zipf-like ids the rank
-# holding the most popular rows receives well above its even share).
+# A fixed exchange holds this many times the first batch's largest count from one rank to another
+# by default (``train.exchange_slack``): room for batches whose ids crowd one rank's rows more
+# (popular items: on Zipf-like ids the rank holding the most popular rows receives well above its
+# even share).
 PEER_SLACK = 1.25
 
 
-def peer_capacity(largest: int, batch_ids: int) -> int:
+def check_slack(slack: float) -> None:
+    """ValueError unless ``slack`` leaves the first batch room: at least 1."""
+    if not slack >= 1.0:
+        raise ValueError(f"the fixed exchange's slack must be at least 1 (the first batch must fit), not {slack}")
+
+
+def peer_capacity(largest: int, batch_ids: int, slack: float = PEER_SLACK) -> int:
     """Rows one rank sends another in a fixed exchange, from the first batch's largest count from
-    one rank to another: ``PEER_SLACK`` times it, but no more than a whole batch of at most
+    one rank to another: ``slack`` times it, but no more than a whole batch of at most
     ``batch_ids`` ids (which never overflows, e.g. on one rank)."""
-    return min(batch_ids, math.ceil(PEER_SLACK * largest))
+    check_slack(slack)
+    return min(batch_ids, math.ceil(slack * largest))
 
 
 @dataclass
@@ -161,17 +169,19 @@ class RowWiseRouter:
             with it, every routing that fits also lays the rows' all-to-all out in fixed shapes
             (``Routing.fixed``), C rows per pair of ranks, C set by the first routing
             (``peer_capacity``; every rank must route the same first batch of the run).
+        slack: C's room over the first batch's largest count (``peer_capacity``).
     """
 
     def __init__(self, feature_names: Sequence[str], block_sizes: Sequence[int], group: dist.ProcessGroup,
-                 ids_per_sample: Optional[int] = None) -> None:
+                 ids_per_sample: Optional[int] = None, slack: float = PEER_SLACK) -> None:
         if len(feature_names) != len(block_sizes):
             raise ValueError(f"{len(feature_names)} features, {len(block_sizes)} block sizes")
         if ids_per_sample is not None and ids_per_sample < 1:
             raise ValueError(f"ids_per_sample must be positive, not {ids_per_sample}")
+        check_slack(slack)
         self.feature_names = list(feature_names)
         self.group = group
-        self.ids_per_sample = ids_per_sample
+        self.ids_per_sample, self.slack = ids_per_sample, slack
         self.fixed_capacity: Optional[int] = None
         self.world_size = dist.get_world_size(group)
         count, ranks = len(self.feature_names), self.world_size
@@ -220,7 +230,7 @@ class RowWiseRouter:
                                  received_list, batch)
             if self.ids_per_sample is not None:
                 if self.fixed_capacity is None:
-                    self.fixed_capacity = peer_capacity(largest, self.ids_per_sample * batch)
+                    self.fixed_capacity = peer_capacity(largest, self.ids_per_sample * batch, self.slack)
                 if largest <= self.fixed_capacity:
                     routing.fixed = self._fixed(routing, self.fixed_capacity)
             # Page-locked blocks go back to their cache (which records events) here, not after.

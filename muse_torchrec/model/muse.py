@@ -387,8 +387,9 @@ class MuseTrain(nn.Module):
 
     def replays(self) -> Dict[str, int]:
         """Training steps so far that replayed each loss step graph built: "graphs" (from the rows
-        looked up, or exchanged before the step) and "exchanged_graphs" (the rows' exchange inside;
-        a routed batch past the fixed exchange's capacity replays "graphs" instead)."""
+        looked up, or exchanged before the step) and "exchanged_graphs" (the rows' exchange inside:
+        routed batches with a fixed exchange; one past the fixed exchange's capacity, or a run
+        without fixed exchanges, replays "graphs" instead)."""
         built = {"graphs": self.graphs, "exchanged_graphs": self.exchanged_graphs}
         return {name: graphs.replays for name, graphs in built.items() if graphs is not None}
 

@@ -39,7 +39,7 @@ from torchrec.distributed.types import ShardingType
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from muse_torchrec.config import ConfigError
-from muse_torchrec.data.routing import Routing, RowWiseRouter, in_order
+from muse_torchrec.data.routing import PEER_SLACK, Routing, RowWiseRouter, check_slack, in_order
 from muse_torchrec.model.muse import SparseArch
 
 SPARSE_LOOKUPS = ("direct", "routed", "distributed")
@@ -50,14 +50,18 @@ def _check_known(name: str) -> None:
         raise ConfigError(f"train.sparse_lookup: unknown {name!r}; choose one of {list(SPARSE_LOOKUPS)}")
 
 
-def check_sparse_lookup(name: str, gsu_placement: str) -> None:
+def check_sparse_lookup(name: str, gsu_placement: str, exchange_slack: float = PEER_SLACK) -> None:
     """ConfigError unless ``name`` is a ``train.sparse_lookup`` the data path (``data.gsu_placement``)
     can serve (checked before a run builds anything): "routed" needs the data path's thread ahead
-    of the step, which "device" runs."""
+    of the step, which "device" runs; and unless ``train.exchange_slack`` leaves the first batch room."""
     _check_known(name)
     if name == "routed" and gsu_placement != "device":
         raise ConfigError(f"train.sparse_lookup: 'routed' routes the ids in the data path's thread ahead of the "
                           f"step, which data.gsu_placement 'device' runs, not {gsu_placement!r}")
+    try:
+        check_slack(exchange_slack)
+    except ValueError as error:
+        raise ConfigError(f"train.exchange_slack: {error}") from None
 
 
 class DirectLookup:
@@ -236,13 +240,13 @@ def _row_wise_blocks(tables: List[nn.Module], world_size: int) -> Optional[List[
     return blocks
 
 
-def direct_lookup_of(collection: nn.Module, routed: bool = False, ids_per_sample: Optional[int] = None
-                     ) -> Tuple[Optional[DirectLookup], Optional[RowWiseRouter], str]:
+def direct_lookup_of(collection: nn.Module, routed: bool = False, ids_per_sample: Optional[int] = None,
+                     slack: float = PEER_SLACK) -> Tuple[Optional[DirectLookup], Optional[RowWiseRouter], str]:
     """A ``DirectLookup`` for a sharded collection where its distributions are identities, with
     ``routed`` a ``RoutedLookup`` and the ``RowWiseRouter`` its batches need where every table is
     row-wise over 2+ ranks; else None; with the reason either way (for the run's log). Collective
-    when it makes a router (a gloo group of its own): every rank must call it. ``ids_per_sample``:
-    the router's (it then lays out fixed exchanges)."""
+    when it makes a router (a gloo group of its own): every rank must call it. ``ids_per_sample``,
+    ``slack``: the router's (with ``ids_per_sample`` it lays out fixed exchanges)."""
     if not isinstance(collection, ShardedEmbeddingCollection):
         return None, None, f"the collection is a {type(collection).__name__}, not a ShardedEmbeddingCollection"
     world_size = collection._env.world_size
@@ -267,18 +271,19 @@ def direct_lookup_of(collection: nn.Module, routed: bool = False, ids_per_sample
         return None, None, "row-wise shards of uneven blocks"
     group = collection._env.process_group
     router = RowWiseRouter(names, blocks, dist.new_group(ranks=dist.get_process_group_ranks(group), backend="gloo"),
-                           ids_per_sample)
+                           ids_per_sample, slack)
     return (RoutedLookup(lookup, names, dim, collection, group), router,
             f"{world_size} ranks, row-wise: the ids routed by the data path, the rows' all-to-all ours")
 
 
 def use_direct_lookup(model: nn.Module, setting: str, pipeline: str,
-                      fixed_exchange: bool = False) -> Tuple[str, Optional[RowWiseRouter]]:
+                      exchange_slack: Optional[float] = None) -> Tuple[str, Optional[RowWiseRouter]]:
     """Give every ``SparseArch`` of the DMP-sharded ``model`` a ``DirectLookup`` (or ``RoutedLookup``)
     where ``setting`` (``train.sparse_lookup``) and the stepper (``train.pipeline``) allow it and it
     applies; returns how the lookups run (for the run's log) and the router the training batches
-    need (None: no routing). ``fixed_exchange``: the router also lays the rows' all-to-all out in
-    fixed shapes for the step's CUDA graphs (``train.exchange_in_graphs`` with "graphs").
+    need (None: no routing). ``exchange_slack``: the router also lays the rows' all-to-all out in
+    fixed shapes for the step's CUDA graphs (``train.exchange_in_graphs`` with "graphs"), with this
+    room (``train.exchange_slack``); None: it does not.
 
     TorchRec's pipeline (``sparse_dist``) keeps the collection's forward: it traces the model to find
     the sharded modules it runs the input distribution of ahead. Routing needs one ``SparseArch``
@@ -292,9 +297,10 @@ def use_direct_lookup(model: nn.Module, setting: str, pipeline: str,
     archs = [m for m in model.modules() if isinstance(m, SparseArch)]
     routed = setting == "routed" and len(archs) == 1
     reasons, router = [], None
+    slack = PEER_SLACK if exchange_slack is None else exchange_slack
     for arch in archs:
-        ids_per_sample = arch.row_layout.capacity(1) if fixed_exchange else None
-        arch.lookup, arch_router, reason = direct_lookup_of(arch.tables, routed, ids_per_sample)
+        ids_per_sample = None if exchange_slack is None else arch.row_layout.capacity(1)
+        arch.lookup, arch_router, reason = direct_lookup_of(arch.tables, routed, ids_per_sample, slack)
         router = router or arch_router
         reasons.append(reason if arch.lookup is not None else f"TorchRec's forward ({reason})")
     return "; ".join(reasons), router

@@ -108,7 +108,7 @@ def shard_model(model: nn.Module, cfg: ExperimentConfig, ctx: DistContext, reser
     ``shard_as_on_several_ranks``: plan the tables as ``sharding.constraints`` say even on one rank
     (the GPU configs: row-wise), so TorchRec's input and output distributions run as on several."""
     check_dense_sync(cfg.train.dense_sync, cfg.train.compile_mode)
-    check_sparse_lookup(cfg.train.sparse_lookup, cfg.data.gsu_placement)
+    check_sparse_lookup(cfg.train.sparse_lookup, cfg.data.gsu_placement, cfg.train.exchange_slack)
     device_type = ctx.device.type
     compile_tower(model, cfg.train.compile_mode, ctx.device, pad_in_graphs=cfg.train.pipeline == "plain")
     attach_sparse_optimizer(model, cfg.train.sparse_optimizer, cfg.train.sparse_lr, device_type)
@@ -134,7 +134,8 @@ def shard_model(model: nn.Module, cfg: ExperimentConfig, ctx: DistContext, reser
     dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())), dense_optimizer)
     fixed_exchange = cfg.train.exchange_in_graphs and any(
         isinstance(m, MuseTrain) and m.exchanged_graphs is not None for m in model.modules())
-    lookups, router = use_direct_lookup(dmp, cfg.train.sparse_lookup, cfg.train.pipeline, fixed_exchange)
+    lookups, router = use_direct_lookup(dmp, cfg.train.sparse_lookup, cfg.train.pipeline,
+                                        cfg.train.exchange_slack if fixed_exchange else None)
     return ShardedModel(model=dmp, optimizer=CombinedOptimizer([dmp.fused_optimizer, dense]), plan=report,
                         lookups=lookups, router=router)
 

@@ -442,7 +442,7 @@ def run(cfg: ExperimentConfig, ctx: DistContext) -> Dict[str, float]:
     check_checkpoint_settings(cfg)
     check_pipeline(cfg.train.pipeline)
     check_dense_sync(cfg.train.dense_sync, cfg.train.compile_mode)
-    check_sparse_lookup(cfg.train.sparse_lookup, cfg.data.gsu_placement)
+    check_sparse_lookup(cfg.train.sparse_lookup, cfg.data.gsu_placement, cfg.train.exchange_slack)
     pinned = place_training_process(cfg.data.cpu_affinity, ctx.local_rank, ctx.local_world_size)  # ConfigError now
     if pinned is not None:
         log.info("rank %d: training process pinned to CPUs %s", ctx.rank, pinned)
@@ -470,11 +470,8 @@ def run(cfg: ExperimentConfig, ctx: DistContext) -> Dict[str, float]:
     first_step = progress.step
     with core:
         stats = train(cfg, data, sharded, ctx, progress, log_file, saver, pin_step_core=core.pin)
-    replays = loss_step_replays(sharded.model)
-    if ctx.is_main and replays:
-        # Every rank decides alike whether a batch fits the fixed exchange: rank 0's counts are every rank's.
-        log.info("loss step CUDA graphs replayed in this run's %d training steps: %s", stats.steps - first_step,
-                 ", ".join(f"{name} {count}" for name, count in replays.items()))
+    if ctx.is_main:
+        _log_graph_replays(sharded, cfg.train.exchange_slack, stats.steps - first_step)
     metrics = evaluate(cfg, data, sharded, ctx).to_dict()
     metrics.update(
         train_samples_per_s=stats.samples_per_s,
@@ -488,6 +485,22 @@ def run(cfg: ExperimentConfig, ctx: DistContext) -> Dict[str, float]:
     if ctx.is_main:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def _log_graph_replays(sharded: ShardedModel, exchange_slack: float, steps: int) -> None:
+    """How this run's ``steps`` training steps ran their loss step (``MuseTrain.replays``), and a
+    warning where routed batches did not fit the fixed exchange. Every rank decides alike whether a
+    batch fits, so one rank's counts are every rank's."""
+    replays = loss_step_replays(sharded.model)
+    if not replays:
+        return
+    log.info("loss step CUDA graphs replayed in this run's %d training steps: %s", steps,
+             ", ".join(f"{name} {count}" for name, count in replays.items()))
+    fixed = sharded.router is not None and sharded.router.ids_per_sample is not None
+    if fixed and replays.get("graphs", 0) > 0:
+        log.warning("%d training steps launched their rows' exchange from the host: their batches did not fit the "
+                    "fixed exchange; a larger train.exchange_slack (now %s) makes room", replays["graphs"],
+                    exchange_slack)
 
 
 def evaluate_checkpoint(info: CheckpointInfo, cfg: ExperimentConfig, ctx: DistContext) -> Dict[str, object]:
