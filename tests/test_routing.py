@@ -339,16 +339,16 @@ def test_the_trainer_warns_when_routed_batches_did_not_fit_the_fixed_exchange(ca
 
     train = MuseTrain(torch.nn.Identity())
     train.graphs, train.exchanged_graphs = SimpleNamespace(replays=3), SimpleNamespace(replays=7)
-    fixed, launched = SimpleNamespace(ids_per_sample=20), SimpleNamespace(ids_per_sample=None)
+    fixed, launched = SimpleNamespace(ids_per_sample=20, slack=1.25), SimpleNamespace(ids_per_sample=None, slack=1.25)
     for router, warned in ((fixed, True), (launched, False), (None, False)):
         caplog.clear()
         with caplog.at_level("INFO", logger="muse_torchrec"):
-            _log_graph_replays(SimpleNamespace(model=train, router=router), 1.25, 10)
+            _log_graph_replays(SimpleNamespace(model=train, router=router), 10)
         assert "in this run's 10 training steps: graphs 3, exchanged_graphs 7" in caplog.text
         assert ("3 training steps launched their rows' exchange" in caplog.text) == warned, caplog.text
     train.graphs.replays = 0
     caplog.clear()
-    _log_graph_replays(SimpleNamespace(model=train, router=fixed), 1.25, 7)
+    _log_graph_replays(SimpleNamespace(model=train, router=fixed), 7)
     assert "launched" not in caplog.text
 
 

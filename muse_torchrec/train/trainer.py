@@ -471,7 +471,7 @@ def run(cfg: ExperimentConfig, ctx: DistContext) -> Dict[str, float]:
     with core:
         stats = train(cfg, data, sharded, ctx, progress, log_file, saver, pin_step_core=core.pin)
     if ctx.is_main:
-        _log_graph_replays(sharded, cfg.train.exchange_slack, stats.steps - first_step)
+        _log_graph_replays(sharded, stats.steps - first_step)
     metrics = evaluate(cfg, data, sharded, ctx).to_dict()
     metrics.update(
         train_samples_per_s=stats.samples_per_s,
@@ -487,7 +487,7 @@ def run(cfg: ExperimentConfig, ctx: DistContext) -> Dict[str, float]:
     return metrics
 
 
-def _log_graph_replays(sharded: ShardedModel, exchange_slack: float, steps: int) -> None:
+def _log_graph_replays(sharded: ShardedModel, steps: int) -> None:
     """How this run's ``steps`` training steps ran their loss step (``MuseTrain.replays``), and a
     warning where routed batches did not fit the fixed exchange. Every rank decides alike whether a
     batch fits, so one rank's counts are every rank's."""
@@ -496,11 +496,11 @@ def _log_graph_replays(sharded: ShardedModel, exchange_slack: float, steps: int)
         return
     log.info("loss step CUDA graphs replayed in this run's %d training steps: %s", steps,
              ", ".join(f"{name} {count}" for name, count in replays.items()))
-    fixed = sharded.router is not None and sharded.router.ids_per_sample is not None
-    if fixed and replays.get("graphs", 0) > 0:
+    router = sharded.router
+    if router is not None and router.ids_per_sample is not None and replays.get("graphs", 0) > 0:
         log.warning("%d training steps launched their rows' exchange from the host: their batches did not fit the "
                     "fixed exchange; a larger train.exchange_slack (now %s) makes room", replays["graphs"],
-                    exchange_slack)
+                    router.slack)
 
 
 def evaluate_checkpoint(info: CheckpointInfo, cfg: ExperimentConfig, ctx: DistContext) -> Dict[str, object]:
