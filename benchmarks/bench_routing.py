@@ -83,13 +83,15 @@ class PhaseTimer:
 
 
 def router_for(batch: Batch, vocab: Mapping[str, int], group: dist.ProcessGroup,
-               ids_per_sample: Optional[int], slack: float) -> RowWiseRouter:
+               ids_per_sample: Optional[int], slack: float, unique_ids: bool) -> RowWiseRouter:
     """A router for ``batch``'s sparse features over row-wise tables of ``vocab`` rows, in blocks of
-    ceil(rows / W) per rank (TorchRec's row-wise shards); ``ids_per_sample``, ``slack``: the router's."""
+    ceil(rows / W) per rank (TorchRec's row-wise shards); ``ids_per_sample``, ``slack``,
+    ``unique_ids``: the router's."""
     tables = {**F.SEQUENCE_FEATURES, **F.HISTORY_FEATURES, **F.SIDE_FEATURES}
     names = F.lookup_order(batch.sparse_features.keys())
     world = dist.get_world_size(group)
-    return RowWiseRouter(names, [-(-vocab[tables[name]] // world) for name in names], group, ids_per_sample, slack)
+    return RowWiseRouter(names, [-(-vocab[tables[name]] // world) for name in names], group, ids_per_sample, slack,
+                         unique_ids)
 
 
 def trainers_ids_per_sample(cfg: ExperimentConfig, vocab: Mapping[str, int]) -> Optional[int]:
@@ -171,7 +173,7 @@ def main() -> None:
         shapes = Shapes(cfg.train.batch_size, cfg.data.max_history, args.samples_per_user, args.scl_rows)
         batches = staged_batches(cfg, vocab, shapes, args.distinct_batches, seed=1000 + rank, device=device)
         router = router_for(batches[0], vocab, dist.group.WORLD, trainers_ids_per_sample(cfg, vocab),
-                            cfg.train.exchange_slack)
+                            cfg.train.exchange_slack, cfg.train.route_unique_ids)
         mine = time_routings(router, batches, args.routings, args.warmup, args.barrier, device)
         ranks: List[Dict[str, float]] = [{} for _ in range(world)]
         dist.all_gather_object(ranks, mine)

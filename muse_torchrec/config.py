@@ -151,6 +151,9 @@ class TrainConfig:
     # exchange from the host; the trainer's log counts such steps ("graphs" among the loss step
     # graphs replayed): raise it where ids crowd some rank's rows more than in the first batch.
     exchange_slack: float = 1.25
+    # With "routed": the data path sends each id of a batch once per feature, not once per sample
+    # that holds it (a batch's samples of one user repeat its top-K and recent ids); false: every id.
+    route_unique_ids: bool = True
     # CUDA: from the third training step on, the training thread and autograd's device threads share
     # one physical core that the rest of the job keeps off (data/affinity.py: StepCore).
     step_core: bool = False

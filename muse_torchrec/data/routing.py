@@ -23,6 +23,13 @@ its lengths, so every rank sees every rank's and decides alike: C from the first
 (``peer_capacity``), and whether a batch fits it; a batch that does not, on any rank, goes through
 the launched all-to-all on every rank.
 
+With ``unique_ids`` the router sends each id once per feature: a batch holds every user's samples
+together, so its top-K and recent ids repeat (on the benchmarks' batches 210 k ids, 16.7 k of them
+distinct per feature). Every id of the batch then reads its feature's one row, and the step's
+gathers sum the gradients of its repeats before the rows' gradients go back; the exchanges, the
+lookups and the fixed exchange's C shrink as much, and no rank receives more for holding the most
+popular rows than their one copy.
+
 Every rank must route the same number of batches, in the same order (the trainer routes an epoch's
 training batches, whose count is equal on every rank): a rank's router waits in each exchange for
 every other rank's.
@@ -57,6 +64,10 @@ def in_order(features: KeyedJaggedTensor, names: Sequence[str]) -> KeyedJaggedTe
 # even share).
 PEER_SLACK = 1.25
 
+# Ids below 2**40 (a trillion rows): with the feature's index above them, one key per (feature, id)
+# for the router's deduplication.
+_ID_BITS = 40
+
 
 def check_slack(slack: float) -> None:
     """ValueError unless ``slack`` leaves the first batch room: at least 1."""
@@ -85,9 +96,10 @@ class FixedExchange:
             row past them, its place among the rows sent (W * C, a slot past them, for the zero
             rows). The exchange scatters through both (one thread an element) rather than gather
             through either (a block a row: 130 us for 210 k rows of 16 floats on an H100).
-        order: [W * C + 1] int64, for each of the batch's ids (feature, sample) the position of its
-            row among the rows received (rank after rank, C each), then W * C (a zero row past
-            them) for the rest: ``row_layout.padded_slots``' order.
+        order: [capacity + 1] int64 (``RowLayout.capacity`` of the batch's B samples), for each of
+            the batch's ids (feature, sample) the position of its row among the rows received (rank
+            after rank, C each), then W * C (a zero row past them) for the rest:
+            ``row_layout.padded_slots``' order.
     """
 
     peer_capacity: int
@@ -112,13 +124,14 @@ class Routing:
 
     Attributes:
         read: KJT of the ids this rank looks up (local to its rows), feature-major: per feature the
-            ids of every rank's batch, source rank after source rank (stride W * B).
+            ids of every rank's batch, source rank after source rank (stride W * B; W with
+            ``unique_ids``, each rank's distinct ids of a feature one bag).
         as_received: [n_read] for each row in the order the ranks sent the ids (source, feature,
             sample), its position in ``read``.
         as_read: [n_read] for each id of ``read``, its position in the order the ranks sent them
             (the inverse of ``as_received``: the rows' gradients come back through it).
         restore: [n] for each of the batch's ids (feature, sample), its position among the rows
-            coming back (holding rank, feature, sample).
+            coming back (holding rank, feature, sample); ids sent once (``unique_ids``) share one.
         sent: ids sent to each rank [W]; received: ids received from each rank [W] (host integers).
         batch_size: B.
         fixed: the rows' all-to-all in fixed shapes, where the router lays it out and the batch fits
@@ -170,10 +183,11 @@ class RowWiseRouter:
             (``Routing.fixed``), C rows per pair of ranks, C set by the first routing
             (``peer_capacity``; every rank must route the same first batch of the run).
         slack: C's room over the first batch's largest count (``peer_capacity``).
+        unique_ids: send each id once per feature (ids below 2**40; the module docstring says why).
     """
 
     def __init__(self, feature_names: Sequence[str], block_sizes: Sequence[int], group: dist.ProcessGroup,
-                 ids_per_sample: Optional[int] = None, slack: float = PEER_SLACK) -> None:
+                 ids_per_sample: Optional[int] = None, slack: float = PEER_SLACK, unique_ids: bool = False) -> None:
         if len(feature_names) != len(block_sizes):
             raise ValueError(f"{len(feature_names)} features, {len(block_sizes)} block sizes")
         if ids_per_sample is not None and ids_per_sample < 1:
@@ -181,7 +195,7 @@ class RowWiseRouter:
         check_slack(slack)
         self.feature_names = list(feature_names)
         self.group = group
-        self.ids_per_sample, self.slack = ids_per_sample, slack
+        self.ids_per_sample, self.slack, self.unique_ids = ids_per_sample, slack, unique_ids
         self.fixed_capacity: Optional[int] = None
         self.world_size = dist.get_world_size(group)
         count, ranks = len(self.feature_names), self.world_size
@@ -207,15 +221,21 @@ class RowWiseRouter:
         # The exchanges go through the host; on a GPU through page-locked memory.
         pinned = device.type == "cuda"
         with cuda_calls:
-            bucket_lengths, ids, restore = self._bucketised(in_order(features, self.feature_names))
-            received = torch.empty((ranks, 1 + count * batch), dtype=bucket_lengths.dtype, pin_memory=pinned)
-        # Each rank's lengths (F * B per rank), after its largest count to any rank: every rank then
+            sent_features, inverse = in_order(features, self.feature_names), None
+            if self.unique_ids:
+                sent_features, inverse = self._distinct(sent_features)
+            bags = sent_features.stride()  # per feature and source rank: B, or 1 bag of distinct ids
+            bucket_lengths, ids, restore = self._bucketised(sent_features)
+            if inverse is not None:
+                restore = restore.index_select(0, inverse)
+            received = torch.empty((ranks, 1 + count * bags), dtype=bucket_lengths.dtype, pin_memory=pinned)
+        # Each rank's lengths (F * bags per rank), after its largest count to any rank: every rank then
         # knows every rank's, so all decide alike whether the batch fits a fixed exchange.
         sent = bucket_lengths.view(ranks, -1).sum(1)
         largest_sent = sent.max().to(bucket_lengths.dtype).expand(ranks, 1)
         outgoing = torch.cat([largest_sent, bucket_lengths.view(ranks, -1)], 1)
-        self._exchange(received.view(-1), outgoing.view(-1), [1 + count * batch] * ranks,
-                       [1 + count * batch] * ranks)
+        self._exchange(received.view(-1), outgoing.view(-1), [1 + count * bags] * ranks,
+                       [1 + count * bags] * ranks)
         received_lengths = received[:, 1:]
         sent_list, received_list = sent.tolist(), received_lengths.sum(1).tolist()
         largest = int(received[:, 0].max())
@@ -223,19 +243,34 @@ class RowWiseRouter:
             received_ids = torch.empty(sum(received_list), dtype=ids.dtype, pin_memory=pinned)
         self._exchange(received_ids, ids, received_list, sent_list)
         # The ids per key as host numbers: the lookup would otherwise read them back from the device.
-        length_per_key = received_lengths.reshape(ranks, count, batch).sum((0, 2)).tolist()
+        length_per_key = received_lengths.reshape(ranks, count, bags).sum((0, 2)).tolist()
         with cuda_calls:
             routing = self._read(received.to(device, non_blocking=True)[:, 1:],
                                  received_ids.to(device, non_blocking=True), length_per_key, restore, sent_list,
-                                 received_list, batch)
+                                 received_list, bags, batch)
             if self.ids_per_sample is not None:
+                batch_ids = self.ids_per_sample * batch
                 if self.fixed_capacity is None:
-                    self.fixed_capacity = peer_capacity(largest, self.ids_per_sample * batch, self.slack)
+                    self.fixed_capacity = peer_capacity(largest, batch_ids, self.slack)
                 if largest <= self.fixed_capacity:
-                    routing.fixed = self._fixed(routing, self.fixed_capacity)
+                    routing.fixed = self._fixed(routing, self.fixed_capacity, batch_ids)
             # Page-locked blocks go back to their cache (which records events) here, not after.
             del bucket_lengths, ids, received, received_lengths, received_ids
         return routing
+
+    def _distinct(self, features: KeyedJaggedTensor) -> Tuple[KeyedJaggedTensor, torch.Tensor]:
+        """-> (each feature's distinct ids as one bag (stride 1, ids ascending), for each of the
+        batch's ids the position of its own among them [n]), on the batch's device without waiting:
+        one sort of (feature, id) keys."""
+        values, count = features.values(), len(self.feature_names)
+        device = values.device
+        feature_keys = torch.arange(count, device=device).bitwise_left_shift_(_ID_BITS)
+        keys = feature_keys.repeat_interleave(features.stride()).repeat_interleave(
+            features.lengths(), output_size=values.numel()).add_(values)
+        distinct, inverse = torch.unique(keys, return_inverse=True)
+        bounds = torch.searchsorted(distinct, torch.cat([feature_keys, feature_keys.new_full((1,), 1 << 62)]))
+        return KeyedJaggedTensor(keys=self.feature_names, values=distinct.bitwise_and_((1 << _ID_BITS) - 1),
+                                 lengths=bounds.diff(), stride=1), inverse
 
     def _bucketised(self, features: KeyedJaggedTensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (lengths [W * F * B] and ids (holding rank, feature, sample), each local to its rank's
@@ -255,33 +290,34 @@ class RowWiseRouter:
         return bucket_lengths, ids, restore
 
     def _read(self, received_lengths: torch.Tensor, received_ids: torch.Tensor, length_per_key: List[int],
-              restore: torch.Tensor, sent: List[int], received: List[int], batch: int) -> Routing:
-        """The routing from what this rank received (on the batch's device): lengths [W, F * B] and
-        ids (source rank, feature, sample)."""
+              restore: torch.Tensor, sent: List[int], received: List[int], bags: int, batch: int) -> Routing:
+        """The routing of a batch of ``batch`` samples from what this rank received (on the batch's
+        device): lengths [W, F * bags] and ids (source rank, feature, bag)."""
         ranks, count = self.world_size, len(self.feature_names)
         total = received_ids.numel()
         positions = torch.arange(total, device=received_ids.device)
         read_lengths, order, _ = torch.ops.fbgemm.permute_2D_sparse_data(
-            self._feature_major, received_lengths.reshape(ranks * count, batch), positions,
+            self._feature_major, received_lengths.reshape(ranks * count, bags), positions,
             permuted_lengths_sum=total)  # known here: not read back
         read = KeyedJaggedTensor(keys=self.feature_names, values=received_ids.index_select(0, order),
-                                 lengths=read_lengths.view(-1), stride=ranks * batch, length_per_key=length_per_key)
+                                 lengths=read_lengths.view(-1), stride=ranks * bags, length_per_key=length_per_key)
         as_received = torch.empty_like(order).scatter_(0, order, positions)
         return Routing(read, as_received, order, restore, sent, received, batch)
 
-    def _fixed(self, routing: Routing, capacity: int) -> FixedExchange:
-        """``routing``'s rows' all-to-all laid out for ``capacity`` rows from every rank to every rank."""
+    def _fixed(self, routing: Routing, capacity: int, batch_ids: int) -> FixedExchange:
+        """``routing``'s rows' all-to-all laid out for ``capacity`` rows from every rank to every rank,
+        its order for a batch of at most ``batch_ids`` ids."""
         device, slots = routing.device(), self.world_size * capacity
         # The rows this rank sends (as its ids were received), then the rows coming back to it (as
         # its ids were sent): both in one pass, a dozen launches a batch fewer.
         sends, returns = _padded_positions(routing.received + routing.sent, capacity, self.world_size,
-                                           device).split([routing.as_received.numel(), routing.restore.numel()])
+                                           device).split([routing.as_received.numel(), sum(routing.sent)])
         # Every place not written below holds W * C, past the rows on either side: a zero row, or a slot not sent.
-        send_slots, row_slots, order = torch.full((3 * slots + 2,), slots, dtype=torch.int64, device=device).split(
-            [slots, slots + 1, slots + 1])
+        send_slots, row_slots, order = torch.full((2 * slots + batch_ids + 2,), slots, dtype=torch.int64,
+                                                  device=device).split([slots, slots + 1, batch_ids + 1])
         send_slots.index_copy_(0, sends, routing.as_received)
         row_slots.index_copy_(0, routing.as_received, sends)
-        torch.index_select(returns, 0, routing.restore, out=order[:returns.numel()])
+        torch.index_select(returns, 0, routing.restore, out=order[:routing.restore.numel()])
         return FixedExchange(capacity, send_slots, row_slots, order)
 
 

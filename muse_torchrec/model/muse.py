@@ -62,8 +62,9 @@ class Lookup(Protocol):
 
     def looked_up(self, features: KeyedJaggedTensor, routing: Optional[Routing] = None
                   ) -> Tuple[KeyedJaggedTensor, torch.Tensor, Optional[torch.Tensor]]:
-        """(``features`` in the order of the lookup, the embeddings of their N values [N, D] in the
-        lookup's order, the row of each value [N] int64 or None where the rows are in the values' order)."""
+        """(``features`` in the order of the lookup, the embeddings of their N values [M, D] in the
+        lookup's order (M < N where a routed lookup read repeated ids once), the row of each value [N]
+        int64 or None where the rows are the values' own, in their order)."""
 
 
 class SparseArch(nn.Module):
@@ -162,7 +163,7 @@ class SparseArch(nn.Module):
 
     def rows(self, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The batch's lookups for ``padded``: (rows [row_layout.capacity(B) + 1, D]: the embeddings of
-        every id, then zero rows; order [row_layout.capacity(B) + 1] int64: the row of each id, feature
+        every id (or, routed once, of every distinct id), then zero rows; order [row_layout.capacity(B) + 1] int64: the row of each id, feature
         after feature in ``row_layout.keys``, then of each zero row; lengths [F * B]).
 
         The rows come in the order the lookup gives them (a routed lookup's: the holding ranks'), so
@@ -175,16 +176,16 @@ class SparseArch(nn.Module):
             seq = self.tables(features)
             values = torch.cat([seq[key].values() for key in features.keys()])
         self._check_order(features)
-        capacity = self.row_layout.capacity(features.stride())
-        if values.shape[0] > capacity:
-            raise ValueError(f"{values.shape[0]} ids in a batch of {features.stride()} samples: more than the "
+        capacity, ids = self.row_layout.capacity(features.stride()), features.values().numel()
+        if ids > capacity:
+            raise ValueError(f"{ids} ids in a batch of {features.stride()} samples: more than the "
                              f"{capacity} its features hold ({self.row_layout})")
-        ids = values.shape[0]
+        rows = values.shape[0]  # fewer than the ids where a routed lookup read repeated ids once
         if order is None:
             order = torch.arange(capacity + 1, device=values.device)
-        else:  # the zero rows stay where they are
-            order = torch.cat([order, torch.arange(ids, capacity + 1, device=values.device)])
-        return nnf.pad(values, (0, 0, 0, capacity + 1 - ids)), order, features.lengths()
+        else:  # every slot past the ids reads the first zero row
+            order = nnf.pad(order, (0, capacity + 1 - ids), value=rows)
+        return nnf.pad(values, (0, 0, 0, capacity + 1 - rows)), order, features.lengths()
 
     def _check_order(self, features: KeyedJaggedTensor) -> None:
         if tuple(features.keys()) != self.row_layout.keys:
@@ -195,7 +196,7 @@ class SparseArch(nn.Module):
         """For a routed batch with a fixed exchange (``Routing.fixed``, W ranks, C rows each), what
         ``MuseTrain.loss_from_read_rows`` takes: (the rows this rank looked up for every rank, then
         zero rows [W * C + 1, D]; the fixed exchange's row slots [W * C + 1], send slots [W * C] and
-        order [W * C + 1] int64; lengths [F * B])."""
+        order [row_layout.capacity(B) + 1] int64; lengths [F * B])."""
         features, read_rows = self.lookup.read_rows(batch.sparse_features, batch.routing)
         self._check_order(features)
         fixed = batch.routing.fixed

@@ -63,18 +63,19 @@ def padded_slots(
     """The first ``width`` ids of every sample in each of ``features``, their embeddings side by side.
 
     Args:
-        rows: [M, D] looked-up embeddings, row ``order[M - 1]`` zeros.
-        order: [M] int64, the row of each id in the order of the KJT's values, then of the zero rows.
+        rows: [M, D] looked-up embeddings, row ``order[N]`` zeros.
+        order: [N + 1] int64, the row of each id in the order of the KJT's values (ids sharing a row
+            may share it), then of zero rows; N at least the ids of the batch.
         starts, lengths: [F, B] (``row_starts``).
         features: indices into F whose samples have equal lengths (an item sequence and its
             categories), concatenated in this order along the last dimension.
-        width: slots per sample; slots past a sample's length read the zero row ``order[M - 1]``.
+        width: slots per sample; slots past a sample's length read the zero row ``order[N]``.
 
     Returns: [B, width, len(features) * D].
     """
     chosen = list(features)
     slots = torch.arange(width, device=rows.device)
     index = starts[chosen].unsqueeze(2) + slots  # [f, B, width]
-    index = torch.where(slots < lengths[chosen].unsqueeze(2), index, rows.shape[0] - 1)
+    index = torch.where(slots < lengths[chosen].unsqueeze(2), index, order.shape[0] - 1)
     # One gather of the rows at the composed index: never every row reordered, forward or backward.
     return rows[order[index.permute(1, 2, 0)]].flatten(2)  # [B, width, f, D] -> [B, width, f * D]

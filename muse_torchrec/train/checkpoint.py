@@ -61,7 +61,8 @@ RESUME_FREE_KEYS: Tuple[str, ...] = (
     "data.cpu_affinity", "sharding",
     "train.run_dir", "train.epochs", "train.eval_batch_size", "train.limit_eval_batches", "train.log_every",
     "train.checkpoint_every", "train.keep_checkpoints", "train.resume", "train.compile_mode",
-    "train.pipeline", "train.sparse_lookup", "train.exchange_in_graphs", "train.exchange_slack", "train.step_core",
+    "train.pipeline", "train.sparse_lookup", "train.exchange_in_graphs", "train.exchange_slack",
+    "train.route_unique_ids", "train.step_core",
 )
 
 

@@ -80,9 +80,9 @@ class DirectLookup:
     def looked_up(self, features: KeyedJaggedTensor, routing: Optional[Routing] = None
                   ) -> Tuple[KeyedJaggedTensor, torch.Tensor, Optional[torch.Tensor]]:
         """KJT of B samples (every key the same B) -> (the KJT with its keys in the lookup's order, the
-        embeddings of its N values [N, D] in the order the lookup gives them, the row of each value in
-        that order [N] int64, None where it is the values' own). ``routing``: the batch's
-        (``RoutedLookup`` only)."""
+        embeddings of its N values [M, D] in the order the lookup gives them (M < N where the routing
+        sent repeated ids once), the row of each value among them [N] int64, None where they are the
+        values' own). ``routing``: the batch's (``RoutedLookup`` only)."""
         if features.variable_stride_per_key():
             raise ValueError(f"{type(self).__name__}: features with a batch size per key are not supported")
         features = in_order(features, self.feature_names)
@@ -241,12 +241,13 @@ def _row_wise_blocks(tables: List[nn.Module], world_size: int) -> Optional[List[
 
 
 def direct_lookup_of(collection: nn.Module, routed: bool = False, ids_per_sample: Optional[int] = None,
-                     slack: float = PEER_SLACK) -> Tuple[Optional[DirectLookup], Optional[RowWiseRouter], str]:
+                     slack: float = PEER_SLACK, unique_ids: bool = False
+                     ) -> Tuple[Optional[DirectLookup], Optional[RowWiseRouter], str]:
     """A ``DirectLookup`` for a sharded collection where its distributions are identities, with
     ``routed`` a ``RoutedLookup`` and the ``RowWiseRouter`` its batches need where every table is
     row-wise over 2+ ranks; else None; with the reason either way (for the run's log). Collective
     when it makes a router (a gloo group of its own): every rank must call it. ``ids_per_sample``,
-    ``slack``: the router's (with ``ids_per_sample`` it lays out fixed exchanges)."""
+    ``slack``, ``unique_ids``: the router's (with ``ids_per_sample`` it lays out fixed exchanges)."""
     if not isinstance(collection, ShardedEmbeddingCollection):
         return None, None, f"the collection is a {type(collection).__name__}, not a ShardedEmbeddingCollection"
     world_size = collection._env.world_size
@@ -271,19 +272,21 @@ def direct_lookup_of(collection: nn.Module, routed: bool = False, ids_per_sample
         return None, None, "row-wise shards of uneven blocks"
     group = collection._env.process_group
     router = RowWiseRouter(names, blocks, dist.new_group(ranks=dist.get_process_group_ranks(group), backend="gloo"),
-                           ids_per_sample, slack)
+                           ids_per_sample, slack, unique_ids)
     return (RoutedLookup(lookup, names, dim, collection, group), router,
             f"{world_size} ranks, row-wise: the ids routed by the data path, the rows' all-to-all ours")
 
 
 def use_direct_lookup(model: nn.Module, setting: str, pipeline: str,
-                      exchange_slack: Optional[float] = None) -> Tuple[str, Optional[RowWiseRouter]]:
+                      exchange_slack: Optional[float] = None, unique_ids: bool = False
+                      ) -> Tuple[str, Optional[RowWiseRouter]]:
     """Give every ``SparseArch`` of the DMP-sharded ``model`` a ``DirectLookup`` (or ``RoutedLookup``)
     where ``setting`` (``train.sparse_lookup``) and the stepper (``train.pipeline``) allow it and it
     applies; returns how the lookups run (for the run's log) and the router the training batches
     need (None: no routing). ``exchange_slack``: the router also lays the rows' all-to-all out in
     fixed shapes for the step's CUDA graphs (``train.exchange_in_graphs`` with "graphs"), with this
-    room (``train.exchange_slack``); None: it does not.
+    room (``train.exchange_slack``); None: it does not. ``unique_ids``: the router sends each id once
+    per feature (``train.route_unique_ids``).
 
     TorchRec's pipeline (``sparse_dist``) keeps the collection's forward: it traces the model to find
     the sharded modules it runs the input distribution of ahead. Routing needs one ``SparseArch``
@@ -300,7 +303,7 @@ def use_direct_lookup(model: nn.Module, setting: str, pipeline: str,
     slack = PEER_SLACK if exchange_slack is None else exchange_slack
     for arch in archs:
         ids_per_sample = None if exchange_slack is None else arch.row_layout.capacity(1)
-        arch.lookup, arch_router, reason = direct_lookup_of(arch.tables, routed, ids_per_sample, slack)
+        arch.lookup, arch_router, reason = direct_lookup_of(arch.tables, routed, ids_per_sample, slack, unique_ids)
         router = router or arch_router
         reasons.append(reason if arch.lookup is not None else f"TorchRec's forward ({reason})")
     return "; ".join(reasons), router

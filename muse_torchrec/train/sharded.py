@@ -135,7 +135,8 @@ def shard_model(model: nn.Module, cfg: ExperimentConfig, ctx: DistContext, reser
     fixed_exchange = cfg.train.exchange_in_graphs and any(
         isinstance(m, MuseTrain) and m.exchanged_graphs is not None for m in model.modules())
     lookups, router = use_direct_lookup(dmp, cfg.train.sparse_lookup, cfg.train.pipeline,
-                                        cfg.train.exchange_slack if fixed_exchange else None)
+                                        cfg.train.exchange_slack if fixed_exchange else None,
+                                        cfg.train.route_unique_ids)
     return ShardedModel(model=dmp, optimizer=CombinedOptimizer([dmp.fused_optimizer, dense]), plan=report,
                         lookups=lookups, router=router)
 
