@@ -124,8 +124,8 @@ class Routing:
 
     Attributes:
         read: KJT of the ids this rank looks up (local to its rows), feature-major: per feature the
-            ids of every rank's batch, source rank after source rank (stride W * B; W with
-            ``unique_ids``, each rank's distinct ids of a feature one bag).
+            ids of every rank's batch, source rank after source rank (stride W * B; with
+            ``unique_ids`` a rank's distinct ids of a feature spread over its B bags).
         as_received: [n_read] for each row in the order the ranks sent the ids (source, feature,
             sample), its position in ``read``.
         as_read: [n_read] for each id of ``read``, its position in the order the ranks sent them
@@ -224,18 +224,17 @@ class RowWiseRouter:
             sent_features, inverse = in_order(features, self.feature_names), None
             if self.unique_ids:
                 sent_features, inverse = self._distinct(sent_features)
-            bags = sent_features.stride()  # per feature and source rank: B, or 1 bag of distinct ids
             bucket_lengths, ids, restore = self._bucketised(sent_features)
             if inverse is not None:
                 restore = restore.index_select(0, inverse)
-            received = torch.empty((ranks, 1 + count * bags), dtype=bucket_lengths.dtype, pin_memory=pinned)
-        # Each rank's lengths (F * bags per rank), after its largest count to any rank: every rank then
+            received = torch.empty((ranks, 1 + count * batch), dtype=bucket_lengths.dtype, pin_memory=pinned)
+        # Each rank's lengths (F * B per rank), after its largest count to any rank: every rank then
         # knows every rank's, so all decide alike whether the batch fits a fixed exchange.
         sent = bucket_lengths.view(ranks, -1).sum(1)
         largest_sent = sent.max().to(bucket_lengths.dtype).expand(ranks, 1)
         outgoing = torch.cat([largest_sent, bucket_lengths.view(ranks, -1)], 1)
-        self._exchange(received.view(-1), outgoing.view(-1), [1 + count * bags] * ranks,
-                       [1 + count * bags] * ranks)
+        self._exchange(received.view(-1), outgoing.view(-1), [1 + count * batch] * ranks,
+                       [1 + count * batch] * ranks)
         received_lengths = received[:, 1:]
         sent_list, received_list = sent.tolist(), received_lengths.sum(1).tolist()
         largest = int(received[:, 0].max())
@@ -243,11 +242,11 @@ class RowWiseRouter:
             received_ids = torch.empty(sum(received_list), dtype=ids.dtype, pin_memory=pinned)
         self._exchange(received_ids, ids, received_list, sent_list)
         # The ids per key as host numbers: the lookup would otherwise read them back from the device.
-        length_per_key = received_lengths.reshape(ranks, count, bags).sum((0, 2)).tolist()
+        length_per_key = received_lengths.reshape(ranks, count, batch).sum((0, 2)).tolist()
         with cuda_calls:
             routing = self._read(received.to(device, non_blocking=True)[:, 1:],
                                  received_ids.to(device, non_blocking=True), length_per_key, restore, sent_list,
-                                 received_list, bags, batch)
+                                 received_list, batch)
             if self.ids_per_sample is not None:
                 batch_ids = self.ids_per_sample * batch
                 if self.fixed_capacity is None:
@@ -259,18 +258,21 @@ class RowWiseRouter:
         return routing
 
     def _distinct(self, features: KeyedJaggedTensor) -> Tuple[KeyedJaggedTensor, torch.Tensor]:
-        """-> (each feature's distinct ids as one bag (stride 1, ids ascending), for each of the
-        batch's ids the position of its own among them [n]), on the batch's device without waiting:
-        one sort of (feature, id) keys."""
-        values, count = features.values(), len(self.feature_names)
+        """-> (each feature's distinct ids, ascending, in the batch's B bags (as evenly as they go:
+        the kernels that bucketise, permute and look ids up run a thread or a warp a bag), for each of
+        the batch's ids the position of its own among them [n]), on the batch's device without
+        waiting: one sort of (feature, id) keys."""
+        values, count, batch = features.values(), len(self.feature_names), features.stride()
         device = values.device
         feature_keys = torch.arange(count, device=device).bitwise_left_shift_(_ID_BITS)
-        keys = feature_keys.repeat_interleave(features.stride()).repeat_interleave(
+        keys = feature_keys.repeat_interleave(batch).repeat_interleave(
             features.lengths(), output_size=values.numel()).add_(values)
         distinct, inverse = torch.unique(keys, return_inverse=True)
         bounds = torch.searchsorted(distinct, torch.cat([feature_keys, feature_keys.new_full((1,), 1 << 62)]))
+        per_feature = bounds.diff().unsqueeze(1)  # [F, 1]
+        lengths = per_feature // batch + (torch.arange(batch, device=device) < per_feature % batch)
         return KeyedJaggedTensor(keys=self.feature_names, values=distinct.bitwise_and_((1 << _ID_BITS) - 1),
-                                 lengths=bounds.diff(), stride=1), inverse
+                                 lengths=lengths.view(-1), stride=batch), inverse
 
     def _bucketised(self, features: KeyedJaggedTensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (lengths [W * F * B] and ids (holding rank, feature, sample), each local to its rank's
@@ -290,17 +292,17 @@ class RowWiseRouter:
         return bucket_lengths, ids, restore
 
     def _read(self, received_lengths: torch.Tensor, received_ids: torch.Tensor, length_per_key: List[int],
-              restore: torch.Tensor, sent: List[int], received: List[int], bags: int, batch: int) -> Routing:
-        """The routing of a batch of ``batch`` samples from what this rank received (on the batch's
-        device): lengths [W, F * bags] and ids (source rank, feature, bag)."""
+              restore: torch.Tensor, sent: List[int], received: List[int], batch: int) -> Routing:
+        """The routing from what this rank received (on the batch's device): lengths [W, F * B] and
+        ids (source rank, feature, sample)."""
         ranks, count = self.world_size, len(self.feature_names)
         total = received_ids.numel()
         positions = torch.arange(total, device=received_ids.device)
         read_lengths, order, _ = torch.ops.fbgemm.permute_2D_sparse_data(
-            self._feature_major, received_lengths.reshape(ranks * count, bags), positions,
+            self._feature_major, received_lengths.reshape(ranks * count, batch), positions,
             permuted_lengths_sum=total)  # known here: not read back
         read = KeyedJaggedTensor(keys=self.feature_names, values=received_ids.index_select(0, order),
-                                 lengths=read_lengths.view(-1), stride=ranks * bags, length_per_key=length_per_key)
+                                 lengths=read_lengths.view(-1), stride=ranks * batch, length_per_key=length_per_key)
         as_received = torch.empty_like(order).scatter_(0, order, positions)
         return Routing(read, as_received, order, restore, sent, received, batch)
 
