@@ -152,8 +152,11 @@ class TrainConfig:
     # graphs replayed): raise it where ids crowd some rank's rows more than in the first batch.
     exchange_slack: float = 1.25
     # With "routed": the data path sends each id of a batch once per feature, not once per sample
-    # that holds it (a batch's samples of one user repeat its top-K and recent ids); false: every id.
-    route_unique_ids: bool = True
+    # that holds it (a batch's samples of one user repeat its top-K and recent ids: 12x fewer ids on
+    # the benchmarks' batches). Off by default: on one H100's proxy of 2 ranks the model step ran
+    # 1.04-1.11x with it but end to end 0.83x, the deduplication's host time in the data path's
+    # thread outweighing the smaller exchanges (benchmarks/RESULTS.md row 131).
+    route_unique_ids: bool = False
     # CUDA: from the third training step on, the training thread and autograd's device threads share
     # one physical core that the rest of the job keeps off (data/affinity.py: StepCore).
     step_core: bool = False

@@ -40,10 +40,10 @@ SPARSE_OPTIMIZER = {"cpu": "rowwise_adagrad", "cuda": "adam"}
 
 
 def _config(method: str, device: str, sparse_lookup: str, pipeline: str = "plain", extra: Sequence[str] = ()):
-    return load_config(None, [*extra,
+    # ``extra`` may name another sparse optimizer, not another lookup.
+    return load_config(None, [f"train.sparse_optimizer={SPARSE_OPTIMIZER[device]}", *extra,
         f"model.method={method}", f"train.sparse_lookup={sparse_lookup}", f"train.pipeline={pipeline}",
-        f"model.k={K}", f"data.recent={RECENT}", f"data.max_history={MAX_HISTORY}",
-        f"train.sparse_optimizer={SPARSE_OPTIMIZER[device]}", "train.sparse_lr=0.1",
+        f"model.k={K}", f"data.recent={RECENT}", f"data.max_history={MAX_HISTORY}", "train.sparse_lr=0.1",
         f"train.batch_size={BATCH}", "model.mlp=[32, 16]",
     ])
 
