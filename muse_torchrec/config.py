@@ -152,7 +152,7 @@ class TrainConfig:
     # graphs replayed): raise it where ids crowd some rank's rows more than in the first batch.
     exchange_slack: float = 1.25
     # With "routed": the data path sends each id of a batch once per feature, not once per sample
-    # that holds it (a batch's samples of one user repeat its top-K and recent ids: 12x fewer ids on
+    # that holds it (a batch's samples of one user repeat its top-K and recent ids: 11x fewer ids on
     # the benchmarks' batches). Off by default: on one H100's proxy of 2 ranks the model step ran
     # 1.04-1.11x with it but end to end 0.83x, the deduplication's host time in the data path's
     # thread outweighing the smaller exchanges (benchmarks/RESULTS.md row 131).

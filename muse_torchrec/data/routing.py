@@ -23,12 +23,14 @@ its lengths, so every rank sees every rank's and decides alike: C from the first
 (``peer_capacity``), and whether a batch fits it; a batch that does not, on any rank, goes through
 the launched all-to-all on every rank.
 
-With ``unique_ids`` the router sends each id once per feature: a batch holds every user's samples
-together, so its top-K and recent ids repeat (on the benchmarks' batches 210 k ids, 16.7 k of them
-distinct per feature). Every id of the batch then reads its feature's one row, and the step's
-gathers sum the gradients of its repeats before the rows' gradients go back; the exchanges, the
-lookups and the fixed exchange's C shrink as much, and no rank receives more for holding the most
-popular rows than their one copy.
+With ``unique_ids`` (``train.route_unique_ids``) the router sends each id once per feature: a batch
+holds every user's samples together, so its top-K and recent ids repeat (on the benchmarks' batches
+210 k ids, 19 k of them distinct per feature). Every id of the batch then reads its feature's one
+row, and the step's gathers sum the gradients of its repeats before the rows' gradients go back;
+the exchanges, the lookups and the fixed exchange's C shrink as much, and no rank receives more for
+holding the most popular rows than their one copy. The deduplication (a sort of the batch's ids on
+its device, and a wait for its count) costs the router's thread ~0.5 ms a batch, which on one H100
+outweighed the gain end to end (benchmarks/RESULTS.md row 131): off by default.
 
 Every rank must route the same number of batches, in the same order (the trainer routes an epoch's
 training batches, whose count is equal on every rank): a rank's router waits in each exchange for
