@@ -133,7 +133,7 @@ def test_gsu_ahead_makes_no_batch_while_a_graph_is_captured():
 
     scl, item_scl_row, raws = _raw_batches(3)
     batches = []
-    with CAPTURE_LOCK:  # as a capture
+    with CAPTURE_LOCK.capturing():
         consumer = threading.Thread(
             target=lambda: batches.extend(Watched(scl, item_scl_row, torch.device("cpu"), k=K).ahead(raws, depth=1)))
         consumer.start()
@@ -185,10 +185,7 @@ def test_gsu_ahead_routes_in_a_second_thread_while_the_first_makes_the_next_batc
         index = len(calls)
         with gsu.made:
             overlapped = gsu.made.wait_for(lambda: gsu.count >= min(index + 2, len(raws)), timeout=30)
-        # Not held by this thread (the lock is not reentrant: it would wait forever).
-        free_here = cuda_calls.acquire(timeout=30)
-        if free_here:
-            cuda_calls.release()
+        free_here = not cuda_calls.held_here()
         calls.append((threading.current_thread().name, free_here, cuda_calls is CAPTURE_LOCK, overlapped))
         return _Tag(f"routing {index} of {features.values().sum().item()}")
 

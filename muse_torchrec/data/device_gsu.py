@@ -319,7 +319,9 @@ class GsuAhead:
     their read-backs off the training thread) in a second thread, on a stream of its own, while the
     first makes the next batch: a routing spends most of its time waiting, for its copies and for
     the other ranks' routers, and the two threads overlap those waits with the GSU. The router holds
-    the lock only while it calls CUDA, not while it waits for the other ranks. Every rank's threads
+    the lock only while it calls CUDA, not while it waits for the other ranks. The two threads share
+    it (only captures keep them out): when each kept the other out, the proxy of 2 ranks ran 0.92x
+    end to end (benchmarks/RESULTS.md row 132). Every rank's threads
     must route the same number of batches: give it exactly the batches to be trained.
     """
 

@@ -13,19 +13,72 @@ outputs are overwritten by its next replay).
 from __future__ import annotations
 
 import abc
+import contextlib
 import threading
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-# Held while a graph of the training step is captured (the tower's, the dense Adam's), and by the
-# data path's thread ahead while it makes a batch (``device_gsu.GsuAhead``). Those captures run in
-# CUDA's global mode (``make_graphed_callables`` offers no other), which fails the capture when any
-# thread makes a call unsafe during capture: an allocation, a synchronisation, page-locking, as the
-# data path's thread does (seen on an H100: "operation failed due to a previous error during
-# capture", benchmarks/RESULTS.md row 84).
-CAPTURE_LOCK = threading.Lock()
+class CaptureLock:
+    """Held alone while a graph of the training step is captured (``capturing()``: the tower's, the
+    dense Adam's), and shared by the data path's threads ahead (``with CAPTURE_LOCK``: the device
+    GSU's while it makes a batch, the router's around its CUDA calls, ``device_gsu.GsuAhead``).
+
+    Why: those captures run in CUDA's global mode (``make_graphed_callables`` offers no other),
+    which fails the capture when any thread makes a call unsafe during capture: an allocation, a
+    synchronisation, page-locking, as the data path's threads do (seen on an H100: "operation
+    failed due to a previous error during capture", benchmarks/RESULTS.md row 84). The data path's
+    threads share it: they need not keep each other out, only the captures, which come first once
+    one waits (a capture is not held off by a stream of batches). Shared, the proxy of 2 ranks ran
+    1.09x end to end against a plain lock (benchmarks/RESULTS.md row 132)."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._sharing, self._capturing, self._captures_waiting = 0, False, 0
+        self._here = threading.local()
+
+    def __enter__(self) -> None:
+        # Not reentrant: a thread entering again would wait for a capture waiting for itself.
+        if self.held_here():
+            raise RuntimeError("CAPTURE_LOCK: this thread holds it already")
+        with self._changed:
+            self._changed.wait_for(lambda: not (self._capturing or self._captures_waiting))
+            self._sharing += 1
+        self._here.held = True
+
+    def __exit__(self, *exc) -> None:
+        self._here.held = False
+        with self._changed:
+            self._sharing -= 1
+            self._changed.notify_all()
+
+    def held_here(self) -> bool:
+        """Whether the calling thread holds it (shared)."""
+        return getattr(self._here, "held", False)
+
+    @contextlib.contextmanager
+    def capturing(self) -> Iterator[None]:
+        """Held alone: no data path's thread holds it meanwhile."""
+        with self._changed:
+            self._captures_waiting += 1
+            self._changed.wait_for(lambda: not (self._capturing or self._sharing))
+            self._captures_waiting -= 1
+            self._capturing = True
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._capturing = False
+                self._changed.notify_all()
+
+    def locked(self) -> bool:
+        """Whether a capture or a data path's thread holds it."""
+        with self._changed:
+            return self._capturing or self._sharing > 0
+
+
+CAPTURE_LOCK = CaptureLock()
 
 Signature = Tuple[Tuple[Tuple[int, ...], torch.dtype, torch.device, bool], ...]
 # What a graphed function returns: a tensor or a tuple of tensors.
@@ -116,7 +169,7 @@ class GraphedFunction(_CapturedAtFirstTrainingCall):
         # stream after every leaf's stream at the end of backward (tests/test_tower.py compares
         # training steps with the ungraphed function).
         torch.autograd.graph.set_warn_on_accumulate_grad_stream_mismatch(False)
-        with CAPTURE_LOCK:
+        with CAPTURE_LOCK.capturing():
             self.graphed = torch.cuda.make_graphed_callables(_Call(self.owner, self.fn), samples,
                                                              allow_unused_input=True)
 
@@ -171,7 +224,7 @@ class GraphedLossStep(_CapturedAtFirstTrainingCall):
             return outputs, torch.autograd.grad(outputs[0], [*differentiable, *params], allow_unused=True)
 
         current = torch.cuda.current_stream()
-        with CAPTURE_LOCK:
+        with CAPTURE_LOCK.capturing():
             # Warm-up on a side stream (lazy initialisations, compilation), as make_graphed_callables does.
             side = torch.cuda.Stream()
             side.wait_stream(current)

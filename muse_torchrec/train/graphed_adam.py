@@ -99,7 +99,7 @@ class GraphedAdam(torch.optim.Adam):
             p.grad = static
         graph = torch.cuda.CUDAGraph()
         try:
-            with CAPTURE_LOCK, torch.cuda.graph(graph):
+            with CAPTURE_LOCK.capturing(), torch.cuda.graph(graph):
                 if self.average is not None:
                     # Every rank captures at the same step (the same parameters have gradients
                     # everywhere), so their replays' all-reduces pair up.
