@@ -352,7 +352,9 @@ class GsuAhead:
             return item
         batch, event = item
         with CAPTURE_LOCK:
-            _wait_for(batch, event, stream)
+            # The router reads the sparse features alone: only theirs is recorded as used on its
+            # stream (the batch's ~30 tensors each let the GIL go: benchmarks/RESULTS.md row 106).
+            _wait_for(batch.sparse_features, event, stream)
         routing = self.router(batch.sparse_features, cuda_calls=CAPTURE_LOCK)
         with CAPTURE_LOCK:
             return _recorded(replace(batch, routing=routing), stream, used_on)
@@ -403,11 +405,11 @@ def _recorded(batch: Batch, stream: Optional[torch.cuda.Stream],
     return batch, event
 
 
-def _wait_for(batch: Batch, event: Optional[torch.cuda.Event], stream: Optional[torch.cuda.Stream]) -> None:
-    """``stream`` waits for ``batch``'s work (``event``) and records its memory as used there."""
+def _wait_for(used: Pipelineable, event: Optional[torch.cuda.Event], stream: Optional[torch.cuda.Stream]) -> None:
+    """``stream`` waits for the work that made ``used`` (``event``) and records its memory as used there."""
     if event is not None:
         stream.wait_event(event)
-        batch.record_stream(stream)
+        used.record_stream(stream)
 
 
 def _put(out: "queue.Queue", item: object, stop: threading.Event) -> bool:
