@@ -13,17 +13,19 @@
 #   profile  the p90 model step on N GPUs then on one, waits for the GPU sleeping (so its CPU time is
 #            the host's work), each rank's 20 profiled steps' timeline summarised (trace_summary.py:
 #            the GPU's busy, collective and idle time a step, the host's waits); about 4 minutes
+#   unique   on N GPUs, the p90 model step with each id routed once (train.route_unique_ids) and
+#            without, alternated in one process, then bench_routing.py with each; about 4 minutes
 # Run on the GPU host, in the repository root, after
 # `source .gpu/install.sh && export PYTHONPATH=$PWD:$PYTHONPATH`:
-#     bash benchmarks/scaling.sh model          (or: trainer; or: collectives routing tests; or: profile tests)
+#     bash benchmarks/scaling.sh model          (or: trainer; or: collectives routing tests; or: profile unique tests)
 # Prints every run's per-GPU samples/s and the means' ratio N / 1. Logs under $OUT (else /tmp/scaling).
 set -euo pipefail
 
-[ $# -gt 0 ] || { echo "scaling.sh: name one or more parts: model, trainer, tests, collectives, routing, profile" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "scaling.sh: name one or more parts: model, trainer, tests, collectives, routing, profile, unique" >&2; exit 2; }
 for part in "$@"; do
   case $part in
-    model | trainer | tests | collectives | routing | profile) ;;
-    *) echo "scaling.sh: a part is model, trainer, tests, collectives, routing or profile, not $part" >&2; exit 2 ;;
+    model | trainer | tests | collectives | routing | profile | unique) ;;
+    *) echo "scaling.sh: a part is model, trainer, tests, collectives, routing, profile or unique, not $part" >&2; exit 2 ;;
   esac
 done
 gpus=$(nvidia-smi --list-gpus | wc -l)
@@ -106,6 +108,27 @@ for part in "$@"; do
         python3 -c 'import json, sys; r = json.load(open(sys.argv[1]))["model"]; print(sys.argv[2], "GPU(s): step", round(r["step_ms"], 2), "ms, CPU", round(r["cpu_ms"], 2), "ms")' \
           "$out/$name.json" "$nproc"
         python benchmarks/trace_summary.py --steps 20 --out "$out/$name.summary.json" "$out/traces/$name"/*
+      done
+      ;;
+    unique)
+      name=unique_${gpus}gpu
+      timeout 300 torchrun --nproc_per_node "$gpus" benchmarks/bench_train.py --config configs/taobao_mm_p90.yaml \
+        --modes model --steps 150 --warmup 30 --out "$out/$name.json" \
+        --variant train.route_unique_ids=false --variant train.route_unique_ids=true \
+        --variant train.route_unique_ids=false --variant train.route_unique_ids=true > "$out/$name.log" 2>&1 \
+        || { echo "$name failed (the end of $out/$name.log:)" >&2; tail -n 15 "$out/$name.log" >&2; }
+      [ ! -f "$out/$name.json" ] || python3 -c '
+import json, sys
+runs = json.load(open(sys.argv[1]))
+for name, run in runs.items():
+    if name.startswith("model:"):
+        overrides, rate = run["overrides"], run["samples_per_s_per_gpu"]
+        print(f"{name} {overrides}: {rate:,.0f} samples/s per GPU")
+' "$out/$name.json"
+      for unique in false true; do
+        echo "train.route_unique_ids=$unique:"
+        torchrun --nproc_per_node "$gpus" benchmarks/bench_routing.py --config configs/taobao_mm_p90.yaml \
+          --set train.route_unique_ids=$unique 2>&1 | grep -A 12 "^routing over"
       done
       ;;
   esac
