@@ -40,12 +40,16 @@ def test_a_capture_waits_for_the_threads_inside_then_holds_it_alone():
             time.sleep(0.2)
             events.append("captured")
 
+    def batch():
+        with lock:
+            events.append("batch")
+
     lock.__enter__()
     capturer = _started(capture)
     time.sleep(0.2)
     assert events == []  # a data path's thread is inside
     # A thread that comes while the capture waits goes after it.
-    late = _started(lambda: lock.__enter__() or events.append("batch") or lock.__exit__(None, None, None))
+    late = _started(batch)
     time.sleep(0.2)
     assert events == []
     lock.__exit__(None, None, None)

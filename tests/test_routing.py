@@ -355,6 +355,17 @@ def test_the_exchange_slack_sets_the_capacity_and_leaves_the_first_batch_room():
         RowWiseRouter(["item"], [4], group=None, slack=0.5)
 
 
+def test_routing_each_id_once_refuses_tables_past_its_keys(monkeypatch):
+    """Each id once keys (feature, id) as feature * 2**40 + id: larger tables would mix features."""
+    from muse_torchrec.data import routing
+
+    monkeypatch.setattr(routing.dist, "get_world_size", lambda group: 2)
+    routing.RowWiseRouter(["item"], [1 << 39], group=None, unique_ids=True)  # 2**40 rows over 2 ranks
+    with pytest.raises(ValueError, match=r"keys ids below 2\*\*40, not tables of 1099511627778 rows"):
+        routing.RowWiseRouter(["item"], [(1 << 39) + 1], group=None, unique_ids=True)
+    routing.RowWiseRouter(["item"], [1 << 45], group=None)  # every id sent: any size
+
+
 def test_the_trainer_warns_when_routed_batches_did_not_fit_the_fixed_exchange(caplog):
     from types import SimpleNamespace
 

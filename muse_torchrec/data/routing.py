@@ -195,11 +195,14 @@ class RowWiseRouter:
         if ids_per_sample is not None and ids_per_sample < 1:
             raise ValueError(f"ids_per_sample must be positive, not {ids_per_sample}")
         check_slack(slack)
+        self.world_size = dist.get_world_size(group)
+        if unique_ids and max(block_sizes, default=0) * self.world_size > 1 << _ID_BITS:
+            raise ValueError(f"unique_ids: the router keys ids below 2**{_ID_BITS}, not tables of "
+                             f"{max(block_sizes) * self.world_size} rows")
         self.feature_names = list(feature_names)
         self.group = group
         self.ids_per_sample, self.slack, self.unique_ids = ids_per_sample, slack, unique_ids
         self.fixed_capacity: Optional[int] = None
-        self.world_size = dist.get_world_size(group)
         count, ranks = len(self.feature_names), self.world_size
         self._block_sizes = torch.tensor(block_sizes, dtype=torch.int64)
         # Received ids come (source rank, feature); the lookup reads them feature-major.
