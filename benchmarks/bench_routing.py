@@ -5,7 +5,8 @@ their rows by the data path's thread ahead of the step, over a gloo group of its
 that took 1.9-2.2 ms a batch with the p90 vocabulary and 4.84 ms with the full one, longer than the
 full vocabulary's 3.4 ms model step (benchmarks/RESULTS.md rows 94-95), which would then bound
 the step end to end. This runs the router alone on the config's batch shapes and vocabulary, and
-splits each routing into its phases: the bucketisation (on the batch's device, with the copies of
+splits each routing into its phases: with ``train.route_unique_ids`` each feature's distinct ids
+(a sort on the batch's device, and the wait for its count), the bucketisation (on the batch's device, with the copies of
 its output to the host and the one wait for them), the exchange of the lengths, the exchange of the
 ids, what the received ids become on the device (the ``Routing``) and, as the trainer's router with
 ``train.exchange_in_graphs`` and "graphs", the rows' all-to-all laid out in fixed shapes
@@ -42,15 +43,15 @@ from bench_train import Shapes, staged_batches
 
 # What each exchange of a routing sends, in the order the router makes them.
 EXCHANGES = ("lengths exchange", "ids exchange")
-PHASES = ("bucketise + copy to host", *EXCHANGES, "routing on the device", "fixed exchange layout")
+PHASES = ("distinct ids", "bucketise + copy to host", *EXCHANGES, "routing on the device", "fixed exchange layout")
 
 
 class PhaseTimer:
     """Wall time of the router's phases, summed over the routings timed.
 
-    ``timed(router)`` wraps the router's own steps (``_bucketised``, ``_exchange``, ``_read``,
-    ``_fixed``) on that instance, so the router runs its code unchanged; ``_exchange`` is named by
-    its place in a routing (``EXCHANGES``)."""
+    ``timed(router)`` wraps the router's own steps (``_distinct``, ``_bucketised``, ``_exchange``,
+    ``_read``, ``_fixed``) on that instance, so the router runs its code unchanged; ``_exchange`` is
+    named by its place in a routing (``EXCHANGES``)."""
 
     def __init__(self) -> None:
         self.seconds: Dict[str, float] = defaultdict(float)
@@ -71,10 +72,11 @@ class PhaseTimer:
         return name
 
     def timed(self, router: RowWiseRouter) -> RowWiseRouter:
-        router._bucketised = self._wrapped(router._bucketised, lambda: PHASES[0])
+        router._distinct = self._wrapped(router._distinct, lambda: PHASES[0])
+        router._bucketised = self._wrapped(router._bucketised, lambda: PHASES[1])
         router._exchange = self._wrapped(router._exchange, self._exchange_name)
-        router._read = self._wrapped(router._read, lambda: PHASES[3])
-        router._fixed = self._wrapped(router._fixed, lambda: PHASES[4])
+        router._read = self._wrapped(router._read, lambda: PHASES[4])
+        router._fixed = self._wrapped(router._fixed, lambda: PHASES[5])
         return router
 
     def reset(self) -> None:
