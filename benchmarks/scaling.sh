@@ -13,8 +13,8 @@
 #   profile  the p90 model step on N GPUs then on one, waits for the GPU sleeping (so its CPU time is
 #            the host's work), each rank's 20 profiled steps' timeline summarised (trace_summary.py:
 #            the GPU's busy, collective and idle time a step, the host's waits); about 4 minutes
-#   unique   on N GPUs, the p90 model step with each id routed once (train.route_unique_ids) and
-#            without, alternated in one process, then bench_routing.py with each; about 4 minutes
+#   unique   on N GPUs, the p90 model step alternating each id routed once (train.route_unique_ids)
+#            and every id sent, in one process; then bench_routing.py with each; about 4 minutes
 # Run on the GPU host, in the repository root, after
 # `source .gpu/install.sh && export PYTHONPATH=$PWD:$PYTHONPATH`:
 #     bash benchmarks/scaling.sh model          (or: trainer; or: collectives routing tests; or: profile unique tests)

@@ -66,8 +66,8 @@ def in_order(features: KeyedJaggedTensor, names: Sequence[str]) -> KeyedJaggedTe
 # even share).
 PEER_SLACK = 1.25
 
-# Ids below 2**40 (a trillion rows): with the feature's index above them, one key per (feature, id)
-# for the router's deduplication.
+# The router's deduplication keys each (feature, id) as feature * 2**40 + id: ids must stay below
+# 2**40, a trillion rows.
 _ID_BITS = 40
 
 
@@ -265,16 +265,16 @@ class RowWiseRouter:
     def _distinct(self, features: KeyedJaggedTensor) -> Tuple[KeyedJaggedTensor, torch.Tensor]:
         """-> (each feature's distinct ids, ascending, in the batch's B bags (as evenly as they go:
         the kernels that bucketise, permute and look ids up run a thread or a warp a bag), for each of
-        the batch's ids the position of its own among them [n]), on the batch's device without
-        waiting: one sort of (feature, id) keys."""
+        the batch's ids the position of its own among them [n]), on the batch's device: one sort of
+        (feature, id) keys, and one wait, for how many are distinct."""
         values, count, batch = features.values(), len(self.feature_names), features.stride()
         device = values.device
         feature_keys = torch.arange(count, device=device).bitwise_left_shift_(_ID_BITS)
         keys = feature_keys.repeat_interleave(batch).repeat_interleave(
             features.lengths(), output_size=values.numel()).add_(values)
         distinct, inverse = torch.unique(keys, return_inverse=True)
-        bounds = torch.searchsorted(distinct, torch.cat([feature_keys, feature_keys.new_full((1,), 1 << 62)]))
-        per_feature = bounds.diff().unsqueeze(1)  # [F, 1]
+        ends = torch.searchsorted(distinct, feature_keys + (1 << _ID_BITS))  # each feature's last key + 1
+        per_feature = ends.diff(prepend=ends.new_zeros(1)).unsqueeze(1)  # [F, 1]
         lengths = per_feature // batch + (torch.arange(batch, device=device) < per_feature % batch)
         return KeyedJaggedTensor(keys=self.feature_names, values=distinct.bitwise_and_((1 << _ID_BITS) - 1),
                                  lengths=lengths.view(-1), stride=batch), inverse

@@ -163,8 +163,9 @@ class SparseArch(nn.Module):
 
     def rows(self, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The batch's lookups for ``padded``: (rows [row_layout.capacity(B) + 1, D]: the embeddings of
-        every id (or, routed once, of every distinct id), then zero rows; order [row_layout.capacity(B) + 1] int64: the row of each id, feature
-        after feature in ``row_layout.keys``, then of each zero row; lengths [F * B]).
+        every id (or, routed once, of every distinct id), then zero rows; order
+        [row_layout.capacity(B) + 1] int64: the row of each id, feature after feature in
+        ``row_layout.keys``, then of a zero row for each slot past them; lengths [F * B]).
 
         The rows come in the order the lookup gives them (a routed lookup's: the holding ranks'), so
         restoring the batch's order is part of ``padded``'s gathers (in the tower's graphs), not a
