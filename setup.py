@@ -8,5 +8,5 @@ setup(
     package_data={"muse_torchrec": ["configs/*.yaml"]},
     python_requires=">=3.10",
     install_requires=["torch", "torchrec", "pyarrow", "numpy", "pyyaml", "tqdm"],
-    entry_points={"console_scripts": ["muse-torchrec=muse_torchrec.cli:main"]},
+    entry_points={"console_scripts": ["muse-torchrec=muse_torchrec.cli:entry"]},
 )

@@ -39,6 +39,7 @@ from muse_torchrec.config import ExperimentConfig, load_config
 from muse_torchrec.data.batch import Batch, sequence_features
 from muse_torchrec.data.routing import RowWiseRouter
 from muse_torchrec.model.methods import build_model, get_method
+from muse_torchrec.process import end_process
 from bench_train import Shapes, staged_batches
 
 # What each exchange of a routing sends, in the order the router makes them.
@@ -195,3 +196,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_process(0)

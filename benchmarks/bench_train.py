@@ -54,6 +54,7 @@ from muse_torchrec.data.device_gsu import DeferredGsuBuilder, DeviceGsu
 from muse_torchrec.data.feeder import ProcessFeeder
 from muse_torchrec.model.methods import build_model, get_method
 from muse_torchrec.model.muse import loss_step_replays
+from muse_torchrec.process import end_process
 from muse_torchrec.train.distributed import DistContext, init_distributed, shutdown
 from muse_torchrec.data.loader import PreparedData, count_batches, make_loader
 from muse_torchrec.data.packed import PackingTransform
@@ -636,3 +637,4 @@ def format_results(results: Mapping[str, object]) -> str:
 
 if __name__ == "__main__":
     main()
+    end_process(0)

@@ -13,9 +13,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Mapping, NoReturn, Optional, Sequence, Tuple
 
 from muse_torchrec.config import ConfigError, ExperimentConfig, SynthConfig, load_config
+from muse_torchrec.process import end_process
 
 if TYPE_CHECKING:  # the training stack (torch, torchrec) is imported only by the commands that use it
     from muse_torchrec.train.checkpoint import CheckpointInfo
@@ -332,5 +333,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
 
 
+def entry() -> NoReturn:
+    """The ``muse-torchrec`` process: ``main``, then ``end_process`` (its docstring says why)."""
+    end_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -73,17 +73,12 @@ def all_reduce_int(value: int, op: dist.ReduceOp, device: torch.device) -> int:
 
 
 def shutdown(wait_for_ranks: bool = True) -> None:
-    """Destroy the process group; with ``wait_for_ranks`` (the end of a successful run), after a barrier.
+    """Destroy the process group; with ``wait_for_ranks`` (the end of a successful run), after a barrier,
+    so that no rank ends (rank 0 may host the store the group met through) while another still works
+    in the group. Error paths pass False: a failed rank must not wait for the others.
 
-    Why the barrier: gloo's worker threads release a finished collective's tensors (which needs the
-    GIL) after the calling thread has been woken. A rank that went straight from its last all_gather
-    into interpreter shutdown sometimes had that release run during finalization, and the process
-    aborted ("terminate called without an active exception"; core: ~AsyncAllgatherWork in
-    ProcessGroupGloo::runLoop): 4 of 105 runs of the 2-rank torchx test, 0 of 129 with the barrier.
-    The gloo group outlives ``destroy_process_group`` (it has no shutdown of its own), so destroying it
-    does not help. The barrier releases the GIL, and gloo snapshots the work in progress under the lock
-    that a worker holds while it releases a finished collective, so that release is done by then.
-    Error paths pass False: a failed rank must not wait for the others.
+    The group's gloo threads outlive this (the group has no shutdown of its own), and may still
+    release a collective's tensors: processes that used gloo end with ``end_process``, which says why.
     """
     if not dist.is_initialized():
         return
