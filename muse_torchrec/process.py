@@ -19,9 +19,10 @@ def end_process(code: int) -> NoReturn:
     collective's work after it has woken the caller (core of an aborted rank: ``~AsyncBarrierWork``
     releasing the ``AsyncAllgatherWork`` its barrier waited for, in ``ProcessGroupGloo::runLoop``).
     Where that work holds the last reference to tensors whose Python objects are gone, the release
-    takes the GIL; during finalisation the interpreter ends a thread that asks for the GIL with
-    ``pthread_exit``, whose unwinding through gloo's loop aborts the process ("terminate called
-    without an active exception"). 1 of 31 runs of the 2-rank torchx job aborted so at its end.
+    waits for the GIL; if the interpreter's finalisation begins meanwhile, the interpreter ends the
+    waiting thread with ``pthread_exit``, whose unwinding through gloo's loop aborts the process
+    ("terminate called without an active exception"). The 2-rank torchx job aborted so at its end
+    in 1 of 151 runs here, and once in CI; the barrier in ``shutdown`` does not close the window.
 
     Call it once the work is done and its files are closed: ``atexit`` handlers and finalisers do
     not run.
