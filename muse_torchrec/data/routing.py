@@ -80,8 +80,8 @@ def check_slack(slack: float) -> None:
 def peer_capacity(largest: int, batch_ids: int, slack: float = PEER_SLACK) -> int:
     """Rows one rank sends another in a fixed exchange, from the first batch's largest count from
     one rank to another: ``slack`` times it, but no more than a whole batch of at most
-    ``batch_ids`` ids (which never overflows, e.g. on one rank)."""
-    check_slack(slack)
+    ``batch_ids`` ids (which never overflows, e.g. on one rank). ``slack``: checked by its router
+    (``check_slack``)."""
     return min(batch_ids, math.ceil(slack * largest))
 
 
