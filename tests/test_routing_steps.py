@@ -10,77 +10,64 @@ from muse_torchrec.data import routing_steps
 
 SCRIPTED = routing_steps.scripted()
 RNG_SEEDS = range(5)
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
 
 def _equal(got, want) -> bool:
     return all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
 
 
-def _random_kjt(rng: np.random.Generator, count: int, batch: int, vocab: int, device: str = "cpu"):
+def _random_kjt(rng: np.random.Generator, count: int, batch: int, vocab: int):
     lengths = torch.from_numpy(rng.integers(0, 6, size=count * batch))
     values = torch.from_numpy(rng.integers(0, vocab, size=int(lengths.sum())))
-    return values.to(device), lengths.to(device)
+    return values, lengths
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("seed", RNG_SEEDS)
-def test_distinct_ids_as_python(seed, device):
+def test_distinct_ids_as_python(seed):
     rng = np.random.default_rng(seed)
     count, batch = int(rng.integers(1, 5)), int(rng.integers(1, 7))
-    values, lengths = _random_kjt(rng, count, batch, vocab=9, device=device)  # repeats within and across features
+    values, lengths = _random_kjt(rng, count, batch, vocab=9)  # repeats within and across features
     got, want = SCRIPTED.distinct(values, lengths, count, batch), routing_steps.EAGER.distinct(values, lengths, count, batch)
     assert _equal(got, want)
     unique, spread, inverse = got
     # Each feature's ids are its distinct ids; every id finds its own.
-    offsets = np.concatenate([[0], np.cumsum(lengths.view(count, batch).sum(1).cpu().numpy())])
-    unique_offsets = np.concatenate([[0], np.cumsum(spread.view(count, batch).sum(1).cpu().numpy())])
+    offsets = np.concatenate([[0], np.cumsum(lengths.view(count, batch).sum(1).numpy())])
+    unique_offsets = np.concatenate([[0], np.cumsum(spread.view(count, batch).sum(1).numpy())])
     for f in range(count):
         ids = values[offsets[f]:offsets[f + 1]]
         assert unique[unique_offsets[f]:unique_offsets[f + 1]].tolist() == sorted(set(ids.tolist()))
     assert torch.equal(unique[inverse], values)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("seed", RNG_SEEDS)
-def test_bucketised_and_lengths_to_send_as_python(seed, device):
-    """On a GPU the lengths and ids come back to the host in page-locked memory, waited for here."""
+def test_bucketised_and_lengths_to_send_as_python(seed):
     rng = np.random.default_rng(seed)
     count, batch, world_size = int(rng.integers(1, 5)), int(rng.integers(1, 7)), int(rng.integers(1, 5))
-    block_sizes = torch.from_numpy(rng.integers(1, 8, size=count)).to(device)
-    values, lengths = _random_kjt(rng, count, batch, vocab=int(block_sizes.min()) * world_size, device=device)
-    pinned = device == "cuda"
-    got = SCRIPTED.bucketised(lengths, values, block_sizes, world_size, pinned)
-    want = routing_steps.EAGER.bucketised(lengths, values, block_sizes, world_size, pinned)
-    if pinned:
-        torch.cuda.synchronize()
-        assert got[0].is_pinned() and got[1].is_pinned() and got[2].is_cuda
-    assert _equal(got, want)
+    block_sizes = torch.from_numpy(rng.integers(1, 8, size=count))
+    values, lengths = _random_kjt(rng, count, batch, vocab=int(block_sizes.min()) * world_size)
+    got = SCRIPTED.bucketised(lengths, values, block_sizes, world_size, False)
+    assert _equal(got, routing_steps.EAGER.bucketised(lengths, values, block_sizes, world_size, False))
     bucket_lengths, ids, restore = got
     assert bucket_lengths.shape == (world_size * count * batch,) and ids.numel() == values.numel()
-    sent, outgoing, received = SCRIPTED.lengths_to_send(bucket_lengths, world_size, pinned)
-    want_sent, want_outgoing, want_received = routing_steps.EAGER.lengths_to_send(bucket_lengths, world_size, pinned)
-    assert received.is_pinned() == pinned
+    sent, outgoing, received = SCRIPTED.lengths_to_send(bucket_lengths, world_size, False)
+    want_sent, want_outgoing, want_received = routing_steps.EAGER.lengths_to_send(bucket_lengths, world_size, False)
     assert _equal((sent, outgoing), (want_sent, want_outgoing)) and received.shape == want_received.shape
     per_rank = outgoing.view(world_size, -1)
     assert (per_rank[:, 0] == sent.max()).all() and torch.equal(per_rank[:, 1:].sum(1), sent)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("seed", RNG_SEEDS)
-def test_read_order_as_python(seed, device):
+def test_read_order_as_python(seed):
     rng = np.random.default_rng(seed)
     count, batch, world_size = int(rng.integers(1, 5)), int(rng.integers(1, 7)), int(rng.integers(1, 5))
     lengths = torch.from_numpy(rng.integers(0, 4, size=(world_size, count * batch)))
     received = torch.cat([lengths.sum(1, keepdim=True), lengths], 1)
     received_ids = torch.from_numpy(rng.integers(0, 100, size=int(lengths.sum())))
     feature_major = torch.tensor([r * count + f for f in range(count) for r in range(world_size)], dtype=torch.int32)
-    if device == "cuda":  # as the router's: page-locked, copied without waiting
-        received, received_ids = received.pin_memory(), received_ids.pin_memory()
-    args = (received, received_ids, torch.device(device), feature_major.to(device), world_size, count, batch)
+    args = (received, received_ids, torch.device("cpu"), feature_major, world_size, count, batch)
     got = SCRIPTED.read_order(*args)
     assert _equal(got, routing_steps.EAGER.read_order(*args))
-    values, read_lengths, order, as_received = (t.cpu() for t in got)
+    values, read_lengths, order, as_received = got
     # Feature-major: per feature, every source rank's ids in turn; as_received inverts order.
     parts = received_ids.split(lengths.view(world_size, count, batch).sum(2).view(-1).tolist())
     assert torch.equal(values, torch.cat([parts[r * count + f] for f in range(count) for r in range(world_size)]))
@@ -88,16 +75,15 @@ def test_read_order_as_python(seed, device):
     assert torch.equal(as_received[order], torch.arange(order.numel()))
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("seed", RNG_SEEDS)
-def test_fixed_layout_as_python(seed, device):
+def test_fixed_layout_as_python(seed):
     rng = np.random.default_rng(seed)
     world_size = int(rng.integers(1, 5))
     received, sent = (rng.integers(0, 6, size=world_size).tolist() for _ in range(2))
     capacity = max(received + sent) + int(rng.integers(0, 3))
-    as_received = torch.from_numpy(rng.permutation(sum(received))).to(device)
+    as_received = torch.from_numpy(rng.permutation(sum(received)))
     ids = sum(sent) + int(rng.integers(0, 4))
-    restore = torch.from_numpy(rng.integers(0, max(sum(sent), 1), size=ids if sum(sent) else 0)).to(device)
+    restore = torch.from_numpy(rng.integers(0, max(sum(sent), 1), size=ids if sum(sent) else 0))
     args = (received, sent, capacity, world_size, as_received, restore, ids + 3)
     got = SCRIPTED.fixed_layout(*args)
     assert _equal(got, routing_steps.EAGER.fixed_layout(*args))
