@@ -41,7 +41,6 @@ from random_data import VOCAB, random_block, random_scl  # noqa: E402
 from test_direct_lookup import METHODS, _sharded, _trained as _trained_steps  # noqa: E402
 from test_resume import SAVE_EVERY, killed_during_second_save  # noqa: E402
 
-from muse_torchrec import features as F  # noqa: E402
 from muse_torchrec.config import ConfigError, load_config  # noqa: E402
 from muse_torchrec.data.batch import BatchBuilder, sequence_features  # noqa: E402
 from muse_torchrec.model.methods import build_model  # noqa: E402
@@ -139,55 +138,6 @@ def test_routed_lookups_equal_torchrecs_over_two_ranks(tmp_path):
         assert all(min(s) > 0 for s in out["sent"] if s is not None), out["sent"]
         assert "a routing of 25 samples for a batch of 24" in out["refused"], out["refused"]
         assert out["phases"] == (3, [False, False]), out["phases"]
-
-
-# The table each feature reads.
-TABLE_OF = {**F.SEQUENCE_FEATURES, **F.HISTORY_FEATURES, **F.SIDE_FEATURES}
-
-
-def _scripted_and_eager(rank: int, tmp: str) -> None:
-    """Routes the same random batches with the router's steps scripted and as Python, every field."""
-    from muse_torchrec.data.routing import RowWiseRouter
-    from muse_torchrec.train.distributed import init_distributed, shutdown
-
-    init_distributed("cpu")
-    group = dist.new_group(backend="gloo")
-    rng = np.random.default_rng(300 + rank)
-    builder = BatchBuilder(*random_scl(rng), gsu="scl_cosine", k=K, recent=RECENT, max_history=MAX_HISTORY,
-                           pad_to=BATCH)
-    names = builder(random_block(rng, num_users=8, max_len=60)).sparse_features.keys()
-    equal = []
-    for unique_ids in (False, True):
-        routers = [RowWiseRouter(names, [VOCAB[TABLE_OF[name]] // 2 + 1 for name in names], group,
-                                 ids_per_sample=40 * K, unique_ids=unique_ids, scripted=scripted)
-                   for scripted in (True, False)]
-        for _ in range(3):
-            features = builder(random_block(rng, num_users=8, max_len=60)).sparse_features
-            got, want = (router(features) for router in routers)
-            equal.append(_same_routing(got, want))
-    torch.save(equal, Path(tmp, f"scripted{rank}.pt"))
-    shutdown()
-
-
-def _same_routing(got, want) -> bool:
-    tensors = ("as_received", "as_read", "restore")
-    return (all(torch.equal(getattr(got, t), getattr(want, t)) for t in tensors)
-            and (got.sent, got.received, got.batch_size) == (want.sent, want.received, want.batch_size)
-            and got.read.keys() == want.read.keys() and torch.equal(got.read.values(), want.read.values())
-            and torch.equal(got.read.lengths(), want.read.lengths())
-            and got.read.length_per_key() == want.read.length_per_key()
-            and got.fixed is not None and want.fixed is not None
-            and got.fixed.peer_capacity == want.fixed.peer_capacity
-            and all(torch.equal(g, w) for g, w in zip(got.fixed._tensors(), want.fixed._tensors())))
-
-
-def test_scripted_routing_steps_route_as_python_over_two_ranks(tmp_path):
-    """``RowWiseRouter(scripted=True)`` (the default) against its steps run as Python, on random
-    batches over two gloo ranks, every id sent and each id once: the same routing, field by field."""
-    tiny_run.spawn(_scripted_and_eager, 2, tmp_path, str(tmp_path))
-    for rank in range(2):
-        equal = torch.load(tmp_path / f"scripted{rank}.pt")
-        assert len(equal) == 6 and all(equal), equal
 
 
 def _fixed_exchanges(rank: int, tmp: str, unique_ids: bool) -> None:
@@ -446,3 +396,24 @@ def test_direct_lookup_refuses_a_routed_batch():
     routing = Routing(features, torch.zeros(0), torch.zeros(0), torch.zeros(0), [0], [0], features.stride())
     with pytest.raises(ValueError, match="a batch routed over several ranks"):
         lookup.flat(features, routing)
+
+
+def test_padded_positions_skip_empty_parts():
+    """Rows part after part (parts 0 and 2 from rank 0, 1 and 3 from rank 1), 5 places per rank:
+    each row at its rank's places, in order; an empty part takes none."""
+    from muse_torchrec.data.routing import _padded_positions
+
+    positions = _padded_positions([2, 0, 3, 1], capacity=5, world_size=2, device=torch.device("cpu"))
+    assert positions.tolist() == [0, 1, 0, 1, 2, 5]
+
+
+def test_padded_positions_equal_a_plain_loop_on_random_parts():
+    from muse_torchrec.data.routing import _padded_positions
+
+    rng = np.random.default_rng(3)
+    for world_size in (1, 2, 3, 8):
+        counts = rng.integers(0, 6, size=2 * world_size).tolist()
+        capacity = max(counts) + int(rng.integers(0, 3))
+        want = [(part % world_size) * capacity + i for part, count in enumerate(counts) for i in range(count)]
+        got = _padded_positions(counts, capacity, world_size, torch.device("cpu"))
+        assert got.tolist() == want, (counts, capacity)

@@ -32,10 +32,6 @@ holding the most popular rows than their one copy. The deduplication (a sort of 
 its device, and a wait for its count) costs the router's thread ~0.5 ms a batch, which on one H100
 outweighed the gain end to end (benchmarks/RESULTS.md row 131): off by default.
 
-The router's tensor work runs as TorchScript functions (``data.routing_steps``), which let the GIL
-go for each step rather than at every op: the router shares the GIL with the device GSU's thread
-and the training thread, all three bound by host time.
-
 Every rank must route the same number of batches, in the same order (the trainer routes an epoch's
 training batches, whose count is equal on every rank): a rank's router waits in each exchange for
 every other rank's.
@@ -44,6 +40,7 @@ every other rank's.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from dataclasses import dataclass
 from typing import ContextManager, List, Optional, Sequence, Tuple
@@ -51,9 +48,6 @@ from typing import ContextManager, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-from muse_torchrec.data import routing_steps
-from muse_torchrec.data.routing_steps import ID_BITS
 
 
 def in_order(features: KeyedJaggedTensor, names: Sequence[str]) -> KeyedJaggedTensor:
@@ -71,6 +65,10 @@ def in_order(features: KeyedJaggedTensor, names: Sequence[str]) -> KeyedJaggedTe
 # (popular items: on Zipf-like ids the rank holding the most popular rows receives well above its
 # even share).
 PEER_SLACK = 1.25
+
+# The router's deduplication keys each (feature, id) as feature * 2**40 + id: ids must stay below
+# 2**40, a trillion rows.
+_ID_BITS = 40
 
 
 def check_slack(slack: float) -> None:
@@ -188,27 +186,23 @@ class RowWiseRouter:
             (``peer_capacity``; every rank must route the same first batch of the run).
         slack: C's room over the first batch's largest count (``peer_capacity``).
         unique_ids: send each id once per feature (ids below 2**40; the module docstring says why).
-        scripted: run the tensor work as TorchScript, which lets the GIL go for each step
-            (``routing_steps.scripted()``); else as Python (``routing_steps.EAGER``), the reference.
     """
 
     def __init__(self, feature_names: Sequence[str], block_sizes: Sequence[int], group: dist.ProcessGroup,
-                 ids_per_sample: Optional[int] = None, slack: float = PEER_SLACK, unique_ids: bool = False,
-                 scripted: bool = True) -> None:
+                 ids_per_sample: Optional[int] = None, slack: float = PEER_SLACK, unique_ids: bool = False) -> None:
         if len(feature_names) != len(block_sizes):
             raise ValueError(f"{len(feature_names)} features, {len(block_sizes)} block sizes")
         if ids_per_sample is not None and ids_per_sample < 1:
             raise ValueError(f"ids_per_sample must be positive, not {ids_per_sample}")
         check_slack(slack)
         self.world_size = dist.get_world_size(group)
-        if unique_ids and max(block_sizes, default=0) * self.world_size > 1 << ID_BITS:
-            raise ValueError(f"unique_ids: the router keys ids below 2**{ID_BITS}, not tables of "
+        if unique_ids and max(block_sizes, default=0) * self.world_size > 1 << _ID_BITS:
+            raise ValueError(f"unique_ids: the router keys ids below 2**{_ID_BITS}, not tables of "
                              f"{max(block_sizes) * self.world_size} rows")
         self.feature_names = list(feature_names)
         self.group = group
         self.ids_per_sample, self.slack, self.unique_ids = ids_per_sample, slack, unique_ids
         self.fixed_capacity: Optional[int] = None
-        self._steps = routing_steps.scripted() if scripted else routing_steps.EAGER
         count, ranks = len(self.feature_names), self.world_size
         self._block_sizes = torch.tensor(block_sizes, dtype=torch.int64)
         # Received ids come (source rank, feature); the lookup reads them feature-major.
@@ -238,10 +232,14 @@ class RowWiseRouter:
             bucket_lengths, ids, restore = self._bucketised(sent_features)
             if inverse is not None:
                 restore = restore.index_select(0, inverse)
-            # Each rank's lengths (F * B per rank), after its largest count to any rank: every rank
-            # then knows every rank's, so all decide alike whether the batch fits a fixed exchange.
-            sent, outgoing, received = self._steps.lengths_to_send(bucket_lengths, ranks, pinned)
-        self._exchange(received.view(-1), outgoing, [1 + count * batch] * ranks, [1 + count * batch] * ranks)
+            received = torch.empty((ranks, 1 + count * batch), dtype=bucket_lengths.dtype, pin_memory=pinned)
+        # Each rank's lengths (F * B per rank), after its largest count to any rank: every rank then
+        # knows every rank's, so all decide alike whether the batch fits a fixed exchange.
+        sent = bucket_lengths.view(ranks, -1).sum(1)
+        largest_sent = sent.max().to(bucket_lengths.dtype).expand(ranks, 1)
+        outgoing = torch.cat([largest_sent, bucket_lengths.view(ranks, -1)], 1)
+        self._exchange(received.view(-1), outgoing.view(-1), [1 + count * batch] * ranks,
+                       [1 + count * batch] * ranks)
         received_lengths = received[:, 1:]
         sent_list, received_list = sent.tolist(), received_lengths.sum(1).tolist()
         largest = int(received[:, 0].max())
@@ -251,8 +249,9 @@ class RowWiseRouter:
         # The ids per key as host numbers: the lookup would otherwise read them back from the device.
         length_per_key = received_lengths.reshape(ranks, count, batch).sum((0, 2)).tolist()
         with cuda_calls:
-            routing = self._read(received, received_ids, device, length_per_key, restore, sent_list, received_list,
-                                 batch)
+            routing = self._read(received.to(device, non_blocking=True)[:, 1:],
+                                 received_ids.to(device, non_blocking=True), length_per_key, restore, sent_list,
+                                 received_list, batch)
             if self.ids_per_sample is not None:
                 batch_ids = self.ids_per_sample * batch
                 if self.fixed_capacity is None:
@@ -260,18 +259,25 @@ class RowWiseRouter:
                 if largest <= self.fixed_capacity:
                     routing.fixed = self._fixed(routing, self.fixed_capacity, batch_ids)
             # Page-locked blocks go back to their cache (which records events) here, not after.
-            del bucket_lengths, ids, received, received_lengths, received_ids, outgoing
+            del bucket_lengths, ids, received, received_lengths, received_ids
         return routing
 
     def _distinct(self, features: KeyedJaggedTensor) -> Tuple[KeyedJaggedTensor, torch.Tensor]:
         """-> (each feature's distinct ids, ascending, in the batch's B bags (as evenly as they go:
         the kernels that bucketise, permute and look ids up run a thread or a warp a bag), for each of
-        the batch's ids the position of its own among them [n]), on the batch's device
-        (``routing_steps.distinct``)."""
-        values, lengths, inverse = self._steps.distinct(features.values(), features.lengths(),
-                                                        len(self.feature_names), features.stride())
-        return KeyedJaggedTensor(keys=self.feature_names, values=values, lengths=lengths,
-                                 stride=features.stride()), inverse
+        the batch's ids the position of its own among them [n]), on the batch's device: one sort of
+        (feature, id) keys, and one wait, for how many are distinct."""
+        values, count, batch = features.values(), len(self.feature_names), features.stride()
+        device = values.device
+        feature_keys = torch.arange(count, device=device).bitwise_left_shift_(_ID_BITS)
+        keys = feature_keys.repeat_interleave(batch).repeat_interleave(
+            features.lengths(), output_size=values.numel()).add_(values)
+        distinct, inverse = torch.unique(keys, return_inverse=True)
+        ends = torch.searchsorted(distinct, feature_keys + (1 << _ID_BITS))  # each feature's last key + 1
+        per_feature = ends.diff(prepend=ends.new_zeros(1)).unsqueeze(1)  # [F, 1]
+        lengths = per_feature // batch + (torch.arange(batch, device=device) < per_feature % batch)
+        return KeyedJaggedTensor(keys=self.feature_names, values=distinct.bitwise_and_((1 << _ID_BITS) - 1),
+                                 lengths=lengths.view(-1), stride=batch), inverse
 
     def _bucketised(self, features: KeyedJaggedTensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (lengths [W * F * B] and ids (holding rank, feature, sample), each local to its rank's
@@ -281,27 +287,67 @@ class RowWiseRouter:
         if self._block_sizes.device != device or self._block_sizes.dtype != values.dtype:
             self._block_sizes = self._block_sizes.to(device, values.dtype)  # once, not a copy a batch
             self._feature_major = self._feature_major.to(device)
+        bucket_lengths, ids, _, _, restore = torch.ops.fbgemm.block_bucketize_sparse_features(
+            features.lengths(), values, bucketize_pos=False, sequence=True, block_sizes=self._block_sizes,
+            my_size=self.world_size, weights=None)
         pinned = device.type == "cuda"
-        bucket_lengths, ids, restore = self._steps.bucketised(features.lengths(), values, self._block_sizes,
-                                                              self.world_size, pinned)
+        bucket_lengths, ids = _to_host(bucket_lengths, pinned), _to_host(ids, pinned)
         if pinned:  # one wait for both copies
             torch.cuda.current_stream(device).synchronize()
         return bucket_lengths, ids, restore
 
-    def _read(self, received: torch.Tensor, received_ids: torch.Tensor, device: torch.device,
-              length_per_key: List[int], restore: torch.Tensor, sent: List[int], received_counts: List[int],
-              batch: int) -> Routing:
-        """The routing on ``device`` from what this rank received (on the host): each rank's largest
-        count and lengths [W, 1 + F * B], and the ids (source rank, feature, sample)."""
-        values, lengths, order, as_received = self._steps.read_order(
-            received, received_ids, device, self._feature_major, self.world_size, len(self.feature_names), batch)
-        read = KeyedJaggedTensor(keys=self.feature_names, values=values, lengths=lengths,
-                                 stride=self.world_size * batch, length_per_key=length_per_key)
-        return Routing(read, as_received, order, restore, sent, received_counts, batch)
+    def _read(self, received_lengths: torch.Tensor, received_ids: torch.Tensor, length_per_key: List[int],
+              restore: torch.Tensor, sent: List[int], received: List[int], batch: int) -> Routing:
+        """The routing from what this rank received (on the batch's device): lengths [W, F * B] and
+        ids (source rank, feature, sample)."""
+        ranks, count = self.world_size, len(self.feature_names)
+        total = received_ids.numel()
+        positions = torch.arange(total, device=received_ids.device)
+        read_lengths, order, _ = torch.ops.fbgemm.permute_2D_sparse_data(
+            self._feature_major, received_lengths.reshape(ranks * count, batch), positions,
+            permuted_lengths_sum=total)  # known here: not read back
+        read = KeyedJaggedTensor(keys=self.feature_names, values=received_ids.index_select(0, order),
+                                 lengths=read_lengths.view(-1), stride=ranks * batch, length_per_key=length_per_key)
+        as_received = torch.empty_like(order).scatter_(0, order, positions)
+        return Routing(read, as_received, order, restore, sent, received, batch)
 
     def _fixed(self, routing: Routing, capacity: int, batch_ids: int) -> FixedExchange:
         """``routing``'s rows' all-to-all laid out for ``capacity`` rows from every rank to every rank,
         its order for a batch of at most ``batch_ids`` ids."""
-        return FixedExchange(capacity, *self._steps.fixed_layout(routing.received, routing.sent, capacity,
-                                                                  self.world_size, routing.as_received,
-                                                                  routing.restore, batch_ids))
+        device, slots = routing.device(), self.world_size * capacity
+        # The rows this rank sends (as its ids were received), then the rows coming back to it (as
+        # its ids were sent): both in one pass, a dozen launches a batch fewer.
+        sends, returns = _padded_positions(routing.received + routing.sent, capacity, self.world_size,
+                                           device).split([routing.as_received.numel(), sum(routing.sent)])
+        # Every place not written below holds W * C, past the rows on either side: a zero row, or a slot not sent.
+        send_slots, row_slots, order = torch.full((2 * slots + batch_ids + 2,), slots, dtype=torch.int64,
+                                                  device=device).split([slots, slots + 1, batch_ids + 1])
+        send_slots.index_copy_(0, sends, routing.as_received)
+        row_slots.index_copy_(0, routing.as_received, sends)
+        torch.index_select(returns, 0, routing.restore, out=order[:routing.restore.numel()])
+        return FixedExchange(capacity, send_slots, row_slots, order)
+
+
+def _padded_positions(counts: List[int], capacity: int, world_size: int, device: torch.device) -> torch.Tensor:
+    """For rows that come part after part, ``counts[i]`` in part i (P parts, P a multiple of W, part
+    i from or to rank i mod W), each row's place when every rank takes ``capacity`` places:
+    (i mod W) * capacity + its index in its part [sum(counts)] int64 on ``device``.
+
+    Each part's shift is a host number, and the counts and shifts reach the device in one copy
+    that does not wait (a copy from a Python list would wait for the device's queue: ~1 ms a batch
+    on one H100 shared by 2 ranks); three launches then place every row."""
+    starts = [0, *itertools.accumulate(counts)]
+    shifts = [(i % world_size) * capacity - start for i, start in enumerate(starts[:-1])]
+    host = torch.tensor(counts + shifts, pin_memory=device.type == "cuda")
+    part_counts, part_shifts = host.to(device, non_blocking=True).split(len(counts))
+    total = starts[-1]
+    return torch.arange(total, device=device).add_(part_shifts.repeat_interleave(part_counts, output_size=total))
+
+
+def _to_host(tensor: torch.Tensor, pinned: bool) -> torch.Tensor:
+    """``tensor`` on the host: with ``pinned``, copied into page-locked memory without waiting (the
+    caller waits once for every copy)."""
+    if tensor.device.type == "cpu":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pinned)
+    return host.copy_(tensor, non_blocking=pinned)
