@@ -120,17 +120,37 @@ def _sync(device: torch.device) -> None:
 
 
 class Timing(NamedTuple):
-    """Seconds of the timed steps: wall clock, and CPU time of this process's threads (the training
-    thread, the autograd engine's, a GSU thread; not the loader workers'). A spinning wait for the GPU
-    counts as CPU time: ``--cuda-sync blocking`` makes waits sleep. In model mode the training and
-    autograd threads take turns, so with blocking sync wall - CPU is about the time spent waiting."""
+    """Seconds of the timed steps: wall clock, CPU time of this process's threads (the training
+    thread, the autograd engine's, a GSU thread; not the loader workers'), and the training thread's
+    wall time inside drawing its batches (``batch_wait``: a data path that cannot keep up shows
+    here, contention for the host elsewhere). A spinning wait for the GPU counts as CPU time:
+    ``--cuda-sync blocking`` makes waits sleep. In model mode the training and autograd threads take
+    turns, so with blocking sync wall - CPU is about the time spent waiting."""
 
     wall: float
     cpu: float
+    batch_wait: float
 
     def per_step(self, steps: int, batch_size: int) -> Dict[str, float]:
         return {"samples_per_s_per_gpu": steps * batch_size / self.wall, "step_ms": 1000 * self.wall / steps,
-                "cpu_ms": 1000 * self.cpu / steps}
+                "cpu_ms": 1000 * self.cpu / steps, "batch_wait_ms": 1000 * self.batch_wait / steps}
+
+
+class WaitClock:
+    """``items`` drawn one by one, the wall time spent inside each draw summed in ``seconds``."""
+
+    def __init__(self, items: Iterator) -> None:
+        self.items, self.seconds = items, 0.0
+
+    def __iter__(self) -> "WaitClock":
+        return self
+
+    def __next__(self):
+        start = time.perf_counter()
+        try:
+            return next(self.items)
+        finally:
+            self.seconds += time.perf_counter() - start
 
 
 def timed_steps(step, batches: Iterator[Batch], warmup: int, steps: int, device: torch.device,
@@ -138,6 +158,7 @@ def timed_steps(step, batches: Iterator[Batch], warmup: int, steps: int, device:
     """Time ``steps`` calls of ``step(batches)`` after ``warmup`` calls and ``after_warmup()``;
     ``freeze_gc``: move every object alive after the warm-up out of the garbage collector's reach
     (``gc.freeze``) while timing."""
+    batches = WaitClock(batches)
     for _ in range(warmup):
         step(batches)
     after_warmup()
@@ -146,11 +167,12 @@ def timed_steps(step, batches: Iterator[Batch], warmup: int, steps: int, device:
         gc.collect()
         gc.freeze()
     dist.barrier()
-    start, start_cpu = time.perf_counter(), time.process_time()
+    start, start_cpu, batches.seconds = time.perf_counter(), time.process_time(), 0.0
     for _ in range(steps):
         step(batches)
     _sync(device)
-    timing = Timing(wall=time.perf_counter() - start, cpu=time.process_time() - start_cpu)
+    timing = Timing(wall=time.perf_counter() - start, cpu=time.process_time() - start_cpu,
+                    batch_wait=batches.seconds)
     if freeze_gc:
         gc.unfreeze()
     return timing
@@ -623,6 +645,8 @@ def format_results(results: Mapping[str, object]) -> str:
         planned = "-" if r.get("planned_gib") is None else f"{r['planned_gib']:.2f}"
         lines.append(f"{name:<34} {r['samples_per_s_per_gpu']:>14,.0f} {r['step_ms']:>9.1f} {r['cpu_ms']:>7.1f} "
                      f"{peak:>9} {planned:>12}")
+        if r.get("batch_wait_ms", 0.0) >= 0.05:
+            lines.append(f"{'':<34} waiting for its batches (drawing them): {r['batch_wait_ms']:.2f} ms a step")
         if r.get("route_ms") is not None:
             lines.append(f"{'':<34} routing (the data path's, not in the step): {r['route_ms']:.2f} ms a batch")
         if r.get("graph_replays"):

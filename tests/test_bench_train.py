@@ -11,7 +11,8 @@ import sys
 import tiny_run
 
 sys.path.insert(0, str(tiny_run.ROOT / "benchmarks"))
-from bench_train import paced_beside  # noqa: E402
+import bench_train  # noqa: E402
+from bench_train import WaitClock, paced_beside  # noqa: E402
 
 ROUTED = "train.sparse_lookup=routed data.gsu_placement=device train.pipeline=plain"
 
@@ -29,6 +30,20 @@ def test_shadow_pacing_draws_one_data_batch_per_staged_batch_and_ends_with_the_d
     assert next(paced) == "b" and drawn == [0, 1]
     assert list(paced) == ["a", "b", "a"] and drawn == [0, 1, 2, 3, 4]
 
+
+def test_the_wait_clock_sums_the_time_inside_each_draw(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(bench_train.time, "perf_counter", lambda: now[0])
+
+    def slow():
+        for wait in (0.5, 1.5):
+            now[0] += wait
+            yield wait
+        now[0] += 0.25  # the last draw, which ends the items, waits too
+
+    clock = WaitClock(slow())
+    now[0] += 10.0  # time outside the draws does not count
+    assert list(clock) == [0.5, 1.5] and clock.seconds == 2.25
 
 
 def _bench(tmp_path, *args: str) -> dict:
@@ -63,6 +78,7 @@ def test_e2e_routes_in_the_thread_ahead(tmp_path):
     results = _bench(tmp_path, "--modes", "e2e", "--gsu-places", "device_ahead", *settings)
     run = results["e2e_device_gsu_ahead"]
     assert run["samples_per_s_per_gpu"] > 0 and run["lookups"].startswith("1 ranks, row-wise: the ids routed"), run
+    assert 0 < run["batch_wait_ms"] < run["step_ms"], run
 
 
 def test_profiled_steps_leave_a_timeline_per_rank(tmp_path):
