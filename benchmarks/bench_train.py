@@ -137,20 +137,21 @@ class Timing(NamedTuple):
 
 
 class WaitClock:
-    """``items`` drawn one by one, the wall time spent inside each draw summed in ``seconds``."""
+    """``items`` drawn one by one, the time spent inside each draw (by ``clock``, in seconds) summed
+    in ``seconds``."""
 
-    def __init__(self, items: Iterator) -> None:
-        self.items, self.seconds = items, 0.0
+    def __init__(self, items: Iterator, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.items, self.clock, self.seconds = items, clock, 0.0
 
     def __iter__(self) -> "WaitClock":
         return self
 
     def __next__(self):
-        start = time.perf_counter()
+        start = self.clock()
         try:
             return next(self.items)
         finally:
-            self.seconds += time.perf_counter() - start
+            self.seconds += self.clock() - start
 
 
 def timed_steps(step, batches: Iterator[Batch], warmup: int, steps: int, device: torch.device,
