@@ -64,6 +64,7 @@ from muse_torchrec.train.sharded import embedding_parameters, shard_model
 from muse_torchrec.train.step import STEPPERS, make_stepper
 from busy import busy_work, parse_busy
 from cuda_sched import sync_mode, use_blocking_sync
+from thread_cpu import CpuByThread
 from make_prepared import make_prepared, zipf_rows
 
 GIB = 1024**3
@@ -121,19 +122,23 @@ def _sync(device: torch.device) -> None:
 
 class Timing(NamedTuple):
     """Seconds of the timed steps: wall clock, CPU time of this process's threads (the training
-    thread, the autograd engine's, a GSU thread; not the loader workers'), and the training thread's
+    thread, the autograd engine's, a GSU thread; not the loader workers'), the training thread's
     wall time inside drawing its batches (``batch_wait``: a data path that cannot keep up shows
-    here, contention for the host elsewhere). A spinning wait for the GPU counts as CPU time:
-    ``--cuda-sync blocking`` makes waits sleep. In model mode the training and autograd threads take
-    turns, so with blocking sync wall - CPU is about the time spent waiting."""
+    here, contention for the host elsewhere), and the CPU seconds a step by thread name
+    (``cpu_by_thread``, ``thread_cpu.CpuByThread``: over the timed steps but the last
+    ``THREADS_AHEAD``). A spinning wait for the GPU counts as CPU time: ``--cuda-sync blocking``
+    makes waits sleep. In model mode the training and autograd threads take turns, so with blocking
+    sync wall - CPU is about the time spent waiting."""
 
     wall: float
     cpu: float
     batch_wait: float
+    cpu_by_thread: Dict[str, float]
 
-    def per_step(self, steps: int, batch_size: int) -> Dict[str, float]:
+    def per_step(self, steps: int, batch_size: int) -> Dict[str, object]:
         return {"samples_per_s_per_gpu": steps * batch_size / self.wall, "step_ms": 1000 * self.wall / steps,
-                "cpu_ms": 1000 * self.cpu / steps, "batch_wait_ms": 1000 * self.batch_wait / steps}
+                "cpu_ms": 1000 * self.cpu / steps, "batch_wait_ms": 1000 * self.batch_wait / steps,
+                "cpu_ms_by_thread": {name: 1000 * seconds for name, seconds in self.cpu_by_thread.items()}}
 
 
 class WaitClock:
@@ -154,6 +159,12 @@ class WaitClock:
             self.seconds += self.clock() - start
 
 
+# The data path's threads run ahead of the steps and end as they make the last batch, a few steps
+# before the last (two queues of 2 batches, one in each thread's hands): the CPU by thread is taken
+# over the timed steps but the last this many, while they still run.
+THREADS_AHEAD = 8
+
+
 def timed_steps(step, batches: Iterator[Batch], warmup: int, steps: int, device: torch.device,
                 freeze_gc: bool = False, after_warmup: Callable[[], None] = lambda: None) -> Timing:
     """Time ``steps`` calls of ``step(batches)`` after ``warmup`` calls and ``after_warmup()``;
@@ -168,12 +179,17 @@ def timed_steps(step, batches: Iterator[Batch], warmup: int, steps: int, device:
         gc.collect()
         gc.freeze()
     dist.barrier()
+    by_thread, thread_seconds = CpuByThread(), {}
+    clocked = steps - THREADS_AHEAD if steps > 2 * THREADS_AHEAD else steps
+    by_thread.start()
     start, start_cpu, batches.seconds = time.perf_counter(), time.process_time(), 0.0
-    for _ in range(steps):
+    for done in range(1, steps + 1):
         step(batches)
+        if done == clocked:
+            thread_seconds = {name: seconds / clocked for name, seconds in by_thread.stop().items()}
     _sync(device)
     timing = Timing(wall=time.perf_counter() - start, cpu=time.process_time() - start_cpu,
-                    batch_wait=batches.seconds)
+                    batch_wait=batches.seconds, cpu_by_thread=thread_seconds)
     if freeze_gc:
         gc.unfreeze()
     return timing
@@ -646,6 +662,10 @@ def format_results(results: Mapping[str, object]) -> str:
         planned = "-" if r.get("planned_gib") is None else f"{r['planned_gib']:.2f}"
         lines.append(f"{name:<34} {r['samples_per_s_per_gpu']:>14,.0f} {r['step_ms']:>9.1f} {r['cpu_ms']:>7.1f} "
                      f"{peak:>9} {planned:>12}")
+        if r.get("cpu_ms_by_thread"):
+            busiest = sorted(r["cpu_ms_by_thread"].items(), key=lambda item: -item[1])
+            lines.append(f"{'':<34} CPU ms a step by thread: " + ", ".join(
+                f"{name} {ms:.2f}" for name, ms in busiest if ms >= 0.05))
         if r.get("batch_wait_ms", 0.0) >= 0.05:
             lines.append(f"{'':<34} waiting for its batches (drawing them): {r['batch_wait_ms']:.2f} ms a step")
         if r.get("route_ms") is not None:

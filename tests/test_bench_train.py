@@ -73,10 +73,12 @@ def test_every_mode_runs_on_the_cpu(tmp_path):
 
 def test_e2e_routes_in_the_thread_ahead(tmp_path):
     settings = [arg for setting in ROUTED.split() for arg in ("--set", setting)]
-    results = _bench(tmp_path, "--modes", "e2e", "--gsu-places", "device_ahead", *settings)
+    results = _bench(tmp_path, "--modes", "e2e", "--gsu-places", "device_ahead", "--steps", "18", *settings)
     run = results["e2e_device_gsu_ahead"]
     assert run["samples_per_s_per_gpu"] > 0 and run["lookups"].startswith("1 ranks, row-wise: the ids routed"), run
     assert 0 < run["batch_wait_ms"] < run["step_ms"], run
+    # The data path's two threads by name, beside the training thread.
+    assert {"MainThread", "gsu-ahead", "route-ahead"} <= set(run["cpu_ms_by_thread"]), run["cpu_ms_by_thread"]
 
 
 def test_profiled_steps_leave_a_timeline_per_rank(tmp_path):
