@@ -45,17 +45,16 @@ def snapshot() -> Dict[str, float]:
     return seconds
 
 
-def _names() -> Dict[str, str]:
-    """Each live thread's name: its ``threading`` name for Python threads, else the kernel's."""
-    python = {str(thread.native_id): thread.name for thread in threading.enumerate() if thread.native_id}
-    names = {}
-    for tid in os.listdir(_TASKS) if os.path.isdir(_TASKS) else []:
-        try:
-            with open(f"{_TASKS}/{tid}/comm") as comm:
-                names[tid] = python.get(tid, comm.read().strip())
-        except OSError:
-            continue
-    return names
+def _name(tid: str, python: Dict[str, str]) -> str:
+    """Thread ``tid``'s name: its ``threading`` name (``python``: by native id) for a Python thread,
+    else the kernel's ("ended" if it is gone)."""
+    if tid in python:
+        return python[tid]
+    try:
+        with open(f"{_TASKS}/{tid}/comm") as comm:
+            return comm.read().strip()
+    except OSError:
+        return "ended"
 
 
 class CpuByThread:
@@ -69,8 +68,9 @@ class CpuByThread:
         self._before = snapshot()
 
     def stop(self) -> Dict[str, float]:
-        after, names = snapshot(), _names()
+        after = snapshot()
+        python = {str(thread.native_id): thread.name for thread in threading.enumerate() if thread.native_id}
         seconds: Dict[str, float] = defaultdict(float)
         for tid, total in after.items():
-            seconds[names.get(tid, "unnamed")] += total - self._before.get(tid, 0.0)
+            seconds[_name(tid, python)] += total - self._before.get(tid, 0.0)
         return dict(seconds)
