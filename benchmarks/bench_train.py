@@ -64,7 +64,7 @@ from muse_torchrec.train.sharded import embedding_parameters, shard_model
 from muse_torchrec.train.step import STEPPERS, make_stepper
 from busy import busy_work, parse_busy
 from cuda_sched import sync_mode, use_blocking_sync
-from thread_cpu import CpuByThread
+from thread_cpu import CpuByThread, ThreadUse
 from make_prepared import make_prepared, zipf_rows
 
 GIB = 1024**3
@@ -124,21 +124,26 @@ class Timing(NamedTuple):
     """Seconds of the timed steps: wall clock, CPU time of this process's threads (the training
     thread, the autograd engine's, a GSU thread; not the loader workers'), the training thread's
     wall time inside drawing its batches (``batch_wait``: a data path that cannot keep up shows
-    here, contention for the host elsewhere), and the CPU seconds a step by thread name
-    (``cpu_by_thread``, ``thread_cpu.CpuByThread``: over the timed steps but the last
-    ``THREADS_AHEAD``). A spinning wait for the GPU counts as CPU time: ``--cuda-sync blocking``
+    here, contention for the host elsewhere), and each thread's use of the host by thread name
+    (``by_thread``, ``thread_cpu.CpuByThread``: over the first ``clocked`` timed steps, all but the
+    last ``THREADS_AHEAD``). A spinning wait for the GPU counts as CPU time: ``--cuda-sync blocking``
     makes waits sleep. In model mode the training and autograd threads take turns, so with blocking
     sync wall - CPU is about the time spent waiting."""
 
     wall: float
     cpu: float
     batch_wait: float
-    cpu_by_thread: Dict[str, float]
+    by_thread: Dict[str, ThreadUse]
+    clocked: int
 
     def per_step(self, steps: int, batch_size: int) -> Dict[str, object]:
+        def by_thread(field: str, scale: float) -> Dict[str, float]:
+            return {name: scale * getattr(use, field) / self.clocked for name, use in self.by_thread.items()}
+
         return {"samples_per_s_per_gpu": steps * batch_size / self.wall, "step_ms": 1000 * self.wall / steps,
                 "cpu_ms": 1000 * self.cpu / steps, "batch_wait_ms": 1000 * self.batch_wait / steps,
-                "cpu_ms_by_thread": {name: 1000 * seconds for name, seconds in self.cpu_by_thread.items()}}
+                "cpu_ms_by_thread": by_thread("cpu", 1000), "runnable_ms_by_thread": by_thread("runnable", 1000),
+                "sleeps_by_thread": by_thread("sleeps", 1), "preemptions_by_thread": by_thread("preemptions", 1)}
 
 
 class WaitClock:
@@ -179,17 +184,17 @@ def timed_steps(step, batches: Iterator[Batch], warmup: int, steps: int, device:
         gc.collect()
         gc.freeze()
     dist.barrier()
-    by_thread, thread_seconds = CpuByThread(), {}
+    by_thread, thread_uses = CpuByThread(), {}
     clocked = steps - THREADS_AHEAD if steps > 2 * THREADS_AHEAD else steps
     by_thread.start()
     start, start_cpu, batches.seconds = time.perf_counter(), time.process_time(), 0.0
     for done in range(1, steps + 1):
         step(batches)
         if done == clocked:
-            thread_seconds = {name: seconds / clocked for name, seconds in by_thread.stop().items()}
+            thread_uses = by_thread.stop()
     _sync(device)
     timing = Timing(wall=time.perf_counter() - start, cpu=time.process_time() - start_cpu,
-                    batch_wait=batches.seconds, cpu_by_thread=thread_seconds)
+                    batch_wait=batches.seconds, by_thread=thread_uses, clocked=clocked)
     if freeze_gc:
         gc.unfreeze()
     return timing
@@ -664,8 +669,12 @@ def format_results(results: Mapping[str, object]) -> str:
                      f"{peak:>9} {planned:>12}")
         if r.get("cpu_ms_by_thread"):
             busiest = sorted(r["cpu_ms_by_thread"].items(), key=lambda item: -item[1])
+            busiest = [name for name, ms in busiest if ms >= 0.05]
             lines.append(f"{'':<34} CPU ms a step by thread: " + ", ".join(
-                f"{name} {ms:.2f}" for name, ms in busiest if ms >= 0.05))
+                f"{name} {r['cpu_ms_by_thread'][name]:.2f}" for name in busiest))
+            lines.append(f"{'':<34} sleeps / preemptions / ms ready without a core, a step: " + ", ".join(
+                f"{name} {r['sleeps_by_thread'][name]:.1f} / {r['preemptions_by_thread'][name]:.1f} / "
+                f"{r['runnable_ms_by_thread'][name]:.2f}" for name in busiest))
         if r.get("batch_wait_ms", 0.0) >= 0.05:
             lines.append(f"{'':<34} waiting for its batches (drawing them): {r['batch_wait_ms']:.2f} ms a step")
         if r.get("route_ms") is not None:

@@ -1,4 +1,5 @@
-"""CPU time of this process's threads by name, between two snapshots (Linux: /proc/self/task).
+"""CPU time and scheduling of this process's threads by name, between two snapshots (Linux:
+/proc/self/task).
 
 Why: end to end, the multi-rank proxy's process spends ~4 ms of CPU a step more than one GPU's, and
 not in spinning waits (benchmarks/RESULTS.md rows 138-139). The process's total cannot say which
@@ -6,6 +7,13 @@ thread: the training thread, autograd's device thread, the data path's threads (
 router's), or the threads of gloo, NCCL and CUDA. ``CpuByThread`` takes each thread's CPU time before
 and after the timed steps and names it: a Python thread by its ``threading`` name, any other by its
 kernel name (PyTorch names its own, e.g. ``pt_autograd_0``).
+
+With it come two counts that tell why a thread's CPU time grows (row 140: the training thread's
+doubles beside the data path, on one GPU too): how often it went to sleep (voluntary context
+switches: a wait for a lock held by another thread, the GIL's included, or for the GPU under
+blocking sync), how often the kernel took its core away (involuntary ones), and how long it stood
+ready to run without a core (the scheduler's run-queue time). More CPU with no more of either is
+slower work, not waiting.
 """
 
 from __future__ import annotations
@@ -13,36 +21,75 @@ from __future__ import annotations
 import os
 import threading
 from collections import defaultdict
-from typing import Dict
+from typing import Dict, NamedTuple, Tuple
 
 _TASKS = "/proc/self/task"
 _TICKS_PER_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def _thread_seconds(tid: str) -> float:
-    """CPU seconds of thread ``tid`` so far: the scheduler's nanoseconds where the kernel keeps them,
-    else user + system clock ticks (10 ms steps)."""
+class ThreadUse(NamedTuple):
+    """A thread's use of the host so far, or between two snapshots.
+
+    Attributes:
+        cpu: seconds on a core.
+        runnable: seconds ready to run without a core (0 where the kernel keeps no schedstat).
+        sleeps: voluntary context switches (it waited for something).
+        preemptions: involuntary context switches (the kernel gave its core to another thread).
+    """
+
+    cpu: float
+    runnable: float = 0.0
+    sleeps: int = 0
+    preemptions: int = 0
+
+    def __sub__(self, other: "ThreadUse") -> "ThreadUse":
+        return ThreadUse(*(mine - theirs for mine, theirs in zip(self, other)))
+
+    def __add__(self, other: "ThreadUse") -> "ThreadUse":
+        return ThreadUse(*(mine + theirs for mine, theirs in zip(self, other)))
+
+
+_NONE = ThreadUse(0.0)
+
+
+def _switches(tid: str) -> Tuple[int, int]:
+    """(voluntary, involuntary) context switches of thread ``tid`` so far ((0, 0) where its status
+    names none)."""
+    counts = {"voluntary_ctxt_switches": 0, "nonvoluntary_ctxt_switches": 0}
+    with open(f"{_TASKS}/{tid}/status") as status:
+        for line in status:
+            key, _, value = line.partition(":")
+            if key in counts:
+                counts[key] = int(value)
+    return counts["voluntary_ctxt_switches"], counts["nonvoluntary_ctxt_switches"]
+
+
+def _thread_use(tid: str) -> ThreadUse:
+    """Thread ``tid``'s use so far: the scheduler's nanoseconds on a core and on its run queue where
+    the kernel keeps them, else user + system clock ticks (10 ms steps) and no run-queue time."""
+    sleeps, preemptions = _switches(tid)
     try:
         with open(f"{_TASKS}/{tid}/schedstat") as schedstat:
-            return int(schedstat.read().split()[0]) / 1e9
-    except (OSError, ValueError, IndexError):
+            on_core, runnable = (int(field) / 1e9 for field in schedstat.read().split()[:2])
+    except (OSError, ValueError):
         with open(f"{_TASKS}/{tid}/stat") as stat:
             # Fields after the name (which may hold spaces, inside parentheses): utime, stime are 12 and 13.
             fields = stat.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _TICKS_PER_S
+        on_core, runnable = (int(fields[11]) + int(fields[12])) / _TICKS_PER_S, 0.0
+    return ThreadUse(on_core, runnable, sleeps, preemptions)
 
 
-def snapshot() -> Dict[str, float]:
-    """CPU seconds of every live thread of this process, by thread id (empty where /proc is absent)."""
+def snapshot() -> Dict[str, ThreadUse]:
+    """The use so far of every live thread of this process, by thread id (empty where /proc is absent)."""
     if not os.path.isdir(_TASKS):
         return {}
-    seconds = {}
+    uses = {}
     for tid in os.listdir(_TASKS):
         try:
-            seconds[tid] = _thread_seconds(tid)
+            uses[tid] = _thread_use(tid)
         except OSError:  # the thread ended meanwhile
             continue
-    return seconds
+    return uses
 
 
 def _name(tid: str, python: Dict[str, str]) -> str:
@@ -58,19 +105,21 @@ def _name(tid: str, python: Dict[str, str]) -> str:
 
 
 class CpuByThread:
-    """CPU seconds the threads alive at ``stop()`` spent since ``start()``, summed by thread name
-    (threads that ended meanwhile are not counted: their last reading is gone with them)."""
+    """The use (``ThreadUse``) the threads alive at ``stop()`` made of the host since ``start()``,
+    summed by thread name (threads that ended meanwhile are not counted: their last reading is gone
+    with them)."""
 
     def __init__(self) -> None:
-        self._before: Dict[str, float] = {}
+        self._before: Dict[str, ThreadUse] = {}
 
     def start(self) -> None:
         self._before = snapshot()
 
-    def stop(self) -> Dict[str, float]:
+    def stop(self) -> Dict[str, ThreadUse]:
         after = snapshot()
         python = {str(thread.native_id): thread.name for thread in threading.enumerate() if thread.native_id}
-        seconds: Dict[str, float] = defaultdict(float)
+        uses: Dict[str, ThreadUse] = defaultdict(lambda: _NONE)
         for tid, total in after.items():
-            seconds[_name(tid, python)] += total - self._before.get(tid, 0.0)
-        return dict(seconds)
+            name = _name(tid, python)
+            uses[name] = uses[name] + (total - self._before.get(tid, _NONE))
+        return dict(uses)

@@ -79,6 +79,10 @@ def test_e2e_routes_in_the_thread_ahead(tmp_path):
     assert 0 < run["batch_wait_ms"] < run["step_ms"], run
     # The data path's two threads by name, beside the training thread.
     assert {"MainThread", "gsu-ahead", "route-ahead"} <= set(run["cpu_ms_by_thread"]), run["cpu_ms_by_thread"]
+    for counts in ("runnable_ms_by_thread", "sleeps_by_thread", "preemptions_by_thread"):
+        assert set(run[counts]) == set(run["cpu_ms_by_thread"]), counts
+    # The data path's threads wait for their inputs: each goes to sleep at some step.
+    assert run["sleeps_by_thread"]["gsu-ahead"] > 0 and run["sleeps_by_thread"]["route-ahead"] > 0, run
 
 
 def test_profiled_steps_leave_a_timeline_per_rank(tmp_path):
