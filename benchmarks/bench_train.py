@@ -64,7 +64,7 @@ from muse_torchrec.train.sharded import embedding_parameters, shard_model
 from muse_torchrec.train.step import STEPPERS, make_stepper
 from busy import busy_work, parse_busy
 from cuda_sched import sync_mode, use_blocking_sync
-from thread_cpu import CpuByThread, ThreadUse
+from thread_cpu import UseByThread, ThreadUse
 from make_prepared import make_prepared, zipf_rows
 
 GIB = 1024**3
@@ -125,7 +125,7 @@ class Timing(NamedTuple):
     thread, the autograd engine's, a GSU thread; not the loader workers'), the training thread's
     wall time inside drawing its batches (``batch_wait``: a data path that cannot keep up shows
     here, contention for the host elsewhere), and each thread's use of the host by thread name
-    (``by_thread``, ``thread_cpu.CpuByThread``: over the first ``clocked`` timed steps, all but the
+    (``by_thread``, ``thread_cpu.UseByThread``: over the first ``clocked`` timed steps, all but the
     last ``THREADS_AHEAD``). A spinning wait for the GPU counts as CPU time: ``--cuda-sync blocking``
     makes waits sleep. In model mode the training and autograd threads take turns, so with blocking
     sync wall - CPU is about the time spent waiting."""
@@ -184,7 +184,7 @@ def timed_steps(step, batches: Iterator[Batch], warmup: int, steps: int, device:
         gc.collect()
         gc.freeze()
     dist.barrier()
-    by_thread, thread_uses = CpuByThread(), {}
+    by_thread, thread_uses = UseByThread(), {}
     clocked = steps - THREADS_AHEAD if steps > 2 * THREADS_AHEAD else steps
     by_thread.start()
     start, start_cpu, batches.seconds = time.perf_counter(), time.process_time(), 0.0

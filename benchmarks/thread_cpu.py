@@ -4,16 +4,16 @@
 Why: end to end, the multi-rank proxy's process spends ~4 ms of CPU a step more than one GPU's, and
 not in spinning waits (benchmarks/RESULTS.md rows 138-139). The process's total cannot say which
 thread: the training thread, autograd's device thread, the data path's threads (the GSU's, the
-router's), or the threads of gloo, NCCL and CUDA. ``CpuByThread`` takes each thread's CPU time before
-and after the timed steps and names it: a Python thread by its ``threading`` name, any other by its
-kernel name (PyTorch names its own, e.g. ``pt_autograd_0``).
+router's), or the threads of gloo, NCCL and CUDA. ``UseByThread`` takes each thread's use of the host
+before and after the timed steps and names it: a Python thread by its ``threading`` name, any other
+by its kernel name (PyTorch names its own, e.g. ``pt_autograd_0``).
 
-With it come two counts that tell why a thread's CPU time grows (row 140: the training thread's
-doubles beside the data path, on one GPU too): how often it went to sleep (voluntary context
-switches: a wait for a lock held by another thread, the GIL's included, or for the GPU under
-blocking sync), how often the kernel took its core away (involuntary ones), and how long it stood
-ready to run without a core (the scheduler's run-queue time). More CPU with no more of either is
-slower work, not waiting.
+Beside its CPU time come three figures that tell why a thread's CPU time grows (row 140: the
+training thread's doubles beside the data path, on one GPU too): how often it went to sleep
+(voluntary context switches: a wait for a lock another thread holds, the GIL's included, or for the
+GPU under blocking sync), how often the kernel took its core away (involuntary ones), and how long
+it stood ready to run without a core (the scheduler's run-queue time). More CPU with no more sleeps
+and no more time without a core is slower work, not more waiting.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def _name(tid: str, python: Dict[str, str]) -> str:
         return "ended"
 
 
-class CpuByThread:
+class UseByThread:
     """The use (``ThreadUse``) the threads alive at ``stop()`` made of the host since ``start()``,
     summed by thread name (threads that ended meanwhile are not counted: their last reading is gone
     with them)."""

@@ -21,7 +21,7 @@ NAPS = 50
 
 def test_cpu_and_sleeps_go_to_the_thread_that_had_them_by_its_name():
     """A thread that spins ~0.3 s of CPU and one that takes 50 naps of 2 ms, between start and stop."""
-    by_thread = thread_cpu.CpuByThread()
+    by_thread = thread_cpu.UseByThread()
     go, done = threading.Event(), threading.Event()
 
     def spin() -> None:
