@@ -64,7 +64,7 @@ from muse_torchrec.train.sharded import embedding_parameters, shard_model
 from muse_torchrec.train.step import STEPPERS, make_stepper
 from busy import busy_work, parse_busy
 from cuda_sched import sync_mode, use_blocking_sync
-from thread_cpu import UseByThread, ThreadUse
+from thread_cpu import ThreadUse, UseByThread
 from make_prepared import make_prepared, zipf_rows
 
 GIB = 1024**3
@@ -137,13 +137,13 @@ class Timing(NamedTuple):
     clocked: int
 
     def per_step(self, steps: int, batch_size: int) -> Dict[str, object]:
-        def by_thread(field: str, scale: float) -> Dict[str, float]:
+        def a_step(field: str, scale: float) -> Dict[str, float]:
             return {name: scale * getattr(use, field) / self.clocked for name, use in self.by_thread.items()}
 
         return {"samples_per_s_per_gpu": steps * batch_size / self.wall, "step_ms": 1000 * self.wall / steps,
                 "cpu_ms": 1000 * self.cpu / steps, "batch_wait_ms": 1000 * self.batch_wait / steps,
-                "cpu_ms_by_thread": by_thread("cpu", 1000), "runnable_ms_by_thread": by_thread("runnable", 1000),
-                "sleeps_by_thread": by_thread("sleeps", 1), "preemptions_by_thread": by_thread("preemptions", 1)}
+                "cpu_ms_by_thread": a_step("cpu", 1000), "runnable_ms_by_thread": a_step("runnable", 1000),
+                "sleeps_by_thread": a_step("sleeps", 1), "preemptions_by_thread": a_step("preemptions", 1)}
 
 
 class WaitClock:
@@ -668,8 +668,8 @@ def format_results(results: Mapping[str, object]) -> str:
         lines.append(f"{name:<34} {r['samples_per_s_per_gpu']:>14,.0f} {r['step_ms']:>9.1f} {r['cpu_ms']:>7.1f} "
                      f"{peak:>9} {planned:>12}")
         if r.get("cpu_ms_by_thread"):
-            busiest = sorted(r["cpu_ms_by_thread"].items(), key=lambda item: -item[1])
-            busiest = [name for name, ms in busiest if ms >= 0.05]
+            busiest = [name for name, ms in sorted(r["cpu_ms_by_thread"].items(), key=lambda item: -item[1])
+                       if ms >= 0.05]
             lines.append(f"{'':<34} CPU ms a step by thread: " + ", ".join(
                 f"{name} {r['cpu_ms_by_thread'][name]:.2f}" for name in busiest))
             lines.append(f"{'':<34} sleeps / preemptions / ms ready without a core, a step: " + ", ".join(
